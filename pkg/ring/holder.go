@@ -1,0 +1,17 @@
+package ring
+
+import "sync/atomic"
+
+// Holder publishes the current Ring to concurrent readers. Writers build a
+// new Ring and Store it; readers Load without locking. The zero value holds
+// an empty ring.
+type Holder struct {
+	p atomic.Pointer[Ring]
+}
+
+// Load returns the current ring (nil, which is a valid empty ring, until the
+// first Store). Safe for concurrent use.
+func (h *Holder) Load() *Ring { return h.p.Load() }
+
+// Store makes r the current ring. Safe for concurrent use.
+func (h *Holder) Store(r *Ring) { h.p.Store(r) }
