@@ -1,0 +1,91 @@
+package proxy
+
+import "github.com/prometheus/client_golang/prometheus"
+
+// Metrics are the proxy's Prometheus instruments. The names are part of the
+// operator contract (docs/operating.md); create them once per process with
+// NewMetrics.
+type Metrics struct {
+	Accepted          prometheus.Counter
+	Active            prometheus.Gauge
+	Closed            prometheus.Counter
+	Rejected          *prometheus.CounterVec
+	HandshakeFailures *prometheus.CounterVec
+	HandshakeSeconds  prometheus.Histogram
+	Routes            *prometheus.CounterVec
+	RouteFailures     *prometheus.CounterVec
+	DialFailures      *prometheus.CounterVec
+	Failovers         prometheus.Counter
+	Bytes             *prometheus.CounterVec
+	SessionSeconds    prometheus.Histogram
+}
+
+// Handshake failure reasons beyond those of proto.Reason.
+const (
+	reasonTimeout   = "timeout"
+	reasonEOF       = "eof"
+	reasonReadError = "read_error"
+)
+
+// NewMetrics creates the proxy's instruments and registers them with reg
+// (nil means do not register, as in tests that build several servers).
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	m := &Metrics{
+		Accepted: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tether_connections_accepted_total",
+			Help: "Client connections accepted (including ones rejected at once by --max-conns).",
+		}),
+		Active: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "tether_connections_active",
+			Help: "Client connections open now, in handshake or spliced.",
+		}),
+		Closed: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tether_connections_closed_total",
+			Help: "Client connections closed, for any reason. accepted = closed + active.",
+		}),
+		Rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_connections_rejected_total",
+			Help: "Connections closed before the handshake by a limit (reason=max_conns) or shutdown.",
+		}, []string{"reason"}),
+		HandshakeFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_handshake_failures_total",
+			Help: "Clients closed with zero bytes written because their first bytes carried no usable key.",
+		}, []string{"reason"}),
+		HandshakeSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "tether_handshake_duration_seconds",
+			Help:    "Time from accept until the gateway connection is ready (hello read, resolved, dialled).",
+			Buckets: prometheus.ExponentialBuckets(0.0001, 4, 10),
+		}),
+		Routes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_routes_total",
+			Help: "Keys resolved, by where the owner came from (ring, binding).",
+		}, []string{"source"}),
+		RouteFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_route_failures_total",
+			Help: "Clients with a valid key that could not be served (no_gateway, unreachable).",
+		}, []string{"reason"}),
+		DialFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_dial_failures_total",
+			Help: "Failed connection attempts to a gateway, by gateway ID.",
+		}, []string{"gateway"}),
+		Failovers: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tether_failovers_total",
+			Help: "Sessions served by a candidate other than the first one tried.",
+		}),
+		Bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_bytes_total",
+			Help: "Bytes spliced, by direction (client_to_gateway, gateway_to_client), counted when a session ends.",
+		}, []string{"direction"}),
+		SessionSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
+			Name:    "tether_session_duration_seconds",
+			Help:    "Lifetime of spliced sessions.",
+			Buckets: prometheus.ExponentialBuckets(0.01, 4, 12),
+		}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.Accepted, m.Active, m.Closed, m.Rejected, m.HandshakeFailures,
+			m.HandshakeSeconds, m.Routes, m.RouteFailures, m.DialFailures, m.Failovers,
+			m.Bytes, m.SessionSeconds)
+	}
+	return m
+}

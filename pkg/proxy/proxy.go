@@ -1,0 +1,485 @@
+// Package proxy accepts client connections, reads the session key from the
+// first bytes, dials the owning gateway and splices the two streams.
+//
+// The data path follows DESIGN §5: the first bytes land in a pooled buffer,
+// the PROXY v2 header and those bytes go to the gateway in one write, and
+// then io.Copy runs between the raw TCP connections in each direction so
+// Linux splices in the kernel. Each direction half-closes on its own.
+package proxy
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/tether-proxy/tether/pkg/proto"
+	"github.com/tether-proxy/tether/pkg/ring"
+	"github.com/tether-proxy/tether/pkg/route"
+)
+
+// DefaultHandshakeTimeout bounds how long a client may take to send its
+// whole hello (DESIGN §1 --handshake-timeout).
+const DefaultHandshakeTimeout = 5 * time.Second
+
+// headroom is the space kept in front of the read buffer for the PROXY v2
+// header, so header and hello leave in one write without a copy of the
+// hello. A v2 header with an IPv6 address and a 255-byte key TLV is 310
+// bytes.
+const headroom = 320
+
+// ErrServerClosed is returned by Serve after Shutdown or Close.
+var ErrServerClosed = errors.New("proxy: server closed")
+
+// GatewayDialer connects to the first reachable candidate; *route.Dialer is
+// the implementation. Dial must be safe for concurrent use.
+type GatewayDialer interface {
+	Dial(ctx context.Context, cands []route.Gateway) (route.Result, error)
+}
+
+var _ GatewayDialer = (*route.Dialer)(nil)
+
+// Config configures a Server. Zero fields take the documented defaults.
+type Config struct {
+	// Resolver turns keys into candidate gateways; required.
+	Resolver route.Resolver
+	// Dialer connects to candidates; nil means a route.Dialer with
+	// defaults.
+	Dialer GatewayDialer
+	// Extractor finds the key in the first bytes; nil means
+	// proto.HelloExtractor with the default --max-hello.
+	Extractor proto.Extractor
+	// HandshakeTimeout bounds the time from accept until the key is read;
+	// 0 means DefaultHandshakeTimeout.
+	HandshakeTimeout time.Duration
+	// ProxyProtocolOut makes the proxy send a PROXY v2 header with the
+	// client address and the key TLV before the client's bytes
+	// (--proxy-protocol-out v2). DefaultConfig turns it on.
+	ProxyProtocolOut bool
+	// MaxConns caps concurrent client connections; beyond it new ones are
+	// closed at once. 0 means no cap.
+	MaxConns int
+	// Logger receives structured logs; nil means no logging.
+	Logger *zap.Logger
+	// Metrics receives counters; nil means unregistered instruments.
+	Metrics *Metrics
+}
+
+// DefaultConfig returns the defaults of the proxy's flags, without a
+// Resolver.
+func DefaultConfig() Config {
+	return Config{
+		HandshakeTimeout: DefaultHandshakeTimeout,
+		ProxyProtocolOut: true,
+		Extractor:        proto.HelloExtractor{MaxLen: proto.DefaultMaxHello},
+	}
+}
+
+// Server is a running proxy. Create it with New, run Serve on one or more
+// listeners, and stop it with Shutdown.
+type Server struct {
+	cfg     Config
+	log     *zap.Logger
+	m       *Metrics
+	bufSize int
+	pool    sync.Pool
+
+	ctx    context.Context // cancelled when sessions are forced closed
+	cancel context.CancelFunc
+
+	active   atomic.Int64
+	nextID   atomic.Uint64
+	closing  atomic.Bool
+	wg       sync.WaitGroup // one per handler goroutine
+	mu       sync.Mutex
+	sessions map[*session]struct{}
+	lns      map[net.Listener]struct{}
+}
+
+// New validates cfg (a copy is kept; the caller's is never modified) and
+// returns a Server.
+func New(cfg Config) (*Server, error) {
+	if cfg.Resolver == nil {
+		return nil, errors.New("proxy: config has no Resolver")
+	}
+	if cfg.Dialer == nil {
+		cfg.Dialer = &route.Dialer{}
+	}
+	if cfg.Extractor == nil {
+		cfg.Extractor = proto.HelloExtractor{}
+	}
+	if cfg.HandshakeTimeout <= 0 {
+		cfg.HandshakeTimeout = DefaultHandshakeTimeout
+	}
+	if cfg.MaxConns < 0 {
+		return nil, fmt.Errorf("proxy: max conns %d < 0", cfg.MaxConns)
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = zap.NewNop()
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = NewMetrics(nil)
+	}
+	s := &Server{
+		cfg:      cfg,
+		log:      cfg.Logger,
+		m:        cfg.Metrics,
+		bufSize:  headroom + cfg.Extractor.MaxPeek(),
+		sessions: make(map[*session]struct{}),
+		lns:      make(map[net.Listener]struct{}),
+	}
+	s.pool.New = func() any { b := make([]byte, s.bufSize); return &b }
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	return s, nil
+}
+
+// Active is the number of client connections open now.
+func (s *Server) Active() int { return int(s.active.Load()) }
+
+// Closing reports whether Shutdown has begun (readiness turns false).
+func (s *Server) Closing() bool { return s.closing.Load() }
+
+// Serve accepts connections on ln until Shutdown or a permanent accept
+// error. It always closes ln and returns ErrServerClosed after Shutdown.
+func (s *Server) Serve(ln net.Listener) error {
+	if !s.track(ln) {
+		ln.Close()
+		return ErrServerClosed
+	}
+	defer s.untrack(ln)
+	var backoff time.Duration
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if s.closing.Load() {
+				return ErrServerClosed
+			}
+			if errors.Is(err, net.ErrClosed) {
+				return err
+			}
+			// Out of descriptors and the like: back off and keep
+			// serving the sessions we have, as net/http does.
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			s.log.Warn("accept failed; backing off", zap.Error(err), zap.Duration("backoff", backoff))
+			time.Sleep(backoff)
+			continue
+		}
+		backoff = 0
+		s.m.Accepted.Inc()
+		if s.cfg.MaxConns > 0 && s.active.Load() >= int64(s.cfg.MaxConns) {
+			s.m.Rejected.WithLabelValues("max_conns").Inc()
+			s.m.Closed.Inc()
+			abort(c)
+			continue
+		}
+		s.active.Add(1)
+		s.m.Active.Inc()
+		s.wg.Add(1)
+		go s.handle(c)
+	}
+}
+
+func (s *Server) track(ln net.Listener) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closing.Load() {
+		return false
+	}
+	s.lns[ln] = struct{}{}
+	return true
+}
+
+func (s *Server) untrack(ln net.Listener) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ln.Close()
+	delete(s.lns, ln)
+}
+
+// Shutdown stops accepting, then waits for open sessions to end on their own
+// until ctx is done, and then closes those still open. It returns ctx.Err()
+// if sessions had to be closed, nil otherwise. Safe to call more than once.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.closing.Store(true)
+	for ln := range s.lns {
+		ln.Close()
+	}
+	s.mu.Unlock()
+
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	select {
+	case <-done:
+		s.cancel()
+		return nil
+	case <-ctx.Done():
+	}
+	s.cancel()
+	s.mu.Lock()
+	n := len(s.sessions)
+	for ses := range s.sessions {
+		ses.abort("drain_timeout")
+	}
+	s.mu.Unlock()
+	s.log.Info("drain timeout: closed open sessions", zap.Int("sessions", n))
+	<-done
+	return ctx.Err()
+}
+
+// Close closes every listener and session at once.
+func (s *Server) Close() error {
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if err := s.Shutdown(ctx); err != nil && !errors.Is(err, context.Canceled) {
+		return err
+	}
+	return nil
+}
+
+// session is one client connection and, once dialled, its gateway.
+type session struct {
+	client, gw net.Conn
+	once       sync.Once
+	reason     string // why the session was aborted; set once
+}
+
+// abort closes both sides with RST so both peers learn the session ended
+// abnormally, and unblocks both copy directions.
+func (ses *session) abort(reason string) {
+	ses.once.Do(func() {
+		ses.reason = reason
+		abort(ses.client)
+		if ses.gw != nil {
+			abort(ses.gw)
+		}
+	})
+}
+
+func (s *Server) handle(c net.Conn) {
+	start := time.Now()
+	defer func() {
+		s.active.Add(-1)
+		s.m.Active.Dec()
+		s.m.Closed.Inc()
+		s.wg.Done()
+	}()
+	id := s.nextID.Add(1)
+
+	bufp := s.pool.Get().(*[]byte)
+	defer s.pool.Put(bufp)
+	buf := *bufp
+	n, key, err := s.readKey(c, buf[headroom:])
+	if err != nil {
+		s.handshakeFailed(c, id, err)
+		return
+	}
+	keyHash := ring.KeyHash(key)
+
+	rt, err := s.cfg.Resolver.Resolve(s.ctx, key)
+	if err == nil {
+		s.m.Routes.WithLabelValues(string(rt.Source)).Inc()
+		var res route.Result
+		res, err = s.cfg.Dialer.Dial(s.ctx, rt.Candidates)
+		for _, gw := range res.Failed {
+			s.m.DialFailures.WithLabelValues(gw.ID).Inc()
+		}
+		if err == nil {
+			s.serveSession(c, id, start, keyHash, buf, n, key, res)
+			return
+		}
+	}
+	reason := "unreachable"
+	if errors.Is(err, route.ErrNoGateway) {
+		reason = "no_gateway"
+	}
+	s.m.RouteFailures.WithLabelValues(reason).Inc()
+	if ce := s.log.Check(zap.DebugLevel, "route failed; closing client"); ce != nil {
+		ce.Write(zap.Uint64("conn", id), zap.String("client", c.RemoteAddr().String()),
+			zap.String("key_hash", hashString(keyHash)), zap.String("reason", reason), zap.Error(err))
+	}
+	abort(c)
+}
+
+// readKey reads until the extractor finds the key, within the handshake
+// timeout and the buffer. It returns how many bytes were read (all of which
+// are forwarded) and the key, which aliases buf.
+func (s *Server) readKey(c net.Conn, buf []byte) (int, []byte, error) {
+	if err := c.SetReadDeadline(time.Now().Add(s.cfg.HandshakeTimeout)); err != nil {
+		return 0, nil, fmt.Errorf("%s: %w", reasonReadError, err)
+	}
+	n := 0
+	for {
+		m, rerr := c.Read(buf[n:])
+		n += m
+		key, err := s.cfg.Extractor.Extract(buf[:n])
+		switch {
+		case err == nil:
+			if err := c.SetReadDeadline(time.Time{}); err != nil {
+				return 0, nil, fmt.Errorf("%s: %w", reasonReadError, err)
+			}
+			return n, key, nil
+		case !errors.Is(err, proto.ErrNeedMore):
+			return n, nil, err
+		case n == len(buf):
+			return n, nil, proto.ErrTooLarge
+		case rerr != nil:
+			return n, nil, rerr
+		}
+	}
+}
+
+func (s *Server) handshakeFailed(c net.Conn, id uint64, err error) {
+	reason := proto.Reason(err)
+	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		reason = reasonTimeout
+	case errors.Is(err, io.EOF):
+		reason = reasonEOF
+	case reason == "other":
+		reason = reasonReadError
+	}
+	s.m.HandshakeFailures.WithLabelValues(reason).Inc()
+	if ce := s.log.Check(zap.DebugLevel, "handshake failed; closing client without a reply"); ce != nil {
+		ce.Write(zap.Uint64("conn", id), zap.String("client", c.RemoteAddr().String()),
+			zap.String("reason", reason), zap.Error(err))
+	}
+	abort(c)
+}
+
+func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash uint64, buf []byte, n int, key []byte, res route.Result) {
+	gw := res.Conn
+	if res.Attempts > 1 {
+		s.m.Failovers.Inc()
+	}
+	ses := &session{client: c, gw: gw}
+	if !s.register(ses) {
+		s.m.Rejected.WithLabelValues("shutdown").Inc()
+		ses.abort("shutdown")
+		return
+	}
+	defer s.unregister(ses)
+
+	// Header and hello leave in one write: the header is built in the
+	// headroom right in front of the bytes read.
+	out := buf[headroom : headroom+n]
+	if s.cfg.ProxyProtocolOut {
+		hdr, err := proto.AppendProxyV2(buf[:0:headroom], c.RemoteAddr(), c.LocalAddr(), key)
+		if err != nil || len(hdr) > headroom {
+			s.log.Error("cannot build PROXY v2 header", zap.Uint64("conn", id), zap.Error(err))
+			ses.abort("internal_error")
+			return
+		}
+		copy(buf[headroom-len(hdr):], hdr)
+		out = buf[headroom-len(hdr) : headroom+n]
+	}
+	s.m.HandshakeSeconds.Observe(time.Since(start).Seconds())
+	if _, err := gw.Write(out); err != nil {
+		s.m.DialFailures.WithLabelValues(res.Gateway.ID).Inc()
+		s.log.Debug("write to gateway failed", zap.Uint64("conn", id), zap.String("gateway", res.Gateway.ID), zap.Error(err))
+		ses.abort("gateway_write_error")
+		return
+	}
+
+	up, down := s.splice(ses)
+	reason := ses.reason
+	if reason == "" {
+		reason = "closed"
+	}
+	d := time.Since(start)
+	s.m.Bytes.WithLabelValues("client_to_gateway").Add(float64(up + int64(n)))
+	s.m.Bytes.WithLabelValues("gateway_to_client").Add(float64(down))
+	s.m.SessionSeconds.Observe(d.Seconds())
+	s.log.Info("session end",
+		zap.Uint64("conn", id),
+		zap.String("key_hash", hashString(keyHash)),
+		zap.String("gateway", res.Gateway.ID),
+		zap.String("client", c.RemoteAddr().String()),
+		zap.Int64("bytes_in", up+int64(n)),
+		zap.Int64("bytes_out", down),
+		zap.Duration("duration", d),
+		zap.String("reason", reason))
+}
+
+func (s *Server) register(ses *session) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.ctx.Err() != nil {
+		return false
+	}
+	s.sessions[ses] = struct{}{}
+	return true
+}
+
+func (s *Server) unregister(ses *session) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.sessions, ses)
+}
+
+// splice copies both directions until each has ended, then closes both
+// connections. It returns the bytes copied client→gateway and
+// gateway→client (not counting the hello already written).
+func (s *Server) splice(ses *session) (up, down int64) {
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		up = pipe(ses, ses.gw, ses.client, "client_error")
+	}()
+	down = pipe(ses, ses.client, ses.gw, "gateway_error")
+	<-done
+	ses.client.Close()
+	ses.gw.Close()
+	return up, down
+}
+
+// pipe is one direction of a session (a named function so stack dumps show
+// it). On EOF it half-closes dst so the peer sees FIN and the other
+// direction keeps flowing; on an error it aborts the whole session, which
+// also unblocks the other direction.
+func pipe(ses *session, dst, src net.Conn, reason string) int64 {
+	n, err := io.Copy(dst, src)
+	if err != nil {
+		ses.abort(reason)
+		return n
+	}
+	if cw, ok := dst.(interface{ CloseWrite() error }); ok {
+		if cw.CloseWrite() == nil {
+			return n
+		}
+	}
+	ses.abort(reason)
+	return n
+}
+
+// abort closes c with RST (SO_LINGER 0) when it is TCP, so nothing lingers
+// in TIME_WAIT and the peer learns the close was abnormal.
+func abort(c net.Conn) {
+	if tc := rawTCP(c); tc != nil {
+		_ = tc.SetLinger(0)
+	}
+	c.Close()
+}
+
+// rawTCP finds the *net.TCPConn under c, or nil.
+func rawTCP(c net.Conn) *net.TCPConn {
+	switch t := c.(type) {
+	case *net.TCPConn:
+		return t
+	case interface{ TCPConn() (*net.TCPConn, bool) }:
+		tc, _ := t.TCPConn()
+		return tc
+	}
+	return nil
+}
+
+// hashString renders a key hash for logs: raw keys are never logged.
+func hashString(h uint64) string { return strconv.FormatUint(h, 16) }

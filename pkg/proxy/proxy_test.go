@@ -1,0 +1,381 @@
+package proxy
+
+import (
+	"context"
+	"encoding/binary"
+	"errors"
+	"io"
+	"net"
+	"runtime"
+	"strings"
+	"syscall"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/tether-proxy/tether/internal/stub"
+	"github.com/tether-proxy/tether/pkg/proto"
+	"github.com/tether-proxy/tether/pkg/ring"
+	"github.com/tether-proxy/tether/pkg/route"
+)
+
+// gateway starts a reference stub on loopback and returns its address.
+func gateway(t *testing.T, id, mode string) string {
+	t.Helper()
+	srv, err := stub.New(stub.Config{ID: id, ProxyProtocol: mode})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan struct{})
+	go func() { defer close(done); _ = srv.Serve(ln) }()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_ = srv.Shutdown(ctx)
+		<-done
+	})
+	return ln.Addr().String()
+}
+
+type harness struct {
+	srv  *Server
+	addr string
+	m    *Metrics
+	ring *ring.Holder
+}
+
+// start runs a proxy on loopback over the given gateways.
+func start(t *testing.T, cfg Config, gws ...ring.Member) *harness {
+	t.Helper()
+	h := &harness{ring: &ring.Holder{}, m: NewMetrics(nil)}
+	r, err := ring.New(gws)
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.ring.Store(r)
+	cfg.Resolver = &route.RingResolver{Ring: h.ring}
+	cfg.Metrics = h.m
+	if cfg.Dialer == nil {
+		cfg.Dialer = &route.Dialer{DialTimeout: time.Second, Cooldown: -1}
+	}
+	h.srv, err = New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.addr = ln.Addr().String()
+	done := make(chan error, 1)
+	go func() { done <- h.srv.Serve(ln) }()
+	t.Cleanup(func() {
+		_ = h.srv.Close()
+		if err := <-done; !errors.Is(err, ErrServerClosed) {
+			t.Errorf("Serve returned %v", err)
+		}
+	})
+	return h
+}
+
+func hello(t testing.TB, key, payload string) []byte {
+	t.Helper()
+	b, err := proto.AppendHello(nil, []byte(key), []byte(payload))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func dial(t *testing.T, addr string) *net.TCPConn {
+	t.Helper()
+	c, err := net.DialTimeout("tcp", addr, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	return c.(*net.TCPConn)
+}
+
+func TestSessionEchoAndHalfClose(t *testing.T) {
+	gw := gateway(t, "gw-1", stub.ProxyRequire)
+	h := start(t, DefaultConfig(), ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
+	c := dial(t, h.addr)
+	// Hello and the first application bytes in one packet.
+	if _, err := c.Write(append(hello(t, "user-1", "inframe"), "ping"...)); err != nil {
+		t.Fatal(err)
+	}
+	rep, _, err := stub.ReadReply(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Gateway != "gw-1" || rep.Key != "user-1" || rep.Conns != 1 || rep.Client != c.LocalAddr().String() {
+		t.Fatalf("reply %+v (client %s)", rep, c.LocalAddr())
+	}
+	if _, err := c.Write([]byte("pong")); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	rest, err := io.ReadAll(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if string(rest) != "pingpong" {
+		t.Fatalf("echo %q", rest)
+	}
+	waitFor(t, func() bool { return h.srv.Active() == 0 })
+	if got := testutil.ToFloat64(h.m.Bytes.WithLabelValues("gateway_to_client")); got == 0 {
+		t.Fatal("bytes not counted")
+	}
+}
+
+func TestProxyProtocolOff(t *testing.T) {
+	gw := gateway(t, "gw-1", stub.ProxyOff)
+	cfg := DefaultConfig()
+	cfg.ProxyProtocolOut = false
+	h := start(t, cfg, ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
+	c := dial(t, h.addr)
+	if _, err := c.Write(hello(t, "k", "")); err != nil {
+		t.Fatal(err)
+	}
+	rep, _, err := stub.ReadReply(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Without a header the gateway sees the proxy as its peer.
+	if rep.Client == c.LocalAddr().String() || !strings.HasPrefix(rep.Client, "127.0.0.1:") {
+		t.Fatalf("client %q", rep.Client)
+	}
+}
+
+func TestBadHandshakes(t *testing.T) {
+	gw := gateway(t, "gw-1", stub.ProxyRequire)
+	cfg := DefaultConfig()
+	cfg.HandshakeTimeout = 200 * time.Millisecond
+	h := start(t, cfg, ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
+	frame := func(length uint32, rest ...byte) []byte {
+		return append(binary.BigEndian.AppendUint32(nil, length), rest...)
+	}
+	tests := []struct {
+		name   string
+		send   []byte
+		fin    bool
+		reason string
+	}{
+		{"garbage", []byte{0xde, 0xad, 0xbe, 0xef, 0, 0}, false, "too_large"},
+		{"version 2", frame(3, 2, 1, 'k'), false, "bad_version"},
+		{"keylen 0", frame(2, 1, 0), false, "bad_keylen"},
+		{"length 0", frame(0), false, "bad_length"},
+		{"length max", frame(0xFFFFFFFF, 1, 1), false, "too_large"},
+		{"length above max-hello", frame(4097, 1, 1, 'k'), false, "too_large"},
+		{"http", []byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), false, "too_large"},
+		{"truncated then FIN", hello(t, "key", "payload")[:7], true, "eof"},
+		{"silent", nil, false, "timeout"},
+		{"slow partial", []byte{0, 0}, false, "timeout"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			before := testutil.ToFloat64(h.m.HandshakeFailures.WithLabelValues(tt.reason))
+			c := dial(t, h.addr)
+			if len(tt.send) > 0 {
+				if _, err := c.Write(tt.send); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if tt.fin {
+				_ = c.CloseWrite()
+			}
+			got, err := io.ReadAll(c)
+			if len(got) != 0 {
+				t.Fatalf("proxy wrote %q to a bad client", got)
+			}
+			if err != nil && !errors.Is(err, syscall.ECONNRESET) {
+				t.Fatalf("read: %v", err)
+			}
+			waitFor(t, func() bool {
+				return testutil.ToFloat64(h.m.HandshakeFailures.WithLabelValues(tt.reason)) == before+1
+			})
+		})
+	}
+}
+
+func TestNoGatewayAndUnreachable(t *testing.T) {
+	h := start(t, DefaultConfig())
+	c := dial(t, h.addr)
+	c.Write(hello(t, "k", ""))
+	if got, _ := io.ReadAll(c); len(got) != 0 {
+		t.Fatalf("wrote %q", got)
+	}
+	waitFor(t, func() bool { return testutil.ToFloat64(h.m.RouteFailures.WithLabelValues("no_gateway")) == 1 })
+
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	dead := ln.Addr().String()
+	ln.Close()
+	r, _ := ring.New([]ring.Member{{ID: "dead", Addr: dead, Weight: 1}})
+	h.ring.Store(r)
+	c = dial(t, h.addr)
+	c.Write(hello(t, "k", ""))
+	if got, _ := io.ReadAll(c); len(got) != 0 {
+		t.Fatalf("wrote %q", got)
+	}
+	waitFor(t, func() bool { return testutil.ToFloat64(h.m.RouteFailures.WithLabelValues("unreachable")) == 1 })
+	if testutil.ToFloat64(h.m.DialFailures.WithLabelValues("dead")) != 1 {
+		t.Fatal("dial failure not counted by gateway")
+	}
+}
+
+func TestFailoverToSecondChoice(t *testing.T) {
+	live := gateway(t, "live", stub.ProxyRequire)
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	dead := ln.Addr().String()
+	ln.Close()
+	h := start(t, DefaultConfig(), ring.Member{ID: "live", Addr: live, Weight: 1}, ring.Member{ID: "dead", Addr: dead, Weight: 1})
+	served := 0
+	for i := range 20 {
+		c := dial(t, h.addr)
+		c.Write(hello(t, "key-"+string(rune('a'+i)), ""))
+		rep, _, err := stub.ReadReply(c)
+		if err != nil {
+			t.Fatalf("key %d: %v", i, err)
+		}
+		if rep.Gateway != "live" {
+			t.Fatalf("served by %s", rep.Gateway)
+		}
+		served++
+		c.Close()
+	}
+	if testutil.ToFloat64(h.m.Failovers) == 0 {
+		t.Fatal("no failover counted although the dead gateway owns keys")
+	}
+}
+
+func TestMaxConns(t *testing.T) {
+	gw := gateway(t, "gw-1", stub.ProxyRequire)
+	cfg := DefaultConfig()
+	cfg.MaxConns = 2
+	h := start(t, cfg, ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
+	var held []*net.TCPConn
+	for range 2 {
+		c := dial(t, h.addr)
+		c.Write(hello(t, "k", ""))
+		if _, _, err := stub.ReadReply(c); err != nil {
+			t.Fatal(err)
+		}
+		held = append(held, c)
+	}
+	c := dial(t, h.addr)
+	c.Write(hello(t, "k", ""))
+	if got, _ := io.ReadAll(c); len(got) != 0 {
+		t.Fatalf("over-limit client got %q", got)
+	}
+	if testutil.ToFloat64(h.m.Rejected.WithLabelValues("max_conns")) != 1 {
+		t.Fatal("rejection not counted")
+	}
+	// Held sessions are untouched.
+	for _, c := range held {
+		c.Write([]byte("x"))
+		b := make([]byte, 1)
+		if _, err := io.ReadFull(c, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func TestShutdownDrains(t *testing.T) {
+	gw := gateway(t, "gw-1", stub.ProxyRequire)
+	h := start(t, DefaultConfig(), ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
+	c := dial(t, h.addr)
+	c.Write(hello(t, "k", ""))
+	if _, _, err := stub.ReadReply(c); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	errc := make(chan error, 1)
+	go func() { errc <- h.srv.Shutdown(ctx) }()
+	waitFor(t, func() bool { return h.srv.Closing() })
+	// New connections are refused; the open session still echoes.
+	if nc, err := net.Dial("tcp", h.addr); err == nil {
+		nc.SetDeadline(time.Now().Add(5 * time.Second))
+		nc.Write(hello(t, "k", ""))
+		if got, _ := io.ReadAll(nc); len(got) != 0 {
+			t.Fatalf("accepted during shutdown: %q", got)
+		}
+		nc.Close()
+	}
+	c.Write([]byte("still"))
+	b := make([]byte, 5)
+	if _, err := io.ReadFull(c, b); err != nil || string(b) != "still" {
+		t.Fatalf("open session broken during drain: %q %v", b, err)
+	}
+	cancel() // drain timeout: the session is closed
+	if err := <-errc; !errors.Is(err, context.Canceled) {
+		t.Fatalf("Shutdown = %v", err)
+	}
+	if _, err := c.Read(b); err == nil {
+		t.Fatal("session survived the drain timeout")
+	}
+}
+
+// TestNoGoroutineLeak runs many good and bad sessions, including clients
+// that reset mid-session and clients that half-close, then checks that the
+// goroutine count returns to where it was.
+func TestNoGoroutineLeak(t *testing.T) {
+	gw := gateway(t, "gw-1", stub.ProxyRequire)
+	cfg := DefaultConfig()
+	cfg.HandshakeTimeout = 300 * time.Millisecond
+	h := start(t, cfg, ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
+	base := runtime.NumGoroutine()
+	var wg sync.WaitGroup
+	for i := range 400 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, err := net.Dial("tcp", h.addr)
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			defer c.Close()
+			c.SetDeadline(time.Now().Add(10 * time.Second))
+			switch i % 4 {
+			case 0: // good, half-close
+				c.Write(append(hello(t, "k", ""), "abc"...))
+				c.(*net.TCPConn).CloseWrite()
+				io.ReadAll(c)
+			case 1: // good, then reset mid-session
+				c.Write(hello(t, "k", ""))
+				stub.ReadReply(c)
+				c.(*net.TCPConn).SetLinger(0)
+			case 2: // bad
+				c.Write([]byte{0, 0, 0, 3, 9, 1, 'k'})
+				io.ReadAll(c)
+			case 3: // silent until timeout
+				io.ReadAll(c)
+			}
+		}()
+	}
+	wg.Wait()
+	waitFor(t, func() bool { return h.srv.Active() == 0 })
+	waitFor(t, func() bool { return runtime.NumGoroutine() <= base })
+}
+
+func waitFor(t *testing.T, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatal("condition not met within 10s")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+

@@ -1,0 +1,176 @@
+package route
+
+import (
+	"context"
+	"errors"
+	"net"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/tether-proxy/tether/pkg/ring"
+)
+
+func TestRingResolver(t *testing.T) {
+	var h ring.Holder
+	r := &RingResolver{Ring: &h}
+	if _, err := r.Resolve(context.Background(), []byte("k")); !errors.Is(err, ErrNoGateway) {
+		t.Fatalf("empty ring: err = %v", err)
+	}
+	rg, err := ring.New([]ring.Member{{ID: "a", Weight: 1}, {ID: "b", Weight: 1}, {ID: "c", Weight: 1}, {ID: "d", Weight: 1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	h.Store(rg)
+	rt, err := r.Resolve(context.Background(), []byte("k"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rt.Source != SourceRing || len(rt.Candidates) != DefaultCandidates {
+		t.Fatalf("route %+v", rt)
+	}
+	if owner, _ := rg.Lookup([]byte("k")); rt.Candidates[0].ID != owner.ID {
+		t.Fatalf("first candidate %s, ring owner %s", rt.Candidates[0].ID, owner.ID)
+	}
+	r.Candidates = 10
+	if rt, _ := r.Resolve(context.Background(), []byte("k")); len(rt.Candidates) != 4 {
+		t.Fatalf("asked 10 of 4 members, got %d", len(rt.Candidates))
+	}
+}
+
+// listener returns the address of a live loopback listener that accepts and
+// holds connections until the test ends.
+func listener(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			t.Cleanup(func() { c.Close() })
+		}
+	}()
+	t.Cleanup(func() { ln.Close(); wg.Wait() })
+	return ln.Addr().String()
+}
+
+// deadAddr returns a loopback address nothing listens on (connections are
+// refused).
+func deadAddr(t *testing.T) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	return addr
+}
+
+type fakeClock struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+func (c *fakeClock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.now }
+func (c *fakeClock) Add(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.now = c.now.Add(d)
+}
+
+func TestDialerFailover(t *testing.T) {
+	live, dead := listener(t), deadAddr(t)
+	clk := &fakeClock{now: time.Unix(1000, 0)}
+	d := &Dialer{Now: clk.Now, Cooldown: 5 * time.Second}
+	cands := []Gateway{{ID: "dead", Addr: dead}, {ID: "live", Addr: live}}
+
+	res, err := d.Dial(context.Background(), cands)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Conn.Close()
+	if res.Gateway.ID != "live" || res.Attempts != 2 || len(res.Failed) != 1 || res.Failed[0].ID != "dead" {
+		t.Fatalf("got %s after %d attempts, failures %v", res.Gateway.ID, res.Attempts, res.Failed)
+	}
+	if !d.CoolingDown("dead") {
+		t.Fatal("refusing gateway not cooling down")
+	}
+
+	// Within the cooldown the dead owner is skipped: one attempt.
+	res, err = d.Dial(context.Background(), cands)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Conn.Close()
+	if res.Attempts != 1 || len(res.Failed) != 0 {
+		t.Fatalf("cooling gateway was tried: attempts %d failures %v", res.Attempts, res.Failed)
+	}
+
+	// After it, the owner is tried again first.
+	clk.Add(6 * time.Second)
+	if d.CoolingDown("dead") {
+		t.Fatal("cooldown did not end")
+	}
+	res, err = d.Dial(context.Background(), cands)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Conn.Close()
+	if res.Attempts != 2 {
+		t.Fatalf("attempts %d, want owner retried", res.Attempts)
+	}
+}
+
+func TestDialerAllDown(t *testing.T) {
+	clk := &fakeClock{now: time.Unix(1000, 0)}
+	d := &Dialer{Now: clk.Now, MaxTries: 2}
+	cands := []Gateway{{ID: "a", Addr: deadAddr(t)}, {ID: "b", Addr: deadAddr(t)}, {ID: "c", Addr: deadAddr(t)}}
+	res, err := d.Dial(context.Background(), cands)
+	if !errors.Is(err, ErrUnreachable) || res.Attempts != 2 || len(res.Failed) != 2 {
+		t.Fatalf("err = %v, result %+v", err, res)
+	}
+	// Every candidate cooling down: still tried, bounded by MaxTries.
+	live := listener(t)
+	cands[0].Addr = live
+	res, err = d.Dial(context.Background(), cands)
+	if err != nil {
+		t.Fatalf("cooling candidates were not tried: %v", err)
+	}
+	res.Conn.Close()
+	if res.Gateway.ID != "a" {
+		t.Fatalf("got %s", res.Gateway.ID)
+	}
+	if _, err := d.Dial(context.Background(), nil); !errors.Is(err, ErrNoGateway) {
+		t.Fatalf("no candidates: err = %v", err)
+	}
+}
+
+func TestDialerTimeoutAndCancel(t *testing.T) {
+	block := func(ctx context.Context, _, _ string) (net.Conn, error) {
+		<-ctx.Done()
+		return nil, ctx.Err()
+	}
+	d := &Dialer{DialContext: block, DialTimeout: 10 * time.Millisecond, MaxTries: 2, Cooldown: -1}
+	_, err := d.Dial(context.Background(), []Gateway{{ID: "a"}, {ID: "b"}})
+	if !errors.Is(err, ErrUnreachable) || !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("err = %v", err)
+	}
+	if d.CoolingDown("a") {
+		t.Fatal("negative cooldown still marked the gateway down")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	_, err = d.Dial(ctx, []Gateway{{ID: "a"}, {ID: "b"}})
+	if !errors.Is(err, context.Canceled) {
+		t.Fatalf("cancelled: err = %v", err)
+	}
+}
