@@ -264,6 +264,13 @@ func (ses *session) abort(reason string) {
 	})
 }
 
+// closeReason ends the session's abort window (a later abort is a no-op)
+// and says why it ended.
+func (ses *session) closeReason() string {
+	ses.once.Do(func() { ses.reason = "closed" })
+	return ses.reason
+}
+
 func (s *Server) handle(c net.Conn) {
 	start := time.Now()
 	defer func() {
@@ -390,10 +397,7 @@ func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash ui
 	}
 
 	up, down := s.splice(ses)
-	reason := ses.reason
-	if reason == "" {
-		reason = "closed"
-	}
+	reason := ses.closeReason()
 	d := time.Since(start)
 	s.m.Bytes.WithLabelValues("client_to_gateway").Add(float64(up + int64(n)))
 	s.m.Bytes.WithLabelValues("gateway_to_client").Add(float64(down))
