@@ -31,7 +31,7 @@ type Dialer struct {
 	// DefaultCooldown, negative disables cooldowns.
 	Cooldown time.Duration
 	// Now is the clock; nil means time.Now.
-	Now func() time.Time
+	Now  func() time.Time
 	mu   sync.Mutex
 	down map[string]time.Time // gateway ID → end of cooldown
 }

@@ -1,0 +1,204 @@
+// Command proxy is the tether proxy: it reads a session key from each
+// client's first bytes, picks the owning gateway on a weighted rendezvous
+// ring, and splices the client to it. See README.md and --help.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"syscall"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"go.uber.org/zap"
+
+	"github.com/tether-proxy/tether/internal/cli"
+	"github.com/tether-proxy/tether/pkg/admin"
+	"github.com/tether-proxy/tether/pkg/proto"
+	"github.com/tether-proxy/tether/pkg/proxy"
+	"github.com/tether-proxy/tether/pkg/ring"
+	"github.com/tether-proxy/tether/pkg/route"
+)
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stderr))
+}
+
+// options are the parsed flags.
+type options struct {
+	listen, admin                 string
+	gateways                      cli.GatewayList
+	proxyProtocolOut              string
+	handshakeTimeout, dialTimeout time.Duration
+	cooldown, drainTimeout        time.Duration
+	maxHello, maxTries, maxConns  int
+	logLevel, logFormat           string
+}
+
+const usageHead = `Usage: proxy --gateway ID=HOST:PORT [--gateway ...] [flags]
+
+tether proxy: reads the session key from each client's first bytes (a hello
+frame: u32 length, version 1, keylen, key, payload), resolves the gateway that
+owns the key on a weighted rendezvous ring, and splices the client to it. Every
+proxy with the same gateway list sends a key to the same gateway, so a client
+that reconnects through any proxy lands where its session lives.
+
+Flags:
+`
+
+func parseFlags(args []string, stderr io.Writer) (options, error) {
+	var o options
+	fs := flag.NewFlagSet("proxy", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&o.listen, "listen", ":7000", "accept clients on `HOST:PORT`")
+	fs.StringVar(&o.admin, "admin", "", "serve the admin HTTP API on `HOST:PORT` (/metrics, /healthz, /readyz, /route?key=); off when empty.\nIt answers with gateway addresses: bind it to loopback or a private network")
+	fs.Var(&o.gateways, "gateway", "a gateway as `ID=HOST:PORT[,weight=W]`; repeat for each gateway.\nThe ID is what keys hash to: keep it stable when the address changes. weight=0 drains the gateway (no keys)")
+	fs.StringVar(&o.proxyProtocolOut, "proxy-protocol-out", "v2", "`MODE` toward gateways: v2 sends a PROXY v2 header with the client address and the key (TLV 0xE0); off sends nothing extra")
+	fs.DurationVar(&o.handshakeTimeout, "handshake-timeout", proxy.DefaultHandshakeTimeout, "the whole hello must arrive within this `DURATION`, or the client is closed without a reply")
+	fs.IntVar(&o.maxHello, "max-hello", proto.DefaultMaxHello, "largest hello frame length in `BYTES`; longer frames are closed without a reply")
+	fs.IntVar(&o.maxTries, "max-tries", route.DefaultMaxTries, "try up to `N` gateways per connection, in failover order")
+	fs.DurationVar(&o.dialTimeout, "dial-timeout", route.DefaultDialTimeout, "give up on a gateway connection attempt after this `DURATION`")
+	fs.DurationVar(&o.cooldown, "gateway-cooldown", route.DefaultCooldown, "after a failed connection attempt, skip the gateway for this `DURATION` (its keys use their next choice)")
+	fs.IntVar(&o.maxConns, "max-conns", 0, "accept at most `N` concurrent client connections; more are closed at once (0: no limit)")
+	fs.DurationVar(&o.drainTimeout, "drain-timeout", 10*time.Second, "on SIGTERM/SIGINT, stop accepting and let open sessions run for this `DURATION` before closing them")
+	fs.StringVar(&o.logLevel, "log-level", "info", "`LEVEL`: debug, info, warn or error (failed handshakes are logged at debug)")
+	fs.StringVar(&o.logFormat, "log-format", "json", "`FORMAT`: json or console")
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), usageHead)
+		cli.PrintFlags(fs.Output(), fs)
+	}
+	if err := fs.Parse(args); err != nil {
+		return o, err
+	}
+	if fs.NArg() > 0 {
+		return o, fmt.Errorf("unexpected argument %q (flags start with --)", fs.Arg(0))
+	}
+	switch {
+	case len(o.gateways) == 0:
+		return o, errors.New("no gateways: give at least one --gateway ID=HOST:PORT")
+	case o.proxyProtocolOut != "v2" && o.proxyProtocolOut != "off":
+		return o, fmt.Errorf("--proxy-protocol-out %q: want v2 or off", o.proxyProtocolOut)
+	case o.maxHello < 3 || o.maxHello > 1<<20:
+		return o, fmt.Errorf("--max-hello %d: want 3..1048576", o.maxHello)
+	case o.maxTries < 1:
+		return o, fmt.Errorf("--max-tries %d: want >= 1", o.maxTries)
+	case o.handshakeTimeout <= 0 || o.dialTimeout <= 0:
+		return o, errors.New("--handshake-timeout and --dial-timeout must be > 0")
+	case o.maxConns < 0:
+		return o, fmt.Errorf("--max-conns %d: want >= 0", o.maxConns)
+	}
+	return o, nil
+}
+
+func run(args []string, stderr io.Writer) int {
+	o, err := parseFlags(args, stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "proxy: %v\nRun proxy --help for the flags.\n", err)
+		return 2
+	}
+	log, err := cli.NewLogger(o.logLevel, o.logFormat)
+	if err != nil {
+		fmt.Fprintf(stderr, "proxy: %v\n", err)
+		return 2
+	}
+	defer func() { _ = log.Sync() }()
+	if err := serve(o, log); err != nil {
+		log.Error("proxy stopped", zap.Error(err))
+		return 1
+	}
+	return 0
+}
+
+func serve(o options, log *zap.Logger) error {
+	r, err := ring.New(o.gateways)
+	if err != nil {
+		return fmt.Errorf("gateway list: %w", err)
+	}
+	var holder ring.Holder
+	holder.Store(r)
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	resolver := &route.RingResolver{Ring: &holder, Candidates: o.maxTries}
+	srv, err := proxy.New(proxy.Config{
+		Resolver:         resolver,
+		Dialer:           &route.Dialer{MaxTries: o.maxTries, DialTimeout: o.dialTimeout, Cooldown: o.cooldown},
+		Extractor:        proto.HelloExtractor{MaxLen: o.maxHello},
+		HandshakeTimeout: o.handshakeTimeout,
+		ProxyProtocolOut: o.proxyProtocolOut == "v2",
+		MaxConns:         o.maxConns,
+		Logger:           log.Named("proxy"),
+		Metrics:          proxy.NewMetrics(reg),
+	})
+	if err != nil {
+		return err
+	}
+	ln, err := net.Listen("tcp", o.listen)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	ids := make([]string, 0, len(o.gateways))
+	for _, g := range o.gateways {
+		ids = append(ids, g.ID)
+	}
+	log.Info("listening", zap.String("addr", ln.Addr().String()), zap.Strings("gateways", ids),
+		zap.String("proxy_protocol_out", o.proxyProtocolOut))
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+
+	var adminSrv *http.Server
+	if o.admin != "" {
+		aln, err := net.Listen("tcp", o.admin)
+		if err != nil {
+			ln.Close()
+			return fmt.Errorf("admin listen: %w", err)
+		}
+		adminSrv = &http.Server{
+			Handler: admin.Handler(admin.Config{
+				Gatherer: reg,
+				Resolver: resolver,
+				Ready:    func() bool { return !srv.Closing() && holder.Load().Len() > 0 },
+			}),
+			ReadHeaderTimeout: 5 * time.Second,
+		}
+		log.Info("admin listening", zap.String("addr", aln.Addr().String()))
+		go func() {
+			if err := adminSrv.Serve(aln); !errors.Is(err, http.ErrServerClosed) {
+				log.Error("admin server stopped", zap.Error(err))
+			}
+		}()
+	}
+
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	select {
+	case err := <-errc:
+		return fmt.Errorf("serve: %w", err)
+	case <-ctx.Done():
+	}
+	stop() // a second signal kills the process the default way
+	log.Info("shutting down: draining open sessions", zap.Int("sessions", srv.Active()), zap.Duration("drain_timeout", o.drainTimeout))
+	dctx, cancel := context.WithTimeout(context.Background(), o.drainTimeout)
+	defer cancel()
+	if err := srv.Shutdown(dctx); err != nil {
+		log.Info("drain timeout reached; remaining sessions closed")
+	}
+	<-errc
+	if adminSrv != nil {
+		_ = adminSrv.Close()
+	}
+	log.Info("stopped")
+	return nil
+}

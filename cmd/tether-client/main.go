@@ -1,0 +1,157 @@
+// Command tether-client is a small tether client for demos and smoke tests:
+// it connects with a session key, prints which gateway served it and what
+// client address that gateway saw, checks the echo, drops the connection the
+// way a phone losing WiFi does (RST), and reconnects from another source
+// address through another proxy.
+package main
+
+import (
+	"bytes"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/tether-proxy/tether/internal/cli"
+	"github.com/tether-proxy/tether/internal/stub"
+	"github.com/tether-proxy/tether/pkg/proto"
+)
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+const usageHead = `Usage: tether-client --key KEY --via PROXY[,PROXY...] [--from IP[,IP...]] [--hops N]
+
+Connects to tether with a hello frame carrying KEY, prints the gateway that
+answered and the client address it saw, checks that a message echoes, then
+drops the connection with a TCP reset and reconnects: hop i goes through the
+i-th --via address and from the i-th --from address (both lists wrap around).
+Exit status 0 means every hop reached the same gateway and echoed intact.
+
+Flags:
+`
+
+type options struct {
+	key, via, from string
+	hops           int
+	timeout        time.Duration
+}
+
+func parseFlags(args []string, stderr io.Writer) (options, error) {
+	var o options
+	fs := flag.NewFlagSet("tether-client", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	fs.StringVar(&o.key, "key", "", "session `KEY` to send (1..255 bytes; required)")
+	fs.StringVar(&o.via, "via", "127.0.0.1:7000", "comma-separated proxy `ADDRS` (HOST:PORT) to connect through, one per hop in turn")
+	fs.StringVar(&o.from, "from", "", "comma-separated local source `IPS`, one per hop in turn (e.g. 127.0.0.2,127.0.0.3 to play a WiFi→4G switch); empty lets the kernel choose")
+	fs.IntVar(&o.hops, "hops", 2, "number of connections to make (`N`)")
+	fs.DurationVar(&o.timeout, "timeout", 5*time.Second, "per-hop deadline (`DURATION`)")
+	fs.Usage = func() {
+		fmt.Fprint(fs.Output(), usageHead)
+		cli.PrintFlags(fs.Output(), fs)
+	}
+	if err := fs.Parse(args); err != nil {
+		return o, err
+	}
+	if o.key == "" || len(o.key) > proto.MaxKeyLen {
+		return o, errors.New("--key is required (1..255 bytes)")
+	}
+	if o.hops < 1 {
+		return o, errors.New("--hops must be >= 1")
+	}
+	return o, nil
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	o, err := parseFlags(args, stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "tether-client: %v\nRun tether-client --help for the flags.\n", err)
+		return 2
+	}
+	vias := strings.Split(o.via, ",")
+	froms := strings.Split(o.from, ",")
+	first := ""
+	ok := true
+	for i := range o.hops {
+		via, from := vias[i%len(vias)], froms[i%len(froms)]
+		rep, err := hop(o, via, from, i+1)
+		if err != nil {
+			fmt.Fprintf(stdout, "hop %d: %s → proxy %s: FAILED: %v\n", i+1, fromLabel(from), via, err)
+			ok = false
+			continue
+		}
+		same := ""
+		switch {
+		case first == "":
+			first = rep.Gateway
+		case rep.Gateway == first:
+			same = "  ✓ same gateway"
+		default:
+			same = "  ✗ DIFFERENT gateway (was " + first + ")"
+			ok = false
+		}
+		fmt.Fprintf(stdout, "hop %d: from %-9s → proxy %-15s → gateway %s (session conns=%d), gateway saw client %s, echo ok%s\n",
+			i+1, fromLabel(from), via, rep.Gateway, rep.Conns, rep.Client, same)
+	}
+	if !ok {
+		return 1
+	}
+	return 0
+}
+
+func fromLabel(from string) string {
+	if from == "" {
+		return "(any)"
+	}
+	return from
+}
+
+// hop makes one connection: hello, reply, echo check, then an abortive close.
+func hop(o options, via, from string, n int) (stub.Reply, error) {
+	d := net.Dialer{Timeout: o.timeout}
+	if from != "" {
+		ip := net.ParseIP(from)
+		if ip == nil {
+			return stub.Reply{}, fmt.Errorf("--from %q is not an IP address", from)
+		}
+		d.LocalAddr = &net.TCPAddr{IP: ip}
+	}
+	c, err := d.Dial("tcp", via)
+	if err != nil {
+		return stub.Reply{}, err
+	}
+	tc := c.(*net.TCPConn)
+	defer func() {
+		_ = tc.SetLinger(0) // drop like a lost radio link: RST, no FIN
+		tc.Close()
+	}()
+	_ = c.SetDeadline(time.Now().Add(o.timeout))
+	msg := fmt.Appendf(nil, "message %d from %s", n, c.LocalAddr())
+	frame, err := proto.AppendHello(nil, []byte(o.key), nil)
+	if err != nil {
+		return stub.Reply{}, err
+	}
+	if _, err := c.Write(append(frame, msg...)); err != nil {
+		return stub.Reply{}, err
+	}
+	rep, _, err := stub.ReadReply(c)
+	if err != nil {
+		return stub.Reply{}, fmt.Errorf("no reply (is a gateway up?): %w", err)
+	}
+	echo := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, echo); err != nil {
+		return rep, fmt.Errorf("echo: %w", err)
+	}
+	if !bytes.Equal(echo, msg) {
+		return rep, fmt.Errorf("echo mismatch: sent %q, got %q", msg, echo)
+	}
+	return rep, nil
+}
