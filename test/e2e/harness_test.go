@@ -1,0 +1,345 @@
+//go:build e2e
+
+// Package e2e runs the real tether binaries on loopback addresses: gateway
+// stubs on 127.0.1.x (so a leaked gateway address is easy to spot), proxies
+// on 127.0.0.1, clients from 127.0.0.2 and up.
+package e2e
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/tether-proxy/tether/internal/stub"
+	"github.com/tether-proxy/tether/pkg/proto"
+)
+
+// binDir holds the binaries built once for the whole run (with -race, so the
+// real processes are race-checked too).
+var binDir string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "tether-e2e-bin")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	binDir = dir
+	for _, name := range []string{"proxy", "gateway-stub"} {
+		cmd := exec.Command("go", "build", "-race", "-o", filepath.Join(dir, name), "../../cmd/"+name)
+		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+		if err := cmd.Run(); err != nil {
+			fmt.Fprintf(os.Stderr, "building %s: %v\n", name, err)
+			os.Exit(1)
+		}
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+// proc is one running binary. It parses the JSON log lines on stderr and
+// remembers the addresses the process announced.
+type proc struct {
+	t     *testing.T
+	name  string
+	cmd   *exec.Cmd
+	addr  string // from the "listening" line
+	admin string // from the "admin listening" line
+	done  chan struct{}
+
+	mu    sync.Mutex
+	tail  []string       // last log lines, for failure reports
+	seen  map[string]int // "msg|reason" → count of such log lines
+	ready chan struct{}
+}
+
+const keepLines = 200
+
+// start runs a binary and waits until it logs that it listens (and, when
+// wantAdmin, that its admin server listens).
+func start(t *testing.T, name string, args ...string) *proc {
+	t.Helper()
+	cmd := exec.Command(filepath.Join(binDir, name), args...)
+	// Race-built binaries otherwise sleep 1s at exit.
+	cmd.Env = append(os.Environ(), "GORACE=atexit_sleep_ms=0 halt_on_error=0")
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	p := &proc{t: t, name: name + " " + strings.Join(args, " "), cmd: cmd, done: make(chan struct{}), ready: make(chan struct{}), seen: map[string]int{}}
+	wantAdmin := false
+	for _, a := range args {
+		wantAdmin = wantAdmin || a == "--admin"
+	}
+	go p.readLogs(stderr, wantAdmin)
+	go func() { _ = cmd.Wait(); close(p.done) }()
+	t.Cleanup(p.stop)
+	select {
+	case <-p.ready:
+	case <-p.done:
+		t.Fatalf("%s exited before listening:\n%s", p.name, p.logs())
+	case <-time.After(30 * time.Second):
+		t.Fatalf("%s did not report listening within 30s:\n%s", p.name, p.logs())
+	}
+	return p
+}
+
+func (p *proc) readLogs(r io.Reader, wantAdmin bool) {
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 64<<10), 1<<20)
+	signalled := false
+	for sc.Scan() {
+		line := sc.Text()
+		var entry struct {
+			Msg    string `json:"msg"`
+			Addr   string `json:"addr"`
+			Reason string `json:"reason"`
+		}
+		_ = json.Unmarshal([]byte(line), &entry)
+		p.mu.Lock()
+		p.seen[entry.Msg+"|"+entry.Reason]++
+		p.tail = append(p.tail, line)
+		if len(p.tail) > keepLines {
+			p.tail = p.tail[len(p.tail)-keepLines:]
+		}
+		switch entry.Msg {
+		case "listening":
+			p.addr = entry.Addr
+		case "admin listening":
+			p.admin = entry.Addr
+		}
+		if !signalled && p.addr != "" && (!wantAdmin || p.admin != "") {
+			signalled = true
+			close(p.ready)
+		}
+		p.mu.Unlock()
+		if strings.Contains(line, "WARNING: DATA RACE") {
+			p.t.Errorf("data race in %s", p.name)
+		}
+	}
+}
+
+func (p *proc) logs() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return strings.Join(p.tail, "\n")
+}
+
+// logCount counts log lines with this message and reason field.
+func (p *proc) logCount(msg, reason string) int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.seen[msg+"|"+reason]
+}
+
+// stop sends SIGTERM and waits; SIGKILL after 15s. Safe to call twice.
+func (p *proc) stop() {
+	select {
+	case <-p.done:
+		return
+	default:
+	}
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case <-p.done:
+	case <-time.After(15 * time.Second):
+		p.t.Errorf("%s ignored SIGTERM for 15s; killing", p.name)
+		p.kill()
+	}
+	if p.t.Failed() {
+		p.t.Logf("last log lines of %s:\n%s", p.name, p.logs())
+	}
+}
+
+// kill is kill -9.
+func (p *proc) kill() {
+	_ = p.cmd.Process.Kill()
+	<-p.done
+}
+
+// exitCode waits for the process and returns its exit status.
+func (p *proc) exitCode(timeout time.Duration) int {
+	select {
+	case <-p.done:
+		return p.cmd.ProcessState.ExitCode()
+	case <-time.After(timeout):
+		p.t.Fatalf("%s still running after %v", p.name, timeout)
+		return -1
+	}
+}
+
+// gatewayStub starts a stub with PROXY headers required on 127.0.1.<n>.
+func gatewayStub(t *testing.T, n int, port int) *proc {
+	t.Helper()
+	return start(t, "gateway-stub", "--id", fmt.Sprintf("gw-%d", n),
+		"--listen", fmt.Sprintf("127.0.1.%d:%d", n, port), "--proxy-protocol", "require")
+}
+
+// proxyFor starts a proxy over the given gateways, with an admin server.
+func proxyFor(t *testing.T, gws []*proc, extra ...string) *proc {
+	t.Helper()
+	args := []string{"--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"}
+	for i, g := range gws {
+		args = append(args, "--gateway", fmt.Sprintf("gw-%d=%s", i+1, g.addr))
+	}
+	return start(t, "proxy", append(args, extra...)...)
+}
+
+// result is what one client connection saw.
+type result struct {
+	reply stub.Reply
+	raw   []byte // every byte received
+	local *net.TCPAddr
+}
+
+// session connects from the source IP through via with key, reads the reply,
+// checks that a message echoes, and closes with RST (a lost radio link).
+func session(via, from, key string) (result, error) {
+	d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(from)}}
+	c, err := d.Dial("tcp", via)
+	if err != nil {
+		return result{}, err
+	}
+	tc := c.(*net.TCPConn)
+	defer func() { _ = tc.SetLinger(0); tc.Close() }()
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	res := result{local: c.LocalAddr().(*net.TCPAddr)}
+	msg := []byte("echo:" + key + ":" + c.LocalAddr().String())
+	h, err := proto.AppendHello(nil, []byte(key), nil)
+	if err != nil {
+		return res, err
+	}
+	if _, err := c.Write(append(h, msg...)); err != nil {
+		return res, err
+	}
+	rep, raw, err := stub.ReadReply(c)
+	res.raw = raw
+	if err != nil {
+		return res, err
+	}
+	res.reply = rep
+	echo := make([]byte, len(msg))
+	n, err := io.ReadFull(c, echo)
+	res.raw = append(res.raw, echo[:n]...)
+	if err != nil {
+		return res, fmt.Errorf("echo: %w", err)
+	}
+	if !bytes.Equal(echo, msg) {
+		return res, fmt.Errorf("echo %q, want %q", echo, msg)
+	}
+	return res, nil
+}
+
+// metrics scrapes a proxy's /metrics into name{labels} → value.
+func metrics(t *testing.T, p *proc) map[string]float64 {
+	t.Helper()
+	c := http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	resp, err := c.Get("http://" + p.admin + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	out := map[string]float64{}
+	sc := bufio.NewScanner(resp.Body)
+	for sc.Scan() {
+		line := sc.Text()
+		if line == "" || line[0] == '#' {
+			continue
+		}
+		i := strings.LastIndexByte(line, ' ')
+		v, err := strconv.ParseFloat(line[i+1:], 64)
+		if err == nil {
+			out[line[:i]] = v
+		}
+	}
+	return out
+}
+
+// routeOf asks a proxy's admin API for a key's failover order.
+func routeOf(t *testing.T, p *proc, key string) []string {
+	t.Helper()
+	resp, err := http.Get("http://" + p.admin + "/route?key=" + key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	var ans struct {
+		Candidates []string `json:"candidates"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&ans); err != nil {
+		t.Fatal(err)
+	}
+	return ans.Candidates
+}
+
+// waitFor polls cond until it holds or the timeout passes.
+func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(timeout)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", timeout, what)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// parallel runs f(i) for i in [0,n) on w workers.
+func parallel(n, w int, f func(i int)) {
+	var wg sync.WaitGroup
+	next := make(chan int)
+	for range w {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range next {
+				f(i)
+			}
+		}()
+	}
+	for i := range n {
+		next <- i
+	}
+	close(next)
+	wg.Wait()
+}
+
+// fdCounts reads /proc/<pid>/fd: sockets and all descriptors. Go's splice
+// path keeps a pool of pipes that the garbage collector trims on its own
+// schedule, so leaks are judged on sockets exactly and on the total loosely.
+func fdCounts(t *testing.T, p *proc) (sockets, total int) {
+	t.Helper()
+	dir := fmt.Sprintf("/proc/%d/fd", p.cmd.Process.Pid)
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, e := range ents {
+		l, err := os.Readlink(filepath.Join(dir, e.Name()))
+		if err != nil {
+			continue // closed while we looked
+		}
+		total++
+		if strings.HasPrefix(l, "socket:") {
+			sockets++
+		}
+	}
+	return sockets, total
+}
