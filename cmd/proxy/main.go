@@ -95,6 +95,9 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	case o.maxConns < 0:
 		return o, fmt.Errorf("--max-conns %d: want >= 0", o.maxConns)
 	}
+	if _, err := ring.New(o.gateways); err != nil {
+		return o, fmt.Errorf("--gateway: %w", err)
+	}
 	return o, nil
 }
 

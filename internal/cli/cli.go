@@ -33,12 +33,12 @@ func NewLogger(level, format string) (*zap.Logger, error) {
 		cfg.EncoderConfig.EncodeTime = zapcore.ISO8601TimeEncoder
 	case "console":
 		cfg = zap.NewDevelopmentConfig()
-		cfg.DisableStacktrace = true
 		cfg.EncoderConfig.EncodeTime = zapcore.TimeEncoderOfLayout("15:04:05.000")
 	default:
 		return nil, fmt.Errorf("--log-format %q: want json or console", format)
 	}
 	cfg.Level = zap.NewAtomicLevelAt(lvl)
+	cfg.DisableStacktrace = true
 	cfg.DisableCaller = true
 	cfg.OutputPaths = []string{"stderr"}
 	return cfg.Build()

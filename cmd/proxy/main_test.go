@@ -1,0 +1,48 @@
+package main
+
+import (
+	"bytes"
+	"strings"
+	"testing"
+)
+
+func TestFlagErrors(t *testing.T) {
+	gw := []string{"--gateway", "gw-1=127.0.1.1:9000"}
+	tests := []struct {
+		name string
+		args []string
+		want string
+	}{
+		{"no gateways", nil, "no gateways"},
+		{"bad gateway", []string{"--gateway", "nope"}, "ID=HOST:PORT"},
+		{"bad pp mode", append(gw, "--proxy-protocol-out", "v1"), "--proxy-protocol-out"},
+		{"max hello", append(gw, "--max-hello", "2"), "--max-hello"},
+		{"max tries", append(gw, "--max-tries", "0"), "--max-tries"},
+		{"stray arg", append(gw, "extra"), "unexpected argument"},
+		{"bad log level", append(gw, "--log-level", "loud"), "--log-level"},
+		{"duplicate id", []string{"--gateway", "a=h:1", "--gateway", "a=h:2", "--listen", "127.0.0.1:0"}, "duplicate"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var stderr bytes.Buffer
+			code := run(tt.args, &stderr)
+			if code == 0 || !strings.Contains(stderr.String(), tt.want) {
+				t.Fatalf("exit %d, stderr %q, want it to mention %q", code, stderr.String(), tt.want)
+			}
+		})
+	}
+}
+
+func TestHelpListsEveryFlag(t *testing.T) {
+	var stderr bytes.Buffer
+	if code := run([]string{"--help"}, &stderr); code != 0 {
+		t.Fatalf("--help exit %d", code)
+	}
+	for _, f := range []string{"--listen", "--admin", "--gateway", "--proxy-protocol-out", "--handshake-timeout",
+		"--max-hello", "--max-tries", "--dial-timeout", "--gateway-cooldown", "--max-conns", "--drain-timeout",
+		"--log-level", "--log-format"} {
+		if !strings.Contains(stderr.String(), "  "+f+" ") {
+			t.Errorf("--help does not document %s", f)
+		}
+	}
+}
