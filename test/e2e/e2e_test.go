@@ -16,6 +16,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tether-proxy/tether/internal/stub"
 	"github.com/tether-proxy/tether/pkg/proto"
 )
 
@@ -401,4 +402,59 @@ func halfCloseSession(via, from, key string) error {
 		return fmt.Errorf("echo missing: %q", all)
 	}
 	return nil
+}
+
+// TestProxySIGTERM: on SIGTERM the proxy refuses new connections at once,
+// /readyz fails, an open session keeps echoing until it ends on its own, and
+// the process exits 0.
+func TestProxySIGTERM(t *testing.T) {
+	gw := gatewayStub(t, 1, 0)
+	p := proxyFor(t, []*proc{gw}, "--drain-timeout", "20s")
+	c, err := net.Dial("tcp", p.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+	h, _ := proto.AppendHello(nil, []byte("draining"), nil)
+	if _, err := c.Write(h); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := stub.ReadReply(c); err != nil {
+		t.Fatal(err)
+	}
+	if code := httpStatus(t, "http://"+p.admin+"/readyz"); code != 200 {
+		t.Fatalf("readyz %d before SIGTERM", code)
+	}
+	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 5*time.Second, "listener to close", func() bool {
+		nc, err := net.DialTimeout("tcp", p.addr, time.Second)
+		if err != nil {
+			return true
+		}
+		nc.Close()
+		return false
+	})
+	if code := httpStatus(t, "http://"+p.admin+"/readyz"); code != 503 {
+		t.Fatalf("readyz %d while draining, want 503", code)
+	}
+	for i := range 5 {
+		msg := []byte(fmt.Sprintf("still here %d", i))
+		if _, err := c.Write(msg); err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, len(msg))
+		if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, msg) {
+			t.Fatalf("session broken during drain: %q %v", got, err)
+		}
+	}
+	_ = c.(*net.TCPConn).CloseWrite()
+	if _, err := io.ReadAll(c); err != nil {
+		t.Fatal(err)
+	}
+	if code := p.exitCode(10 * time.Second); code != 0 {
+		t.Fatalf("exit code %d", code)
+	}
 }

@@ -343,3 +343,15 @@ func fdCounts(t *testing.T, p *proc) (sockets, total int) {
 	}
 	return sockets, total
 }
+
+// httpStatus GETs url and returns the status code.
+func httpStatus(t *testing.T, url string) int {
+	t.Helper()
+	c := http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	resp, err := c.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	return resp.StatusCode
+}
