@@ -1,0 +1,392 @@
+// Package cluster is tether's gossip membership: gateways and proxies find
+// each other with hashicorp/memberlist, publish who they are in node meta,
+// and proxies turn the live gateway set into ring snapshots.
+//
+// It is the only package that imports memberlist.
+package cluster
+
+import (
+	"context"
+	"fmt"
+	"log"
+	"net"
+	"os"
+	"sort"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+	"go.uber.org/zap"
+)
+
+// Membership is a live view of the gateways in the cluster.
+type Membership interface {
+	// Gateways returns the gateways currently alive, draining ones
+	// included, sorted by ID. Safe for concurrent use; the slice is the
+	// caller's.
+	Gateways() []GatewayInfo
+	// Changes returns a channel that receives a value after membership
+	// changes. Changes are coalesced: one receive may cover many.
+	Changes() <-chan struct{}
+}
+
+// GatewayInfo is one gateway as gossip reports it.
+type GatewayInfo struct {
+	// Node is the memberlist node name.
+	Node string `json:"node"`
+	// ID is the gateway ID keys hash to.
+	ID string `json:"id"`
+	// Addr is the gateway's service address.
+	Addr string `json:"addr"`
+	// Weight is the published weight (the ring uses 0 while draining).
+	Weight float64 `json:"weight"`
+	// State is active or draining.
+	State State `json:"state"`
+}
+
+// Profile names memberlist timing presets.
+const (
+	// ProfileLAN is memberlist's LAN defaults: probe every 1s, a failed
+	// node is declared dead after about 5s in small clusters.
+	ProfileLAN = "lan"
+	// ProfileLocal is memberlist's local-network preset: faster probes
+	// and suspicion (about 3-4s to declare a node dead).
+	ProfileLocal = "local"
+)
+
+// PushPullInterval is how often a node exchanges its full member list with
+// a random peer (memberlist scales it up past 32 nodes). memberlist's
+// default is 30s (LAN) or 15s (local); gossip broadcasts are retransmitted
+// only a few times, so a node that joined while another was joining can
+// miss it until the next push/pull. 5s bounds that window at a cost of one
+// small state exchange per node every 5s.
+const PushPullInterval = 5 * time.Second
+
+// Config configures a Cluster node.
+type Config struct {
+	// NodeName is the unique memberlist name; "" means hostname-PORT with
+	// the gossip port actually bound.
+	NodeName string
+	// BindAddr is the gossip HOST:PORT (TCP and UDP); port 0 picks one.
+	// Ignored when Transport is set.
+	BindAddr string
+	// Join lists seed gossip addresses; empty means this is the first node.
+	// Joining retries with backoff until one answers.
+	Join []string
+	// SecretKey turns on memberlist encryption (AES, 16, 24 or 32
+	// bytes). Nodes with different keys cannot talk.
+	SecretKey []byte
+	// Meta is what this node publishes. Required.
+	Meta Meta
+	// Profile is ProfileLAN (default) or ProfileLocal.
+	Profile string
+	// JoinBackoffMax caps the wait between join attempts; 0 means 5s.
+	JoinBackoffMax time.Duration
+	// Logger receives this package's and memberlist's logs; nil means none.
+	Logger *zap.Logger
+	// Transport replaces the UDP/TCP transport (unit tests use
+	// memberlist.MockNetwork).
+	Transport memberlist.Transport
+}
+
+// Cluster is a running gossip node.
+type Cluster struct {
+	cfg     Config
+	log     *zap.Logger
+	ml      *memberlist.Memberlist
+	changes chan struct{}
+
+	mu       sync.Mutex
+	meta     Meta
+	metaRaw  []byte
+	gateways map[string]GatewayInfo // by node name
+	members  map[string]bool        // alive node names
+	badMeta  map[string]bool        // nodes already warned about
+
+	cancel   context.CancelFunc
+	joinDone chan struct{}
+	joined   chan struct{}
+	once     sync.Once
+}
+
+var _ Membership = (*Cluster)(nil)
+
+// New starts a gossip node and, when cfg.Join is set, keeps trying to join
+// in the background until a seed answers (see Joined).
+func New(cfg Config) (*Cluster, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = zap.NewNop()
+	}
+	raw, err := cfg.Meta.Encode()
+	if err != nil {
+		return nil, err
+	}
+	cfg.Meta.Version = MetaVersion
+	c := &Cluster{
+		cfg:      cfg,
+		log:      cfg.Logger,
+		changes:  make(chan struct{}, 1),
+		meta:     cfg.Meta,
+		metaRaw:  raw,
+		gateways: map[string]GatewayInfo{},
+		members:  map[string]bool{},
+		badMeta:  map[string]bool{},
+		joinDone: make(chan struct{}),
+		joined:   make(chan struct{}),
+	}
+	var mc *memberlist.Config
+	switch cfg.Profile {
+	case "", ProfileLAN:
+		mc = memberlist.DefaultLANConfig()
+	case ProfileLocal:
+		mc = memberlist.DefaultLocalConfig()
+	default:
+		return nil, fmt.Errorf("cluster: profile %q: want lan or local", cfg.Profile)
+	}
+	mc.PushPullInterval = PushPullInterval
+	mc.Logger = log.New(&zapWriter{log: c.log.Named("memberlist")}, "", 0)
+	mc.Delegate = (*delegate)(c)
+	mc.Events = (*events)(c)
+	if len(cfg.SecretKey) > 0 {
+		mc.SecretKey = cfg.SecretKey
+	}
+	if cfg.Transport != nil {
+		mc.Transport = cfg.Transport
+	} else {
+		host, portStr, err := net.SplitHostPort(cfg.BindAddr)
+		if err != nil {
+			return nil, fmt.Errorf("cluster: gossip bind address %q: %w", cfg.BindAddr, err)
+		}
+		port, err := strconv.Atoi(portStr)
+		if err != nil {
+			return nil, fmt.Errorf("cluster: gossip bind port %q: %w", portStr, err)
+		}
+		if host == "" {
+			host = "0.0.0.0"
+		}
+		nt, err := memberlist.NewNetTransport(&memberlist.NetTransportConfig{
+			BindAddrs: []string{host},
+			BindPort:  port,
+			Logger:    mc.Logger,
+		})
+		if err != nil {
+			return nil, fmt.Errorf("cluster: gossip bind %s: %w", cfg.BindAddr, err)
+		}
+		port = nt.GetAutoBindPort()
+		mc.Transport = nt
+		mc.BindAddr, mc.BindPort = host, port
+		mc.AdvertisePort = port
+		if ip := net.ParseIP(host); ip != nil && !ip.IsUnspecified() {
+			mc.AdvertiseAddr = host
+		}
+	}
+	if cfg.NodeName == "" {
+		hn, err := os.Hostname()
+		if err != nil {
+			hn = "tether"
+		}
+		cfg.NodeName = fmt.Sprintf("%s-%d", hn, mc.BindPort)
+	}
+	mc.Name = cfg.NodeName
+	c.cfg = cfg
+	ml, err := memberlist.Create(mc)
+	if err != nil {
+		if mc.Transport != nil && cfg.Transport == nil {
+			_ = mc.Transport.Shutdown()
+		}
+		return nil, fmt.Errorf("cluster: start gossip: %w", err)
+	}
+	c.ml = ml
+	ctx, cancel := context.WithCancel(context.Background())
+	c.cancel = cancel
+	if len(cfg.Join) == 0 {
+		close(c.joined)
+		close(c.joinDone)
+	} else {
+		go c.joinLoop(ctx)
+	}
+	return c, nil
+}
+
+// Name is this node's memberlist name.
+func (c *Cluster) Name() string { return c.cfg.NodeName }
+
+// Addr is the gossip address this node advertises (HOST:PORT).
+func (c *Cluster) Addr() string {
+	n := c.ml.LocalNode()
+	return net.JoinHostPort(n.Addr.String(), strconv.Itoa(int(n.Port)))
+}
+
+// Joined is closed once a seed answered (immediately for a first node).
+func (c *Cluster) Joined() <-chan struct{} { return c.joined }
+
+func (c *Cluster) joinLoop(ctx context.Context) {
+	defer close(c.joinDone)
+	maxBackoff := c.cfg.JoinBackoffMax
+	if maxBackoff <= 0 {
+		maxBackoff = 5 * time.Second
+	}
+	backoff := 100 * time.Millisecond
+	for attempt := 1; ; attempt++ {
+		n, err := c.ml.Join(c.cfg.Join)
+		if n > 0 {
+			c.log.Info("joined cluster", zap.Strings("seeds", c.cfg.Join), zap.Int("contacted", n), zap.Int("attempts", attempt))
+			close(c.joined)
+			return
+		}
+		lvl := zap.DebugLevel
+		if attempt == 1 || attempt%10 == 0 {
+			lvl = zap.WarnLevel
+		}
+		c.log.Check(lvl, "no seed answered; retrying").Write(zap.Strings("seeds", c.cfg.Join),
+			zap.Int("attempt", attempt), zap.Duration("backoff", backoff), zap.Error(err))
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(backoff):
+		}
+		backoff = min(2*backoff, maxBackoff)
+	}
+}
+
+// SetState publishes a new state (and weight) for this gateway node and
+// waits up to timeout for the update to be broadcast. A timeout error means
+// the update was not confirmed yet; it keeps spreading by gossip and
+// push/pull regardless.
+func (c *Cluster) SetState(state State, weight float64, timeout time.Duration) error {
+	c.mu.Lock()
+	m := c.meta
+	m.State, m.Weight = state, weight
+	raw, err := m.Encode()
+	if err != nil {
+		c.mu.Unlock()
+		return err
+	}
+	c.meta, c.metaRaw = m, raw
+	c.mu.Unlock()
+	return c.ml.UpdateNode(timeout)
+}
+
+// Gateways implements Membership.
+func (c *Cluster) Gateways() []GatewayInfo {
+	c.mu.Lock()
+	out := make([]GatewayInfo, 0, len(c.gateways))
+	for _, g := range c.gateways {
+		out = append(out, g)
+	}
+	c.mu.Unlock()
+	sort.Slice(out, func(i, j int) bool {
+		if out[i].ID != out[j].ID {
+			return out[i].ID < out[j].ID
+		}
+		return out[i].Node < out[j].Node
+	})
+	return out
+}
+
+// Changes implements Membership.
+func (c *Cluster) Changes() <-chan struct{} { return c.changes }
+
+// Members is the number of alive nodes this node knows, itself included.
+func (c *Cluster) Members() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return len(c.members)
+}
+
+// Leave tells the cluster this node is going away and waits up to timeout
+// for the message to spread.
+func (c *Cluster) Leave(timeout time.Duration) error {
+	return c.ml.Leave(timeout)
+}
+
+// Shutdown stops gossip without telling anyone (peers will detect the
+// failure); call Leave first for a graceful exit. Idempotent.
+func (c *Cluster) Shutdown() error {
+	var err error
+	c.once.Do(func() {
+		c.cancel()
+		<-c.joinDone
+		err = c.ml.Shutdown()
+	})
+	return err
+}
+
+func (c *Cluster) notify() {
+	select {
+	case c.changes <- struct{}{}:
+	default:
+	}
+}
+
+// delegate answers memberlist's questions about this node. Its methods may
+// be called concurrently and must not block.
+type delegate Cluster
+
+func (d *delegate) NodeMeta(limit int) []byte {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if len(d.metaRaw) > limit { // cannot happen: Encode caps the size
+		return nil
+	}
+	return append([]byte(nil), d.metaRaw...)
+}
+func (d *delegate) NotifyMsg([]byte)                    {}
+func (d *delegate) GetBroadcasts(int, int) [][]byte     { return nil }
+func (d *delegate) LocalState(bool) []byte              { return nil }
+func (d *delegate) MergeRemoteState(buf []byte, _ bool) {}
+
+// events applies memberlist's membership events to the gateway map. The
+// callbacks run on memberlist's goroutines: they only update the map and
+// signal, never call back into memberlist.
+type events Cluster
+
+func (e *events) NotifyJoin(n *memberlist.Node)   { e.upsert(n) }
+func (e *events) NotifyUpdate(n *memberlist.Node) { e.upsert(n) }
+func (e *events) NotifyLeave(n *memberlist.Node) {
+	c := (*Cluster)(e)
+	c.mu.Lock()
+	g, wasGateway := c.gateways[n.Name]
+	delete(c.gateways, n.Name)
+	delete(c.members, n.Name)
+	delete(c.badMeta, n.Name)
+	c.mu.Unlock()
+	if wasGateway {
+		c.log.Info("gateway left", zap.String("node", n.Name), zap.String("id", g.ID))
+	}
+	c.notify()
+}
+
+func (e *events) upsert(n *memberlist.Node) {
+	c := (*Cluster)(e)
+	m, err := DecodeMeta(n.Meta)
+	c.mu.Lock()
+	c.members[n.Name] = true
+	old, had := c.gateways[n.Name]
+	warn := false
+	if err != nil {
+		delete(c.gateways, n.Name)
+		warn = !c.badMeta[n.Name]
+		c.badMeta[n.Name] = true
+	} else if m.Role == RoleGateway {
+		c.gateways[n.Name] = GatewayInfo{Node: n.Name, ID: m.ID, Addr: m.Addr, Weight: m.Weight, State: m.State}
+	} else {
+		delete(c.gateways, n.Name)
+	}
+	now, has := c.gateways[n.Name]
+	c.mu.Unlock()
+	if warn {
+		c.log.Warn("ignoring member with unreadable meta", zap.String("node", n.Name), zap.Error(err))
+	}
+	if has && (!had || old != now) {
+		c.log.Info("gateway update", zap.String("node", n.Name), zap.String("id", now.ID),
+			zap.String("addr", now.Addr), zap.Float64("weight", now.Weight), zap.String("state", string(now.State)))
+	}
+	c.notify()
+}
+
+var (
+	_ memberlist.Delegate      = (*delegate)(nil)
+	_ memberlist.EventDelegate = (*events)(nil)
+)
