@@ -20,6 +20,7 @@ import (
 
 	"github.com/tether-proxy/tether/internal/cli"
 	"github.com/tether-proxy/tether/internal/stub"
+	"github.com/tether-proxy/tether/pkg/cluster"
 )
 
 func main() {
@@ -40,6 +41,9 @@ type options struct {
 	listen, id, proxyProtocol string
 	handshakeTimeout, drain   time.Duration
 	logLevel, logFormat       string
+	advertise                 string
+	weight                    float64
+	gossip                    cli.GossipFlags
 }
 
 func parseFlags(args []string, stderr io.Writer) (options, error) {
@@ -53,6 +57,9 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.DurationVar(&o.drain, "drain-timeout", 10*time.Second, "on SIGTERM/SIGINT, stop accepting and let open sessions run for this `DURATION` before closing them")
 	fs.StringVar(&o.logLevel, "log-level", "info", "`LEVEL`: debug, info, warn or error")
 	fs.StringVar(&o.logFormat, "log-format", "json", "`FORMAT`: json or console")
+	fs.StringVar(&o.advertise, "advertise", "", "service `HOST:PORT` proxies should connect to, published over gossip (default: the --listen address)")
+	fs.Float64Var(&o.weight, "weight", 1, "ring `WEIGHT` published over gossip: a gateway of weight 2 gets twice the keys")
+	o.gossip.Register(fs, "the --id")
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), usageHead)
 		cli.PrintFlags(fs.Output(), fs)
@@ -65,6 +72,12 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	}
 	if o.id == "" {
 		return o, errors.New("--id is required")
+	}
+	if o.weight <= 0 {
+		return o, fmt.Errorf("--weight %v: want > 0", o.weight)
+	}
+	if o.gossip.Bind == "" && (o.gossip.Join != "" || o.gossip.KeyFile != "" || o.gossip.NodeName != "" || o.advertise != "") {
+		return o, errors.New("--join, --node-name, --gossip-key and --advertise need --gossip-bind")
 	}
 	return o, nil
 }
@@ -96,6 +109,16 @@ func run(args []string, stderr io.Writer) int {
 	}
 	log.Info("listening", zap.String("addr", ln.Addr().String()), zap.String("id", o.id), zap.String("proxy_protocol", o.proxyProtocol))
 
+	var node *cluster.Cluster
+	if o.gossip.Bind != "" {
+		node, err = startGossip(o, ln.Addr().String(), log)
+		if err != nil {
+			ln.Close()
+			log.Error("gossip failed to start", zap.Error(err))
+			return 1
+		}
+	}
+
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
 	errc := make(chan error, 1)
@@ -106,12 +129,75 @@ func run(args []string, stderr io.Writer) int {
 		return 1
 	case <-ctx.Done():
 	}
-	stop()
-	log.Info("shutting down: draining open sessions", zap.Int("sessions", srv.Sessions()), zap.Duration("drain_timeout", o.drain))
-	dctx, cancel := context.WithTimeout(context.Background(), o.drain)
-	defer cancel()
-	_ = srv.Shutdown(dctx)
+	stop() // a second signal kills the process the default way
+
+	if node != nil {
+		// Gossip drain: proxies stop sending new keys here but sessions
+		// already open (and keys bound here) keep working until the
+		// drain ends. Then leave the cluster and close what is left.
+		log.Info("draining: published state draining; serving open sessions", zap.Int("sessions", srv.Sessions()), zap.Duration("drain_timeout", o.drain))
+		if err := node.SetState(cluster.StateDraining, o.weight, 5*time.Second); err != nil {
+			log.Warn("draining state not confirmed by a peer yet", zap.Error(err))
+		}
+		time.Sleep(o.drain)
+		if err := node.Leave(5 * time.Second); err != nil {
+			log.Warn("gossip leave not confirmed", zap.Error(err))
+		}
+		_ = node.Shutdown()
+		log.Info("drain over: left the cluster; closing open sessions", zap.Int("sessions", srv.Sessions()))
+		cctx, cancel := context.WithCancel(context.Background())
+		cancel()
+		_ = srv.Shutdown(cctx)
+	} else {
+		log.Info("shutting down: draining open sessions", zap.Int("sessions", srv.Sessions()), zap.Duration("drain_timeout", o.drain))
+		dctx, cancel := context.WithTimeout(context.Background(), o.drain)
+		defer cancel()
+		_ = srv.Shutdown(dctx)
+	}
 	<-errc
 	log.Info("stopped")
 	return 0
+}
+
+// startGossip joins the cluster as a gateway node publishing its service
+// address, weight and state.
+func startGossip(o options, listenAddr string, log *zap.Logger) (*cluster.Cluster, error) {
+	adv := o.advertise
+	if adv == "" {
+		host, _, err := net.SplitHostPort(listenAddr)
+		if err != nil {
+			return nil, err
+		}
+		if ip := net.ParseIP(host); ip == nil || ip.IsUnspecified() {
+			return nil, fmt.Errorf("--listen %s has no specific host: set --advertise HOST:PORT for proxies to connect to", listenAddr)
+		}
+		adv = listenAddr
+	}
+	var key []byte
+	if o.gossip.KeyFile != "" {
+		k, err := cli.ReadGossipKey(o.gossip.KeyFile)
+		if err != nil {
+			return nil, err
+		}
+		key = k
+	}
+	name := o.gossip.NodeName
+	if name == "" {
+		name = o.id
+	}
+	node, err := cluster.New(cluster.Config{
+		NodeName:  name,
+		BindAddr:  o.gossip.Bind,
+		Join:      cli.SplitList(o.gossip.Join),
+		SecretKey: key,
+		Profile:   o.gossip.Profile,
+		Meta:      cluster.Meta{Role: cluster.RoleGateway, ID: o.id, Addr: adv, Weight: o.weight, State: cluster.StateActive},
+		Logger:    log.Named("gossip"),
+	})
+	if err != nil {
+		return nil, err
+	}
+	log.Info("gossip listening", zap.String("addr", node.Addr()), zap.String("node", node.Name()),
+		zap.String("advertise", adv), zap.Float64("weight", o.weight), zap.Bool("encrypted", key != nil))
+	return node, nil
 }

@@ -22,6 +22,7 @@ import (
 
 	"github.com/tether-proxy/tether/internal/cli"
 	"github.com/tether-proxy/tether/pkg/admin"
+	"github.com/tether-proxy/tether/pkg/cluster"
 	"github.com/tether-proxy/tether/pkg/proto"
 	"github.com/tether-proxy/tether/pkg/proxy"
 	"github.com/tether-proxy/tether/pkg/ring"
@@ -41,15 +42,18 @@ type options struct {
 	cooldown, drainTimeout        time.Duration
 	maxHello, maxTries, maxConns  int
 	logLevel, logFormat           string
+	gossip                        cli.GossipFlags
 }
 
 const usageHead = `Usage: proxy --gateway ID=HOST:PORT [--gateway ...] [flags]
+       proxy --gossip-bind HOST:PORT --join SEED[,SEED...] [flags]
 
 tether proxy: reads the session key from each client's first bytes (a hello
 frame: u32 length, version 1, keylen, key, payload), resolves the gateway that
 owns the key on a weighted rendezvous ring, and splices the client to it. Every
 proxy with the same gateway list sends a key to the same gateway, so a client
-that reconnects through any proxy lands where its session lives.
+that reconnects through any proxy lands where its session lives. Gateways come
+from --gateway flags, from gossip (--gossip-bind), or both.
 
 Flags:
 `
@@ -71,6 +75,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.DurationVar(&o.drainTimeout, "drain-timeout", 10*time.Second, "on SIGTERM/SIGINT, stop accepting and let open sessions run for this `DURATION` before closing them")
 	fs.StringVar(&o.logLevel, "log-level", "info", "`LEVEL`: debug, info, warn or error (failed handshakes are logged at debug)")
 	fs.StringVar(&o.logFormat, "log-format", "json", "`FORMAT`: json or console")
+	o.gossip.Register(fs, "hostname-GOSSIPPORT")
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), usageHead)
 		cli.PrintFlags(fs.Output(), fs)
@@ -82,8 +87,10 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 		return o, fmt.Errorf("unexpected argument %q (flags start with --)", fs.Arg(0))
 	}
 	switch {
-	case len(o.gateways) == 0:
-		return o, errors.New("no gateways: give at least one --gateway ID=HOST:PORT")
+	case len(o.gateways) == 0 && o.gossip.Bind == "":
+		return o, errors.New("no gateways: give --gateway ID=HOST:PORT (repeatable), or --gossip-bind HOST:PORT to discover them")
+	case o.gossip.Bind == "" && (o.gossip.Join != "" || o.gossip.KeyFile != "" || o.gossip.NodeName != ""):
+		return o, errors.New("--join, --node-name and --gossip-key need --gossip-bind")
 	case o.proxyProtocolOut != "v2" && o.proxyProtocolOut != "off":
 		return o, fmt.Errorf("--proxy-protocol-out %q: want v2 or off", o.proxyProtocolOut)
 	case o.maxHello < 3 || o.maxHello > 1<<20:
@@ -124,16 +131,17 @@ func run(args []string, stderr io.Writer) int {
 }
 
 func serve(o options, log *zap.Logger) error {
+	var holder ring.Holder
 	r, err := ring.New(o.gateways)
 	if err != nil {
 		return fmt.Errorf("gateway list: %w", err)
 	}
-	var holder ring.Holder
 	holder.Store(r)
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	resolver := &route.RingResolver{Ring: &holder, Candidates: o.maxTries}
+	metrics := proxy.NewMetrics(reg)
 	srv, err := proxy.New(proxy.Config{
 		Resolver:         resolver,
 		Dialer:           &route.Dialer{MaxTries: o.maxTries, DialTimeout: o.dialTimeout, Cooldown: o.cooldown},
@@ -142,7 +150,7 @@ func serve(o options, log *zap.Logger) error {
 		ProxyProtocolOut: o.proxyProtocolOut == "v2",
 		MaxConns:         o.maxConns,
 		Logger:           log.Named("proxy"),
-		Metrics:          proxy.NewMetrics(reg),
+		Metrics:          metrics,
 	})
 	if err != nil {
 		return err
@@ -155,11 +163,42 @@ func serve(o options, log *zap.Logger) error {
 	for _, g := range o.gateways {
 		ids = append(ids, g.ID)
 	}
-	log.Info("listening", zap.String("addr", ln.Addr().String()), zap.Strings("gateways", ids),
+	log.Info("listening", zap.String("addr", ln.Addr().String()), zap.Strings("static_gateways", ids),
 		zap.String("proxy_protocol_out", o.proxyProtocolOut))
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+
+	// Membership: the static list, plus gossip when enabled. Sync keeps
+	// the ring current until the process stops.
+	var members cluster.Membership
+	var node *cluster.Cluster
+	if o.gossip.Bind != "" {
+		node, err = startGossip(o, ln.Addr().String(), log)
+		if err != nil {
+			ln.Close()
+			return err
+		}
+		members = node
+		defer func() {
+			if err := node.Leave(5 * time.Second); err != nil {
+				log.Warn("gossip leave not confirmed", zap.Error(err))
+			}
+			_ = node.Shutdown()
+		}()
+	}
+	syncCtx, stopSync := context.WithCancel(context.Background())
+	syncDone := make(chan struct{})
+	go func() {
+		defer close(syncDone)
+		cluster.Sync(syncCtx, members, o.gateways, &holder, log.Named("ring"), func(r *ring.Ring, gws []cluster.GatewayInfo) {
+			metrics.ObserveRing(r)
+			if node != nil {
+				metrics.ClusterMembers.Set(float64(node.Members()))
+			}
+		})
+	}()
+	defer func() { stopSync(); <-syncDone }()
 
 	var adminSrv *http.Server
 	if o.admin != "" {
@@ -204,4 +243,40 @@ func serve(o options, log *zap.Logger) error {
 	}
 	log.Info("stopped")
 	return nil
+}
+
+// startGossip joins the cluster as a proxy node that publishes its client
+// address.
+func startGossip(o options, listenAddr string, log *zap.Logger) (*cluster.Cluster, error) {
+	var key []byte
+	if o.gossip.KeyFile != "" {
+		k, err := cli.ReadGossipKey(o.gossip.KeyFile)
+		if err != nil {
+			return nil, err
+		}
+		key = k
+	}
+	name := o.gossip.NodeName
+	node, err := cluster.New(cluster.Config{
+		NodeName:  name,
+		BindAddr:  o.gossip.Bind,
+		Join:      cli.SplitList(o.gossip.Join),
+		SecretKey: key,
+		Profile:   o.gossip.Profile,
+		Meta:      cluster.Meta{Role: cluster.RoleProxy, ID: cmpOr(name, "proxy"), Addr: listenAddr},
+		Logger:    log.Named("gossip"),
+	})
+	if err != nil {
+		return nil, err
+	}
+	log.Info("gossip listening", zap.String("addr", node.Addr()), zap.String("node", node.Name()),
+		zap.Strings("join", cli.SplitList(o.gossip.Join)), zap.Bool("encrypted", key != nil))
+	return node, nil
+}
+
+func cmpOr(a, b string) string {
+	if a != "" {
+		return a
+	}
+	return b
 }

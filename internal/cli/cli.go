@@ -4,10 +4,12 @@
 package cli
 
 import (
+	"encoding/base64"
 	"flag"
 	"fmt"
 	"io"
 	"net"
+	"os"
 	"strconv"
 	"strings"
 
@@ -108,4 +110,50 @@ func PrintFlags(w io.Writer, fs *flag.FlagSet) {
 			fmt.Fprintf(w, "        (default %s)\n", f.DefValue)
 		}
 	})
+}
+
+// ReadGossipKey reads a memberlist encryption key file: base64 text (as
+// printed by `openssl rand -base64 32`) or raw bytes, 16, 24 or 32 bytes
+// long after decoding.
+func ReadGossipKey(path string) ([]byte, error) {
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("--gossip-key: %w", err)
+	}
+	text := strings.TrimSpace(string(raw))
+	if k, err := base64.StdEncoding.DecodeString(text); err == nil && validKeyLen(len(k)) {
+		return k, nil
+	}
+	if validKeyLen(len(raw)) {
+		return raw, nil
+	}
+	return nil, fmt.Errorf("--gossip-key %s: want a 16, 24 or 32-byte key, raw or base64 (e.g. openssl rand -base64 32 > %s)", path, path)
+}
+
+func validKeyLen(n int) bool { return n == 16 || n == 24 || n == 32 }
+
+// SplitList splits a comma-separated flag value, dropping empty items.
+func SplitList(s string) []string {
+	var out []string
+	for _, p := range strings.Split(s, ",") {
+		if p = strings.TrimSpace(p); p != "" {
+			out = append(out, p)
+		}
+	}
+	return out
+}
+
+// GossipFlags are the memberlist flags both binaries share.
+type GossipFlags struct {
+	Bind, Join, NodeName, KeyFile, Profile string
+}
+
+// Register adds the gossip flags to fs; nodeNameHelp says what the node name
+// defaults to for this binary.
+func (g *GossipFlags) Register(fs *flag.FlagSet, nodeNameHelp string) {
+	fs.StringVar(&g.Bind, "gossip-bind", "", "join the gossip cluster, listening for memberlist traffic (TCP and UDP) on `HOST:PORT`; gossip is off when empty")
+	fs.StringVar(&g.Join, "join", "", "comma-separated gossip `ADDRS` (HOST:PORT) of nodes already in the cluster; retried with backoff until one answers. The first node needs none")
+	fs.StringVar(&g.NodeName, "node-name", "", "unique gossip `NAME` of this node (default "+nodeNameHelp+"); a node restarted with the same name rejoins in its place")
+	fs.StringVar(&g.KeyFile, "gossip-key", "", "`FILE` holding a 16, 24 or 32-byte AES key (raw or base64) that encrypts gossip; nodes with another key cannot join")
+	fs.StringVar(&g.Profile, "gossip-profile", "lan", "`PROFILE` of memberlist timings: lan (failed node declared dead after ~5s) or local (~3s, more probe traffic)")
 }

@@ -77,7 +77,7 @@ type Config struct {
 	// SecretKey turns on memberlist encryption (AES, 16, 24 or 32
 	// bytes). Nodes with different keys cannot talk.
 	SecretKey []byte
-	// Meta is what this node publishes. Required.
+	// Meta is what this node publishes. An empty ID means the node name.
 	Meta Meta
 	// Profile is ProfileLAN (default) or ProfileLocal.
 	Profile string
@@ -118,17 +118,13 @@ func New(cfg Config) (*Cluster, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
-	raw, err := cfg.Meta.Encode()
-	if err != nil {
-		return nil, err
+	if _, err := cfg.Meta.Encode(); err != nil && cfg.Meta.ID != "" {
+		return nil, err // fail before binding sockets
 	}
-	cfg.Meta.Version = MetaVersion
 	c := &Cluster{
 		cfg:      cfg,
 		log:      cfg.Logger,
 		changes:  make(chan struct{}, 1),
-		meta:     cfg.Meta,
-		metaRaw:  raw,
 		gateways: map[string]GatewayInfo{},
 		members:  map[string]bool{},
 		badMeta:  map[string]bool{},
@@ -189,15 +185,24 @@ func New(cfg Config) (*Cluster, error) {
 		cfg.NodeName = fmt.Sprintf("%s-%d", hn, mc.BindPort)
 	}
 	mc.Name = cfg.NodeName
+	if cfg.Meta.ID == "" {
+		cfg.Meta.ID = cfg.NodeName
+	}
 	c.cfg = cfg
-	ml, err := memberlist.Create(mc)
+	raw, err := cfg.Meta.Encode()
+	if err == nil {
+		cfg.Meta.Version = MetaVersion
+		c.meta, c.metaRaw = cfg.Meta, raw
+		var ml *memberlist.Memberlist
+		ml, err = memberlist.Create(mc)
+		c.ml = ml
+	}
 	if err != nil {
-		if mc.Transport != nil && cfg.Transport == nil {
+		if cfg.Transport == nil {
 			_ = mc.Transport.Shutdown()
 		}
 		return nil, fmt.Errorf("cluster: start gossip: %w", err)
 	}
-	c.ml = ml
 	ctx, cancel := context.WithCancel(context.Background())
 	c.cancel = cancel
 	if len(cfg.Join) == 0 {

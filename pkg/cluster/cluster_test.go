@@ -162,7 +162,9 @@ func TestEventsUpdateRing(t *testing.T) {
 	go func() { defer close(done); Sync(ctx, p, nil, &h, nil, nil) }()
 	t.Cleanup(func() { cancel(); <-done })
 
-	waitFor(t, "3 gateways in the ring", func() bool { return h.Load().Len() == 3 }, func() string { return fmt.Sprintf("proxy sees %v, members %d; gw-1 sees %v", p.Gateways(), p.Members(), gw1.Gateways()) })
+	waitFor(t, "3 gateways in the ring", func() bool { return h.Load().Len() == 3 }, func() string {
+		return fmt.Sprintf("proxy sees %v, members %d; gw-1 sees %v", p.Gateways(), p.Members(), gw1.Gateways())
+	})
 	if p.Members() != 4 {
 		t.Fatalf("proxy knows %d members, want 4", p.Members())
 	}

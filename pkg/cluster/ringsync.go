@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"context"
+	"slices"
 	"time"
 
 	"go.uber.org/zap"
@@ -71,8 +72,10 @@ func Sync(ctx context.Context, m Membership, static []ring.Member, h *ring.Holde
 			log.Error("cannot build ring; keeping the previous one", zap.Error(err))
 			return
 		}
-		h.Store(r)
-		log.Info("ring updated", zap.Int("gateways", len(r.Members())), zap.Int("taking_keys", r.Len()))
+		prev := h.Swap(r)
+		if !slices.Equal(prev.Members(), r.Members()) {
+			log.Info("ring updated", zap.Int("gateways", len(r.Members())), zap.Int("taking_keys", r.Len()))
+		}
 		if onUpdate != nil {
 			onUpdate(r, gws)
 		}

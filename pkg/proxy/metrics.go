@@ -1,6 +1,10 @@
 package proxy
 
-import "github.com/prometheus/client_golang/prometheus"
+import (
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/tether-proxy/tether/pkg/ring"
+)
 
 // Metrics are the proxy's Prometheus instruments. The names are part of the
 // operator contract (docs/operating.md); create them once per process with
@@ -18,6 +22,16 @@ type Metrics struct {
 	Failovers         prometheus.Counter
 	Bytes             *prometheus.CounterVec
 	SessionSeconds    prometheus.Histogram
+	Gateways          *prometheus.GaugeVec
+	ClusterMembers    prometheus.Gauge
+}
+
+// ObserveRing sets the gateway gauges from the ring now in use: members
+// with weight > 0 are active, weight 0 draining.
+func (m *Metrics) ObserveRing(r *ring.Ring) {
+	all := len(r.Members())
+	m.Gateways.WithLabelValues("active").Set(float64(r.Len()))
+	m.Gateways.WithLabelValues("draining").Set(float64(all - r.Len()))
 }
 
 // Handshake failure reasons beyond those of proto.Reason.
@@ -81,11 +95,19 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help:    "Lifetime of spliced sessions.",
 			Buckets: prometheus.ExponentialBuckets(0.01, 4, 12),
 		}),
+		Gateways: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Name: "tether_gateways",
+			Help: "Gateways in the ring now, by state (active takes new keys, draining does not).",
+		}, []string{"state"}),
+		ClusterMembers: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "tether_cluster_members",
+			Help: "Alive gossip members this proxy knows, itself and other proxies included (0 without gossip).",
+		}),
 	}
 	if reg != nil {
 		reg.MustRegister(m.Accepted, m.Active, m.Closed, m.Rejected, m.HandshakeFailures,
 			m.HandshakeSeconds, m.Routes, m.RouteFailures, m.DialFailures, m.Failovers,
-			m.Bytes, m.SessionSeconds)
+			m.Bytes, m.SessionSeconds, m.Gateways, m.ClusterMembers)
 	}
 	return m
 }

@@ -15,3 +15,7 @@ func (h *Holder) Load() *Ring { return h.p.Load() }
 
 // Store makes r the current ring. Safe for concurrent use.
 func (h *Holder) Store(r *Ring) { h.p.Store(r) }
+
+// Swap makes r the current ring and returns the previous one. Safe for
+// concurrent use.
+func (h *Holder) Swap(r *Ring) *Ring { return h.p.Swap(r) }

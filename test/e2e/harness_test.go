@@ -7,6 +7,7 @@ package e2e
 
 import (
 	"bufio"
+	"errors"
 	"bytes"
 	"encoding/json"
 	"fmt"
@@ -57,8 +58,9 @@ type proc struct {
 	t     *testing.T
 	name  string
 	cmd   *exec.Cmd
-	addr  string // from the "listening" line
-	admin string // from the "admin listening" line
+	addr   string // from the "listening" line
+	admin  string // from the "admin listening" line
+	gossip string // from the "gossip listening" line
 	done  chan struct{}
 
 	mu    sync.Mutex
@@ -84,11 +86,12 @@ func start(t *testing.T, name string, args ...string) *proc {
 		t.Fatal(err)
 	}
 	p := &proc{t: t, name: name + " " + strings.Join(args, " "), cmd: cmd, done: make(chan struct{}), ready: make(chan struct{}), seen: map[string]int{}}
-	wantAdmin := false
+	wantAdmin, wantGossip := false, false
 	for _, a := range args {
 		wantAdmin = wantAdmin || a == "--admin"
+		wantGossip = wantGossip || a == "--gossip-bind"
 	}
-	go p.readLogs(stderr, wantAdmin)
+	go p.readLogs(stderr, wantAdmin, wantGossip)
 	go func() { _ = cmd.Wait(); close(p.done) }()
 	t.Cleanup(p.stop)
 	select {
@@ -101,7 +104,7 @@ func start(t *testing.T, name string, args ...string) *proc {
 	return p
 }
 
-func (p *proc) readLogs(r io.Reader, wantAdmin bool) {
+func (p *proc) readLogs(r io.Reader, wantAdmin, wantGossip bool) {
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	signalled := false
@@ -124,8 +127,10 @@ func (p *proc) readLogs(r io.Reader, wantAdmin bool) {
 			p.addr = entry.Addr
 		case "admin listening":
 			p.admin = entry.Addr
+		case "gossip listening":
+			p.gossip = entry.Addr
 		}
-		if !signalled && p.addr != "" && (!wantAdmin || p.admin != "") {
+		if !signalled && p.addr != "" && (!wantAdmin || p.admin != "") && (!wantGossip || p.gossip != "") {
 			signalled = true
 			close(p.ready)
 		}
@@ -355,3 +360,9 @@ func httpStatus(t *testing.T, url string) int {
 	resp.Body.Close()
 	return resp.StatusCode
 }
+
+// sigterm is the signal a supervisor sends to stop a process.
+var sigterm = syscall.SIGTERM
+
+// isReset reports a connection reset by the peer.
+func isReset(err error) bool { return errors.Is(err, syscall.ECONNRESET) }
