@@ -7,9 +7,9 @@ package e2e
 
 import (
 	"bufio"
-	"errors"
 	"bytes"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -55,13 +55,13 @@ func TestMain(m *testing.M) {
 // proc is one running binary. It parses the JSON log lines on stderr and
 // remembers the addresses the process announced.
 type proc struct {
-	t     *testing.T
-	name  string
-	cmd   *exec.Cmd
+	t      *testing.T
+	name   string
+	cmd    *exec.Cmd
 	addr   string // from the "listening" line
 	admin  string // from the "admin listening" line
 	gossip string // from the "gossip listening" line
-	done  chan struct{}
+	done   chan struct{}
 
 	mu    sync.Mutex
 	tail  []string       // last log lines, for failure reports
