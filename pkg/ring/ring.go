@@ -265,3 +265,16 @@ func (r *Ring) LookupN(key []byte, dst []Member) int {
 	}
 	return n
 }
+
+// Member returns the member with the given ID, draining ones included, or
+// false. It allocates nothing.
+func (r *Ring) Member(id string) (Member, bool) {
+	if r == nil {
+		return Member{}, false
+	}
+	i := sort.Search(len(r.all), func(i int) bool { return r.all[i].ID >= id })
+	if i < len(r.all) && r.all[i].ID == id {
+		return r.all[i], true
+	}
+	return Member{}, false
+}

@@ -128,6 +128,12 @@ func TestEmptyAndDraining(t *testing.T) {
 	if len(r.Members()) != 2 || r.Len() != 1 {
 		t.Fatalf("Members %v Len %d", r.Members(), r.Len())
 	}
+	if m, ok := r.Member("d"); !ok || m.Weight != 0 {
+		t.Fatalf("Member(d) = %+v %v", m, ok)
+	}
+	if _, ok := r.Member("zz"); ok {
+		t.Fatal("Member found an unknown id")
+	}
 	for _, k := range keys(100) {
 		if owner(t, r, k) != "a" {
 			t.Fatal("draining member owns a key")

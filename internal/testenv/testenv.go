@@ -1,0 +1,157 @@
+// Package testenv starts the real external programs tests need (redis-server,
+// haproxy, nginx) on loopback ports of their own. When one is missing the
+// test is skipped with a hint, except under CI=true, where it fails: CI must
+// never count a skipped dependency as a pass.
+package testenv
+
+import (
+	"bufio"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// Need returns the path of program, or skips (fails under CI=true) when it
+// is not installed.
+func Need(t testing.TB, program string) string {
+	t.Helper()
+	path, err := exec.LookPath(program)
+	if err == nil {
+		return path
+	}
+	for _, dir := range []string{"/usr/sbin", "/usr/local/sbin", "/sbin"} {
+		if p := dir + "/" + program; isExec(p) {
+			return p
+		}
+	}
+	msg := fmt.Sprintf("%s is not installed (make test installs it: scripts/deps.sh)", program)
+	if os.Getenv("CI") == "true" {
+		t.Fatal(msg)
+	}
+	t.Skip(msg)
+	return ""
+}
+
+func isExec(p string) bool {
+	st, err := os.Stat(p)
+	return err == nil && st.Mode()&0o111 != 0
+}
+
+// FreePort returns a TCP port on ip that was free a moment ago. Programs
+// that cannot listen on port 0 and report it (redis, haproxy, nginx) get
+// one of these; callers retry on the rare collision.
+func FreePort(t testing.TB, ip string) int {
+	t.Helper()
+	ln, err := net.Listen("tcp", net.JoinHostPort(ip, "0"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port
+}
+
+// Redis is a redis-server run by a test.
+type Redis struct {
+	// Addr is HOST:PORT.
+	Addr string
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+// StartRedis runs a throwaway redis-server (no persistence) on a loopback
+// port and waits until it answers PING. It stops when the test ends.
+func StartRedis(t testing.TB) *Redis {
+	t.Helper()
+	bin := Need(t, "redis-server")
+	var lastErr error
+	for range 3 {
+		port := FreePort(t, "127.0.0.1")
+		r := &Redis{Addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), done: make(chan struct{})}
+		r.cmd = exec.Command(bin, "--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--save", "",
+			"--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning")
+		if err := r.cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		go func() { _ = r.cmd.Wait(); close(r.done) }()
+		if lastErr = r.waitPing(10 * time.Second); lastErr == nil {
+			t.Cleanup(r.Kill)
+			return r
+		}
+		r.Kill()
+	}
+	t.Fatalf("redis-server did not start: %v", lastErr)
+	return nil
+}
+
+func (r *Redis) waitPing(timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		if err := r.Ping(); err == nil {
+			return nil
+		} else if time.Now().After(deadline) {
+			return err
+		}
+		select {
+		case <-r.done:
+			return fmt.Errorf("redis-server exited")
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+// Ping sends PING over a fresh connection (RESP inline command).
+func (r *Redis) Ping() error {
+	c, err := net.DialTimeout("tcp", r.Addr, time.Second)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(time.Second))
+	if _, err := c.Write([]byte("PING\r\n")); err != nil {
+		return err
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		return err
+	}
+	if !strings.HasPrefix(line, "+PONG") {
+		return fmt.Errorf("PING answered %q", line)
+	}
+	return nil
+}
+
+// Pause stops the server process (SIGSTOP): connections hang, as with a
+// Redis stuck on a slow command or a network partition.
+func (r *Redis) Pause() { _ = r.cmd.Process.Signal(syscall.SIGSTOP) }
+
+// Resume continues a paused server.
+func (r *Redis) Resume() { _ = r.cmd.Process.Signal(syscall.SIGCONT) }
+
+// Kill stops the server for good (kill -9).
+func (r *Redis) Kill() {
+	_ = r.cmd.Process.Signal(syscall.SIGCONT)
+	_ = r.cmd.Process.Kill()
+	<-r.done
+}
+
+// Restart starts a new server on the same address after Kill.
+func (r *Redis) Restart(t testing.TB) {
+	t.Helper()
+	_, port, _ := net.SplitHostPort(r.Addr)
+	r.done = make(chan struct{})
+	r.cmd = exec.Command(r.cmd.Path, "--port", port, "--bind", "127.0.0.1", "--save", "",
+		"--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning")
+	if err := r.cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = r.cmd.Wait(); close(r.done) }()
+	if err := r.waitPing(10 * time.Second); err != nil {
+		t.Fatalf("redis-server restart: %v", err)
+	}
+}

@@ -1,0 +1,307 @@
+package route
+
+import (
+	"context"
+	"fmt"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/redis/go-redis/v9"
+
+	"github.com/tether-proxy/tether/internal/testenv"
+	"github.com/tether-proxy/tether/pkg/ring"
+)
+
+func holder(t *testing.T, ms ...ring.Member) *ring.Holder {
+	t.Helper()
+	r, err := ring.New(ms)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var h ring.Holder
+	h.Store(r)
+	return &h
+}
+
+func gws(weights ...float64) []ring.Member {
+	out := make([]ring.Member, len(weights))
+	for i, w := range weights {
+		out[i] = ring.Member{ID: fmt.Sprintf("gw-%d", i+1), Addr: fmt.Sprintf("127.0.1.%d:9000", i+1), Weight: w}
+	}
+	return out
+}
+
+// countingHook counts commands (pipelines count once) the client sends.
+type countingHook struct{ n atomic.Int64 }
+
+func (h *countingHook) DialHook(next redis.DialHook) redis.DialHook { return next }
+func (h *countingHook) ProcessHook(next redis.ProcessHook) redis.ProcessHook {
+	return func(ctx context.Context, cmd redis.Cmder) error { h.n.Add(1); return next(ctx, cmd) }
+}
+func (h *countingHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error { h.n.Add(1); return next(ctx, cmds) }
+}
+
+func newClient(t *testing.T, addr string) redis.UniversalClient {
+	t.Helper()
+	c, err := NewRedisClient("redis://"+addr, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+func resolver(t *testing.T, c redis.UniversalClient, h *ring.Holder, ttl time.Duration) *BindingResolver {
+	t.Helper()
+	b, err := NewBindingResolver(BindingConfig{Client: c, Ring: h, TTL: ttl, Timeout: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := b.Preload(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func TestBindingNewKeyAndLiveBinding(t *testing.T) {
+	rd := testenv.StartRedis(t)
+	c := newClient(t, rd.Addr)
+	h := holder(t, gws(1, 1, 1)...)
+	b := resolver(t, c, h, time.Minute)
+	ctx := context.Background()
+
+	rt, err := b.Resolve(ctx, []byte("new-key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rt.Source != SourceRing {
+		t.Fatalf("new key source %s", rt.Source)
+	}
+	if v := c.Get(ctx, BindingKeyPrefix+"new-key").Val(); v != rt.Candidates[0].ID {
+		t.Fatalf("stored %q, routed to %s", v, rt.Candidates[0].ID)
+	}
+
+	// A binding to a live gateway that is not the ring owner wins.
+	owner := rt.Candidates[0].ID
+	other := "gw-1"
+	if owner == other {
+		other = "gw-2"
+	}
+	c.Set(ctx, BindingKeyPrefix+"new-key", other, time.Minute)
+	rt, err = b.Resolve(ctx, []byte("new-key"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rt.Source != SourceBinding || rt.Candidates[0].ID != other || len(rt.Candidates) != 3 {
+		t.Fatalf("route %+v, want binding to %s first", rt, other)
+	}
+	seen := map[string]bool{}
+	for _, g := range rt.Candidates {
+		if seen[g.ID] {
+			t.Fatalf("duplicate candidate %s", g.ID)
+		}
+		seen[g.ID] = true
+	}
+}
+
+func TestBindingTTLRefresh(t *testing.T) {
+	rd := testenv.StartRedis(t)
+	c := newClient(t, rd.Addr)
+	b := resolver(t, c, holder(t, gws(1, 1)...), 30*time.Second)
+	ctx := context.Background()
+	key := BindingKeyPrefix + "k"
+	if _, err := b.Resolve(ctx, []byte("k")); err != nil {
+		t.Fatal(err)
+	}
+	if ttl := c.PTTL(ctx, key).Val(); ttl < 25*time.Second || ttl > 30*time.Second {
+		t.Fatalf("TTL after bind %v", ttl)
+	}
+	c.PExpire(ctx, key, 2*time.Second)
+	if _, err := b.Resolve(ctx, []byte("k")); err != nil {
+		t.Fatal(err)
+	}
+	if ttl := c.PTTL(ctx, key).Val(); ttl < 25*time.Second {
+		t.Fatalf("TTL not refreshed on connect: %v", ttl)
+	}
+}
+
+// TestBindingRace: two proxies with different ring views (weights differ,
+// so their ring owners differ for many keys) race on 1,000 new keys; both
+// must end up routing every key to the same gateway.
+func TestBindingRace(t *testing.T) {
+	rd := testenv.StartRedis(t)
+	a := resolver(t, newClient(t, rd.Addr), holder(t, gws(1, 1, 1)...), time.Minute)
+	bv := resolver(t, newClient(t, rd.Addr), holder(t, gws(3, 1, 1)...), time.Minute)
+	ctx := context.Background()
+	disagreeRing := 0
+	ra, rb := holder(t, gws(1, 1, 1)...).Load(), holder(t, gws(3, 1, 1)...).Load()
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	var bad []string
+	for i := range 1000 {
+		key := []byte(fmt.Sprintf("race-%d", i))
+		oa, _ := ra.Lookup(key)
+		ob, _ := rb.Lookup(key)
+		if oa.ID != ob.ID {
+			disagreeRing++
+		}
+		var ga, gb string
+		wg.Add(2)
+		go func() { defer wg.Done(); r, _ := a.Resolve(ctx, key); ga = r.Candidates[0].ID }()
+		go func() { defer wg.Done(); r, _ := bv.Resolve(ctx, key); gb = r.Candidates[0].ID }()
+		wg.Wait()
+		if ga != gb {
+			mu.Lock()
+			bad = append(bad, fmt.Sprintf("%s: %s vs %s", key, ga, gb))
+			mu.Unlock()
+		}
+	}
+	if len(bad) > 0 {
+		t.Fatalf("%d keys disagree, e.g. %v", len(bad), bad[0])
+	}
+	if disagreeRing < 100 {
+		t.Fatalf("only %d keys had different ring owners: the race proved little", disagreeRing)
+	}
+	t.Logf("1000 keys raced; %d had different ring owners on the two proxies; all agree", disagreeRing)
+}
+
+// TestBindingRebind: a binding to a dead or draining gateway moves to the
+// ring owner; a stale proxy cannot overwrite a binding that moved meanwhile.
+func TestBindingRebind(t *testing.T) {
+	rd := testenv.StartRedis(t)
+	c := newClient(t, rd.Addr)
+	ms := gws(1, 1, 1)
+	ms[1].Weight = 0 // gw-2 draining
+	h := holder(t, ms...)
+	b := resolver(t, c, h, time.Minute)
+	ctx := context.Background()
+	for _, dead := range []string{"gw-gone", "gw-2"} {
+		c.Set(ctx, BindingKeyPrefix+"k", dead, time.Minute)
+		rt, err := b.Resolve(ctx, []byte("k"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		owner, _ := h.Load().Lookup([]byte("k"))
+		if rt.Candidates[0].ID != owner.ID || rt.Source != SourceRing {
+			t.Fatalf("bound to %s: route %+v, want ring owner %s", dead, rt, owner.ID)
+		}
+		if v := c.Get(ctx, BindingKeyPrefix+"k").Val(); v != owner.ID {
+			t.Fatalf("binding %q after rebind from %s", v, dead)
+		}
+	}
+	// Stale proxy: it still believes the binding is "gw-gone" but another
+	// proxy moved it to gw-3; the compare-and-set must keep gw-3.
+	c.Set(ctx, BindingKeyPrefix+"s", "gw-3", time.Minute)
+	cur, err := rebindScript.Run(ctx, c, []string{BindingKeyPrefix + "s"}, "gw-gone", "gw-1", 60000).Text()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cur != "gw-3" || c.Get(ctx, BindingKeyPrefix+"s").Val() != "gw-3" {
+		t.Fatalf("stale CAS overwrote a fresh binding: %q", cur)
+	}
+}
+
+// TestBindingOneRoundTrip counts what a resolve sends: one command from the
+// client, one EVALSHA on the server, for new keys and live bindings alike.
+func TestBindingOneRoundTrip(t *testing.T) {
+	rd := testenv.StartRedis(t)
+	c := newClient(t, rd.Addr)
+	hook := &countingHook{}
+	c.AddHook(hook)
+	b := resolver(t, c, holder(t, gws(1, 1, 1)...), time.Minute)
+	ctx := context.Background()
+	admin := newClient(t, rd.Addr)
+	evalsha := func() int {
+		info := admin.Info(ctx, "commandstats").Val()
+		for _, line := range strings.Split(info, "\n") {
+			if strings.HasPrefix(line, "cmdstat_evalsha:calls=") {
+				n, _ := strconv.Atoi(strings.SplitN(strings.TrimPrefix(line, "cmdstat_evalsha:calls="), ",", 2)[0])
+				return n
+			}
+		}
+		return 0
+	}
+	const n = 200
+	for pass, what := range []string{"new keys", "existing bindings"} {
+		before, sent := evalsha(), hook.n.Load()
+		for i := range n {
+			if _, err := b.Resolve(ctx, []byte(fmt.Sprintf("rt-%d", i))); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if got := evalsha() - before; got != n {
+			t.Fatalf("pass %d (%s): %d EVALSHA for %d resolves", pass, what, got, n)
+		}
+		if got := hook.n.Load() - sent; got != n {
+			t.Fatalf("pass %d (%s): client sent %d commands for %d resolves", pass, what, got, n)
+		}
+	}
+}
+
+// TestBindingRedisDown: with Redis gone every resolve still answers from the
+// ring; when it returns, bindings are used again by the same resolver.
+func TestBindingRedisDown(t *testing.T) {
+	rd := testenv.StartRedis(t)
+	c, err := NewRedisClient("redis://"+rd.Addr, 50*time.Millisecond)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	var errs atomic.Int64
+	h := holder(t, gws(1, 1, 1)...)
+	b, err := NewBindingResolver(BindingConfig{Client: c, Ring: h, OnError: func(error) { errs.Add(1) }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	if rt, err := b.Resolve(ctx, []byte("k")); err != nil || rt.Source != SourceRing {
+		t.Fatalf("%+v %v", rt, err)
+	}
+	rd.Kill()
+	for i := range 50 {
+		rt, err := b.Resolve(ctx, []byte(fmt.Sprintf("down-%d", i)))
+		if err != nil || rt.Source != SourceFallback || len(rt.Candidates) == 0 {
+			t.Fatalf("with Redis down: %+v %v", rt, err)
+		}
+	}
+	if errs.Load() == 0 {
+		t.Fatal("no Redis error reported")
+	}
+	rd.Restart(t)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		rt, err := b.Resolve(ctx, []byte("k"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rt.Source != SourceFallback {
+			break // Redis used again: new binding (ring) after the restart wiped data
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("resolver never used Redis again after it came back")
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+func TestNewRedisClientURLs(t *testing.T) {
+	for _, u := range []string{"redis://127.0.0.1:6379/0", "redis://h:1?master_name=m&addr=h:2", "redis+cluster://h:1?addr=h:2"} {
+		c, err := NewRedisClient(u, 0)
+		if err != nil {
+			t.Errorf("%s: %v", u, err)
+			continue
+		}
+		c.Close()
+	}
+	if _, err := NewRedisClient("http://x", 0); err == nil {
+		t.Error("http URL accepted")
+	}
+	if _, err := NewBindingResolver(BindingConfig{}); err == nil {
+		t.Error("empty config accepted")
+	}
+}
