@@ -4,7 +4,7 @@ BIN      := bin
 BINARIES := $(BIN)/proxy $(BIN)/gateway-stub $(BIN)/tether-client
 export CGO_ENABLED ?= 1
 
-.PHONY: all build demo test test-unit test-e2e lint fuzz bench-ring clean
+.PHONY: all build deps demo test test-unit test-e2e lint fuzz bench-ring clean
 
 all: build
 
@@ -20,8 +20,13 @@ FORCE:
 demo: build
 	./scripts/demo.sh
 
-## test: lint, unit tests with -race, then end-to-end tests with real processes.
-test: lint test-unit test-e2e
+## deps: install redis-server, haproxy and nginx (Debian packages) when missing.
+deps:
+	./scripts/deps.sh
+
+## test: lint, unit tests with -race, then end-to-end tests with real processes
+## (real redis-server, haproxy and nginx, installed by deps when missing).
+test: deps lint test-unit test-e2e
 
 test-unit:
 	$(GO) test -race -count=1 ./...

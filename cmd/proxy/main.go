@@ -11,6 +11,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"os"
 	"os/signal"
 	"syscall"
@@ -43,6 +44,10 @@ type options struct {
 	maxHello, maxTries, maxConns  int
 	logLevel, logFormat           string
 	gossip                        cli.GossipFlags
+	proxyProtocolIn, trusted      string
+	trustedPrefixes               []netip.Prefix
+	redisURL                      string
+	bindingTTL, redisTimeout      time.Duration
 }
 
 const usageHead = `Usage: proxy --gateway ID=HOST:PORT [--gateway ...] [flags]
@@ -66,6 +71,11 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.admin, "admin", "", "serve the admin HTTP API on `HOST:PORT` (/metrics, /healthz, /readyz, /route?key=); off when empty.\nIt answers with gateway addresses: bind it to loopback or a private network")
 	fs.Var(&o.gateways, "gateway", "a gateway as `ID=HOST:PORT[,weight=W]`; repeat for each gateway.\nThe ID is what keys hash to: keep it stable when the address changes. weight=0 drains the gateway (no keys)")
 	fs.StringVar(&o.proxyProtocolOut, "proxy-protocol-out", "v2", "`MODE` toward gateways: v2 sends a PROXY v2 header with the client address and the key (TLV 0xE0); off sends nothing extra")
+	fs.StringVar(&o.proxyProtocolIn, "proxy-protocol-in", proxy.ProxyInOff, "`MODE` for PROXY headers from the load balancer: off (the TCP peer is the client), optional (use a header from a trusted peer when present) or require (only trusted peers, always with a header). A header from any other peer is rejected")
+	fs.StringVar(&o.trusted, "trusted-proxies", "", "comma-separated `CIDRS` (or addresses) of load balancers whose PROXY headers are believed; required with --proxy-protocol-in optional|require")
+	fs.StringVar(&o.redisURL, "redis", "", "Redis `URL` for key→gateway bindings (redis://host:port/db; ?master_name=M for Sentinel; redis+cluster://host:port for Cluster). Bindings keep sessions on their gateway while the fleet changes; off when empty")
+	fs.DurationVar(&o.bindingTTL, "binding-ttl", route.DefaultBindingTTL, "a binding lives this `DURATION` after the key's last connect")
+	fs.DurationVar(&o.redisTimeout, "redis-timeout", route.DefaultRedisTimeout, "bound on the Redis work of one connect (`DURATION`); slower or down Redis means routing by the ring")
 	fs.DurationVar(&o.handshakeTimeout, "handshake-timeout", proxy.DefaultHandshakeTimeout, "the whole hello must arrive within this `DURATION`, or the client is closed without a reply")
 	fs.IntVar(&o.maxHello, "max-hello", proto.DefaultMaxHello, "largest hello frame length in `BYTES`; longer frames are closed without a reply")
 	fs.IntVar(&o.maxTries, "max-tries", route.DefaultMaxTries, "try up to `N` gateways per connection, in failover order")
@@ -105,6 +115,30 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	if _, err := ring.New(o.gateways); err != nil {
 		return o, fmt.Errorf("--gateway: %w", err)
 	}
+	switch o.proxyProtocolIn {
+	case proxy.ProxyInOff:
+	case proxy.ProxyInOptional, proxy.ProxyInRequire:
+		p, err := proxy.ParsePrefixes(o.trusted)
+		if err != nil {
+			return o, fmt.Errorf("--trusted-proxies: %w", err)
+		}
+		if len(p) == 0 {
+			return o, fmt.Errorf("--proxy-protocol-in %s needs --trusted-proxies (the load balancers' addresses)", o.proxyProtocolIn)
+		}
+		o.trustedPrefixes = p
+	default:
+		return o, fmt.Errorf("--proxy-protocol-in %q: want off, optional or require", o.proxyProtocolIn)
+	}
+	if o.redisURL != "" {
+		if o.bindingTTL <= 0 || o.redisTimeout <= 0 {
+			return o, errors.New("--binding-ttl and --redis-timeout must be > 0")
+		}
+		c, err := route.NewRedisClient(o.redisURL, o.redisTimeout)
+		if err != nil {
+			return o, err
+		}
+		c.Close()
+	}
 	return o, nil
 }
 
@@ -140,8 +174,29 @@ func serve(o options, log *zap.Logger) error {
 
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	resolver := &route.RingResolver{Ring: &holder, Candidates: o.maxTries}
 	metrics := proxy.NewMetrics(reg)
+	var resolver route.Resolver = &route.RingResolver{Ring: &holder, Candidates: o.maxTries}
+	if o.redisURL != "" {
+		rc, err := route.NewRedisClient(o.redisURL, o.redisTimeout)
+		if err != nil {
+			return err
+		}
+		defer rc.Close()
+		br, err := route.NewBindingResolver(route.BindingConfig{
+			Client: rc, Ring: &holder, Candidates: o.maxTries, TTL: o.bindingTTL, Timeout: o.redisTimeout,
+			Logger:  log.Named("redis"),
+			OnError: func(error) { metrics.RedisErrors.Inc() },
+		})
+		if err != nil {
+			return err
+		}
+		if err := br.Preload(context.Background()); err != nil {
+			log.Warn("redis not reachable at start: routing by the ring until it answers", zap.Error(err))
+		} else {
+			log.Info("redis bindings on", zap.Duration("binding_ttl", o.bindingTTL), zap.Duration("redis_timeout", o.redisTimeout))
+		}
+		resolver = br
+	}
 	srv, err := proxy.New(proxy.Config{
 		Resolver:         resolver,
 		Dialer:           &route.Dialer{MaxTries: o.maxTries, DialTimeout: o.dialTimeout, Cooldown: o.cooldown},
@@ -155,16 +210,21 @@ func serve(o options, log *zap.Logger) error {
 	if err != nil {
 		return err
 	}
-	ln, err := net.Listen("tcp", o.listen)
+	tcpLn, err := net.Listen("tcp", o.listen)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
+	}
+	ln, err := proxy.ProxyProtocolListener(tcpLn, o.proxyProtocolIn, o.trustedPrefixes, o.handshakeTimeout, metrics, log.Named("proxy"))
+	if err != nil {
+		tcpLn.Close()
+		return err
 	}
 	ids := make([]string, 0, len(o.gateways))
 	for _, g := range o.gateways {
 		ids = append(ids, g.ID)
 	}
 	log.Info("listening", zap.String("addr", ln.Addr().String()), zap.Strings("static_gateways", ids),
-		zap.String("proxy_protocol_out", o.proxyProtocolOut))
+		zap.String("proxy_protocol_in", o.proxyProtocolIn), zap.String("proxy_protocol_out", o.proxyProtocolOut))
 
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()

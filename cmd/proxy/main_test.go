@@ -20,6 +20,11 @@ func TestFlagErrors(t *testing.T) {
 		{"max tries", append(gw, "--max-tries", "0"), "--max-tries"},
 		{"stray arg", append(gw, "extra"), "unexpected argument"},
 		{"bad log level", append(gw, "--log-level", "loud"), "--log-level"},
+		{"pp-in without trusted", append(gw, "--proxy-protocol-in", "require"), "--trusted-proxies"},
+		{"pp-in bad mode", append(gw, "--proxy-protocol-in", "maybe"), "--proxy-protocol-in"},
+		{"bad trusted", append(gw, "--proxy-protocol-in", "optional", "--trusted-proxies", "10.0.0.0/99"), "--trusted-proxies"},
+		{"bad redis url", append(gw, "--redis", "http://x"), "--redis"},
+		{"gossip flag without bind", append(gw, "--join", "127.0.0.1:7946"), "--gossip-bind"},
 		{"duplicate id", []string{"--gateway", "a=h:1", "--gateway", "a=h:2", "--listen", "127.0.0.1:0"}, "duplicate"},
 	}
 	for _, tt := range tests {
@@ -40,7 +45,8 @@ func TestHelpListsEveryFlag(t *testing.T) {
 	}
 	for _, f := range []string{"--listen", "--admin", "--gateway", "--proxy-protocol-out", "--handshake-timeout",
 		"--max-hello", "--max-tries", "--dial-timeout", "--gateway-cooldown", "--max-conns", "--drain-timeout",
-		"--log-level", "--log-format"} {
+		"--log-level", "--log-format", "--proxy-protocol-in", "--trusted-proxies", "--redis", "--binding-ttl",
+		"--redis-timeout", "--gossip-bind", "--join", "--node-name", "--gossip-key", "--gossip-profile"} {
 		if !strings.Contains(stderr.String(), "  "+f+" ") {
 			t.Errorf("--help does not document %s", f)
 		}

@@ -24,6 +24,7 @@ type Metrics struct {
 	SessionSeconds    prometheus.Histogram
 	Gateways          *prometheus.GaugeVec
 	ClusterMembers    prometheus.Gauge
+	RedisErrors       prometheus.Counter
 }
 
 // ObserveRing sets the gateway gauges from the ring now in use: members
@@ -59,7 +60,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}),
 		Rejected: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tether_connections_rejected_total",
-			Help: "Connections closed before the handshake by a limit (reason=max_conns) or shutdown.",
+			Help: "Connections closed before the handshake: max_conns, shutdown, untrusted_peer (PROXY header required from trusted peers only).",
 		}, []string{"reason"}),
 		HandshakeFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tether_handshake_failures_total",
@@ -72,7 +73,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}),
 		Routes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tether_routes_total",
-			Help: "Keys resolved, by where the owner came from (ring, binding).",
+			Help: "Keys resolved, by where the owner came from: binding (Redis), ring (new or rebound key, or no Redis), fallback (Redis failed: ring).",
 		}, []string{"source"}),
 		RouteFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tether_route_failures_total",
@@ -99,6 +100,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "tether_gateways",
 			Help: "Gateways in the ring now, by state (active takes new keys, draining does not).",
 		}, []string{"state"}),
+		RedisErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tether_redis_errors_total",
+			Help: "Failed Redis binding calls; each connection they hit was routed by the ring (routes_total{source=\"fallback\"}).",
+		}),
 		ClusterMembers: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "tether_cluster_members",
 			Help: "Alive gossip members this proxy knows, itself and other proxies included (0 without gossip).",
@@ -107,7 +112,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	if reg != nil {
 		reg.MustRegister(m.Accepted, m.Active, m.Closed, m.Rejected, m.HandshakeFailures,
 			m.HandshakeSeconds, m.Routes, m.RouteFailures, m.DialFailures, m.Failovers,
-			m.Bytes, m.SessionSeconds, m.Gateways, m.ClusterMembers)
+			m.Bytes, m.SessionSeconds, m.Gateways, m.ClusterMembers, m.RedisErrors)
 	}
 	return m
 }

@@ -281,12 +281,20 @@ func (s *Server) handle(c net.Conn) {
 	}()
 	id := s.nextID.Add(1)
 
+	if err := c.SetReadDeadline(start.Add(s.cfg.HandshakeTimeout)); err != nil {
+		s.handshakeFailed(c, id, reasonReadError, err)
+		return
+	}
+	if err := readProxyHeader(c); err != nil {
+		s.handshakeFailed(c, id, headerReason(err), err)
+		return
+	}
 	bufp := s.pool.Get().(*[]byte)
 	defer s.pool.Put(bufp)
 	buf := *bufp
 	n, key, err := s.readKey(c, buf[headroom:])
 	if err != nil {
-		s.handshakeFailed(c, id, err)
+		s.handshakeFailed(c, id, keyReason(err), err)
 		return
 	}
 	keyHash := ring.KeyHash(key)
@@ -317,12 +325,9 @@ func (s *Server) handle(c net.Conn) {
 }
 
 // readKey reads until the extractor finds the key, within the handshake
-// timeout and the buffer. It returns how many bytes were read (all of which
-// are forwarded) and the key, which aliases buf.
+// deadline already set and the buffer. It returns how many bytes were read
+// (all of which are forwarded) and the key, which aliases buf.
 func (s *Server) readKey(c net.Conn, buf []byte) (int, []byte, error) {
-	if err := c.SetReadDeadline(time.Now().Add(s.cfg.HandshakeTimeout)); err != nil {
-		return 0, nil, fmt.Errorf("%s: %w", reasonReadError, err)
-	}
 	n := 0
 	for {
 		m, rerr := c.Read(buf[n:])
@@ -344,16 +349,21 @@ func (s *Server) readKey(c net.Conn, buf []byte) (int, []byte, error) {
 	}
 }
 
-func (s *Server) handshakeFailed(c net.Conn, id uint64, err error) {
-	reason := proto.Reason(err)
-	switch {
+// keyReason labels a failure to read the key.
+func keyReason(err error) string {
+	switch reason := proto.Reason(err); {
 	case errors.Is(err, os.ErrDeadlineExceeded):
-		reason = reasonTimeout
+		return reasonTimeout
 	case errors.Is(err, io.EOF):
-		reason = reasonEOF
+		return reasonEOF
 	case reason == "other":
-		reason = reasonReadError
+		return reasonReadError
+	default:
+		return reason
 	}
+}
+
+func (s *Server) handshakeFailed(c net.Conn, id uint64, reason string, err error) {
 	s.m.HandshakeFailures.WithLabelValues(reason).Inc()
 	if ce := s.log.Check(zap.DebugLevel, "handshake failed; closing client without a reply"); ce != nil {
 		ce.Write(zap.Uint64("conn", id), zap.String("client", c.RemoteAddr().String()),
@@ -455,10 +465,8 @@ func pipe(ses *session, dst, src net.Conn, reason string) int64 {
 		ses.abort(reason)
 		return n
 	}
-	if cw, ok := dst.(interface{ CloseWrite() error }); ok {
-		if cw.CloseWrite() == nil {
-			return n
-		}
+	if tc := rawTCP(dst); tc != nil && tc.CloseWrite() == nil {
+		return n
 	}
 	ses.abort(reason)
 	return n

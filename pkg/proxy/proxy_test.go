@@ -53,6 +53,12 @@ type harness struct {
 // start runs a proxy on loopback over the given gateways.
 func start(t *testing.T, cfg Config, gws ...ring.Member) *harness {
 	t.Helper()
+	return startWrapped(t, cfg, nil, gws...)
+}
+
+// startWrapped is start with a listener wrapper (PROXY protocol in).
+func startWrapped(t *testing.T, cfg Config, wrap func(net.Listener, *Metrics) net.Listener, gws ...ring.Member) *harness {
+	t.Helper()
 	h := &harness{ring: &ring.Holder{}, m: NewMetrics(nil)}
 	r, err := ring.New(gws)
 	if err != nil {
@@ -73,6 +79,9 @@ func start(t *testing.T, cfg Config, gws ...ring.Member) *harness {
 		t.Fatal(err)
 	}
 	h.addr = ln.Addr().String()
+	if wrap != nil {
+		ln = wrap(ln, h.m)
+	}
 	done := make(chan error, 1)
 	go func() { done <- h.srv.Serve(ln) }()
 	t.Cleanup(func() {

@@ -200,7 +200,14 @@ func gatewayStub(t *testing.T, n int, port int) *proc {
 // proxyFor starts a proxy over the given gateways, with an admin server.
 func proxyFor(t *testing.T, gws []*proc, extra ...string) *proc {
 	t.Helper()
-	args := []string{"--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"}
+	return proxyAt(t, "127.0.0.1:0", "127.0.0.1:0", gws, extra...)
+}
+
+// proxyAt is proxyFor on given listen and admin addresses (to restart a
+// proxy where a load balancer expects it).
+func proxyAt(t *testing.T, listen, admin string, gws []*proc, extra ...string) *proc {
+	t.Helper()
+	args := []string{"--listen", listen, "--admin", admin}
 	for i, g := range gws {
 		args = append(args, "--gateway", fmt.Sprintf("gw-%d=%s", i+1, g.addr))
 	}

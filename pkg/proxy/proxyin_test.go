@@ -1,0 +1,127 @@
+package proxy
+
+import (
+	"errors"
+	"io"
+	"net"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/tether-proxy/tether/internal/stub"
+	"github.com/tether-proxy/tether/pkg/proto"
+	"github.com/tether-proxy/tether/pkg/ring"
+)
+
+func TestParsePrefixes(t *testing.T) {
+	ps, err := ParsePrefixes("10.0.0.0/8, 127.0.0.1,::1")
+	if err != nil || len(ps) != 3 || ps[1].Bits() != 32 || ps[2].Bits() != 128 {
+		t.Fatalf("%v %v", ps, err)
+	}
+	for _, bad := range []string{"10.0.0.0/33", "nope", "1.2.3.4/x"} {
+		if _, err := ParsePrefixes(bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+}
+
+func TestProxyProtocolListenerConfig(t *testing.T) {
+	ln, _ := net.Listen("tcp", "127.0.0.1:0")
+	defer ln.Close()
+	if _, err := ProxyProtocolListener(ln, ProxyInRequire, nil, time.Second, nil, nil); err == nil {
+		t.Fatal("require without trusted proxies accepted")
+	}
+	if _, err := ProxyProtocolListener(ln, "sometimes", nil, time.Second, nil, nil); err == nil {
+		t.Fatal("bad mode accepted")
+	}
+	if got, err := ProxyProtocolListener(ln, ProxyInOff, nil, time.Second, nil, nil); err != nil || got != ln {
+		t.Fatal("off must return the listener unchanged")
+	}
+}
+
+// TestProxyProtocolIn: the client address the gateway learns comes from a
+// PROXY header only when a trusted peer sent it; every other header is
+// refused with zero bytes, and a spoofed address never reaches a gateway.
+func TestProxyProtocolIn(t *testing.T) {
+	gw := gateway(t, "gw-1", stub.ProxyRequire)
+	spoofed := &net.TCPAddr{IP: net.IPv4(6, 6, 6, 6), Port: 666}
+	header := func(t *testing.T) []byte {
+		b, err := proto.AppendProxyV2(nil, spoofed, &net.TCPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 443}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	local, _ := proto.AppendProxyV2(nil, &net.UnixAddr{}, &net.TCPAddr{}, nil)
+	garbage := append([]byte("\r\n\r\n\x00\r\nQUIT\n"), 0x21, 0x11, 0, 3, 1, 2, 3)
+	tests := []struct {
+		name    string
+		mode    string
+		trusted string
+		prefix  []byte
+		client  string // expected client in the reply; "" means rejected
+		reason  string // handshake failure or rejection reason
+	}{
+		{"require, trusted, header", ProxyInRequire, "127.0.0.1", nil, "6.6.6.6:666", ""},
+		{"require, trusted, no header", ProxyInRequire, "127.0.0.1", []byte{}, "", reasonHeaderMissing},
+		{"require, trusted, LOCAL header", ProxyInRequire, "127.0.0.1", local, "peer", ""},
+		{"require, trusted, broken header", ProxyInRequire, "127.0.0.1", garbage, "", reasonHeaderInvalid},
+		{"require, untrusted", ProxyInRequire, "10.9.9.9", nil, "", "untrusted_peer"},
+		{"optional, untrusted, header", ProxyInOptional, "10.9.9.9", nil, "", reasonHeaderUntrusted},
+		{"optional, untrusted, no header", ProxyInOptional, "10.9.9.9", []byte{}, "peer", ""},
+		{"optional, trusted, header", ProxyInOptional, "127.0.0.0/8", nil, "6.6.6.6:666", ""},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			trusted, err := ParsePrefixes(tt.trusted)
+			if err != nil {
+				t.Fatal(err)
+			}
+			cfg := DefaultConfig()
+			cfg.HandshakeTimeout = time.Second
+			h := startWrapped(t, cfg, func(ln net.Listener, m *Metrics) net.Listener {
+				w, err := ProxyProtocolListener(ln, tt.mode, trusted, time.Second, m, nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				return w
+			}, ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
+			prefix := tt.prefix
+			if prefix == nil {
+				prefix = header(t)
+			}
+			c := dial(t, h.addr)
+			if _, err := c.Write(append(append([]byte{}, prefix...), hello(t, "k", "")...)); err != nil && tt.client != "" {
+				t.Fatal(err)
+			}
+			if tt.client == "" {
+				got, err := io.ReadAll(c)
+				if len(got) != 0 {
+					t.Fatalf("rejected client got %q", got)
+				}
+				if err != nil && !errors.Is(err, syscall.ECONNRESET) {
+					t.Fatal(err)
+				}
+				counter := h.m.HandshakeFailures.WithLabelValues(tt.reason)
+				if tt.reason == "untrusted_peer" {
+					counter = h.m.Rejected.WithLabelValues(tt.reason)
+				}
+				waitFor(t, func() bool { return testutil.ToFloat64(counter) == 1 })
+				return
+			}
+			rep, _, err := stub.ReadReply(c)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := tt.client
+			if want == "peer" {
+				want = c.LocalAddr().String()
+			}
+			if rep.Client != want {
+				t.Fatalf("gateway saw %s, want %s", rep.Client, want)
+			}
+		})
+	}
+}

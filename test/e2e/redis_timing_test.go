@@ -1,0 +1,69 @@
+//go:build e2e
+
+package e2e
+
+import (
+	"context"
+	"fmt"
+	"testing"
+	"time"
+
+	"github.com/tether-proxy/tether/internal/testenv"
+	"github.com/tether-proxy/tether/pkg/ring"
+	"github.com/tether-proxy/tether/pkg/route"
+)
+
+// TestRedisPausedFallbackLatency: with Redis frozen (SIGSTOP), every lookup
+// still returns from the ring within --redis-timeout (50ms) plus a little:
+// at most 60ms each. Lookups spaced past the retry window each pay the
+// timeout; lookups in between skip Redis.
+func TestRedisPausedFallbackLatency(t *testing.T) {
+	rd := testenv.StartRedis(t)
+	c, err := route.NewRedisClient("redis://"+rd.Addr, route.DefaultRedisTimeout)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	r, err := ring.New([]ring.Member{{ID: "gw-1", Addr: "127.0.1.1:1", Weight: 1}, {ID: "gw-2", Addr: "127.0.1.2:1", Weight: 1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var h ring.Holder
+	h.Store(r)
+	b, err := route.NewBindingResolver(route.BindingConfig{Client: c, Ring: &h})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	for i := range 20 { // warm the connection pool and script cache
+		if _, err := b.Resolve(ctx, []byte(fmt.Sprint("warm-", i))); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rd.Pause()
+	defer rd.Resume()
+	var worst time.Duration
+	timed := 0
+	for i := range 6 {
+		for j := range 50 {
+			start := time.Now()
+			rt, err := b.Resolve(ctx, []byte(fmt.Sprintf("paused-%d-%d", i, j)))
+			d := time.Since(start)
+			if err != nil || rt.Source != route.SourceFallback || len(rt.Candidates) == 0 {
+				t.Fatalf("paused Redis: %+v %v", rt, err)
+			}
+			if d > 60*time.Millisecond {
+				t.Fatalf("lookup took %v with Redis paused, want ≤ 60ms", d)
+			}
+			if d >= 45*time.Millisecond {
+				timed++
+			}
+			worst = max(worst, d)
+		}
+		time.Sleep(600 * time.Millisecond) // past the retry window: the next lookup tries Redis again
+	}
+	if timed < 5 {
+		t.Fatalf("only %d lookups waited for the timeout: Redis was not retried", timed)
+	}
+	t.Logf("Redis paused: 300 lookups, all from the ring; %d waited for the 50ms timeout, worst %v", timed, worst.Round(100*time.Microsecond))
+}
