@@ -91,7 +91,7 @@ func run(args []string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "gateway-stub: %v\nRun gateway-stub --help for the flags.\n", err)
 		return 2
 	}
-	log, err := cli.NewLogger(o.logLevel, o.logFormat)
+	log, _, err := cli.NewLogger(o.logLevel, o.logFormat)
 	if err != nil {
 		fmt.Fprintf(stderr, "gateway-stub: %v\n", err)
 		return 2

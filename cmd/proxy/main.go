@@ -1,6 +1,7 @@
 // Command proxy is the tether proxy: it reads a session key from each
-// client's first bytes, picks the owning gateway on a weighted rendezvous
-// ring, and splices the client to it. See README.md and --help.
+// client's first bytes, picks the owning gateway (a Redis binding or a
+// weighted rendezvous ring over the gateways it knows), and splices the
+// client to it. See README.md and --help.
 package main
 
 import (
@@ -14,6 +15,7 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"sort"
 	"syscall"
 	"time"
 
@@ -31,52 +33,61 @@ import (
 )
 
 func main() {
-	os.Exit(run(os.Args[1:], os.Stderr))
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 
-// options are the parsed flags.
+// options are the parsed flags (and config file).
 type options struct {
-	listen, admin                 string
-	gateways                      cli.GatewayList
-	proxyProtocolOut              string
-	handshakeTimeout, dialTimeout time.Duration
-	cooldown, drainTimeout        time.Duration
-	maxHello, maxTries, maxConns  int
-	logLevel, logFormat           string
-	gossip                        cli.GossipFlags
-	proxyProtocolIn, trusted      string
-	trustedPrefixes               []netip.Prefix
-	redisURL                      string
-	bindingTTL, redisTimeout      time.Duration
+	config, listen, admin, adminToken string
+	checkConfig                       bool
+	gateways                          cli.GatewayList
+	proxyProtocolOut                  string
+	handshakeTimeout, dialTimeout     time.Duration
+	cooldown, drainTimeout            time.Duration
+	maxHello, maxTries, maxConns      int
+	logLevel, logFormat               string
+	gossip                            cli.GossipFlags
+	proxyProtocolIn, trusted          string
+	trustedPrefixes                   []netip.Prefix
+	redisURL                          string
+	bindingTTL, redisTimeout          time.Duration
 }
 
 const usageHead = `Usage: proxy --gateway ID=HOST:PORT [--gateway ...] [flags]
        proxy --gossip-bind HOST:PORT --join SEED[,SEED...] [flags]
+       proxy --config FILE [--check-config] [flags]
 
 tether proxy: reads the session key from each client's first bytes (a hello
 frame: u32 length, version 1, keylen, key, payload), resolves the gateway that
-owns the key on a weighted rendezvous ring, and splices the client to it. Every
-proxy with the same gateway list sends a key to the same gateway, so a client
-that reconnects through any proxy lands where its session lives. Gateways come
-from --gateway flags, from gossip (--gossip-bind), or both.
+owns the key (a Redis binding, else a weighted rendezvous ring), and splices
+the client to it. Every proxy with the same gateways sends a key to the same
+gateway, so a client that reconnects through any proxy lands where its session
+lives. Gateways come from --gateway flags, from gossip (--gossip-bind), or both.
+
+Every flag can also be set in the --config YAML file, under its name without
+the dashes (listen: ":7000", gateway: [ "gw-1=10.0.1.1:9000" ],
+handshake-timeout: "5s"); flags on the command line win. SIGHUP re-reads the
+file's gateway list and log level without dropping sessions.
 
 Flags:
 `
 
-func parseFlags(args []string, stderr io.Writer) (options, error) {
-	var o options
+func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs := flag.NewFlagSet("proxy", flag.ContinueOnError)
 	fs.SetOutput(stderr)
+	fs.StringVar(&o.config, "config", "", "read flags from this YAML `FILE` (keys are flag names without dashes; command-line flags win)")
+	fs.BoolVar(&o.checkConfig, "check-config", false, "validate the flags and --config file, print the result and exit (0 valid, 2 invalid), like haproxy -c")
 	fs.StringVar(&o.listen, "listen", ":7000", "accept clients on `HOST:PORT`")
-	fs.StringVar(&o.admin, "admin", "", "serve the admin HTTP API on `HOST:PORT` (/metrics, /healthz, /readyz, /route?key=); off when empty.\nIt answers with gateway addresses: bind it to loopback or a private network")
-	fs.Var(&o.gateways, "gateway", "a gateway as `ID=HOST:PORT[,weight=W]`; repeat for each gateway.\nThe ID is what keys hash to: keep it stable when the address changes. weight=0 drains the gateway (no keys)")
+	fs.StringVar(&o.admin, "admin", "", "serve the admin HTTP API on `HOST:PORT` (/metrics, /healthz, /readyz, /route?key=, /gateways, POST /gateways/ID/drain|undrain); off when empty.\nIt must be a loopback address unless --admin-token is set")
+	fs.StringVar(&o.adminToken, "admin-token", "", "bearer `TOKEN` required by /route, /gateways and the drain endpoints (/metrics, /healthz, /readyz stay open); allows a non-loopback --admin. Prefer the config file to keep it out of ps")
+	fs.Var(&o.gateways, "gateway", "a gateway as `ID=HOST:PORT[,weight=W]`; repeat for each gateway.\nThe ID is what keys hash to: keep it stable when the address changes. weight=0 drains the gateway (no new keys)")
 	fs.StringVar(&o.proxyProtocolOut, "proxy-protocol-out", "v2", "`MODE` toward gateways: v2 sends a PROXY v2 header with the client address and the key (TLV 0xE0); off sends nothing extra")
-	fs.StringVar(&o.proxyProtocolIn, "proxy-protocol-in", proxy.ProxyInOff, "`MODE` for PROXY headers from the load balancer: off (the TCP peer is the client), optional (use a header from a trusted peer when present) or require (only trusted peers, always with a header). A header from any other peer is rejected")
+	fs.StringVar(&o.proxyProtocolIn, "proxy-protocol-in", proxy.ProxyInOff, "`MODE` for PROXY headers (v1 or v2) from the load balancer: off (the TCP peer is the client), optional (use a header from a trusted peer when present) or require (only trusted peers, always with a header). A header from any other peer is rejected")
 	fs.StringVar(&o.trusted, "trusted-proxies", "", "comma-separated `CIDRS` (or addresses) of load balancers whose PROXY headers are believed; required with --proxy-protocol-in optional|require")
 	fs.StringVar(&o.redisURL, "redis", "", "Redis `URL` for key→gateway bindings (redis://host:port/db; ?master_name=M for Sentinel; redis+cluster://host:port for Cluster). Bindings keep sessions on their gateway while the fleet changes; off when empty")
 	fs.DurationVar(&o.bindingTTL, "binding-ttl", route.DefaultBindingTTL, "a binding lives this `DURATION` after the key's last connect")
 	fs.DurationVar(&o.redisTimeout, "redis-timeout", route.DefaultRedisTimeout, "bound on the Redis work of one connect (`DURATION`); slower or down Redis means routing by the ring")
-	fs.DurationVar(&o.handshakeTimeout, "handshake-timeout", proxy.DefaultHandshakeTimeout, "the whole hello must arrive within this `DURATION`, or the client is closed without a reply")
+	fs.DurationVar(&o.handshakeTimeout, "handshake-timeout", proxy.DefaultHandshakeTimeout, "the PROXY header and whole hello must arrive within this `DURATION`, or the client is closed without a reply")
 	fs.IntVar(&o.maxHello, "max-hello", proto.DefaultMaxHello, "largest hello frame length in `BYTES`; longer frames are closed without a reply")
 	fs.IntVar(&o.maxTries, "max-tries", route.DefaultMaxTries, "try up to `N` gateways per connection, in failover order")
 	fs.DurationVar(&o.dialTimeout, "dial-timeout", route.DefaultDialTimeout, "give up on a gateway connection attempt after this `DURATION`")
@@ -90,59 +101,92 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 		fmt.Fprint(fs.Output(), usageHead)
 		cli.PrintFlags(fs.Output(), fs)
 	}
+	return fs
+}
+
+// parseFlags parses the command line, applies the config file under it, and
+// validates the result.
+func parseFlags(args []string, stderr io.Writer) (options, error) {
+	var o options
+	fs := newFlagSet(&o, stderr)
 	if err := fs.Parse(args); err != nil {
 		return o, err
 	}
 	if fs.NArg() > 0 {
 		return o, fmt.Errorf("unexpected argument %q (flags start with --)", fs.Arg(0))
 	}
+	if o.config != "" {
+		if err := cli.ApplyConfig(fs, o.config, cli.SetOnCommandLine(fs), "config", "check-config"); err != nil {
+			return o, err
+		}
+	}
+	return o, o.validate()
+}
+
+func (o *options) validate() error {
 	switch {
 	case len(o.gateways) == 0 && o.gossip.Bind == "":
-		return o, errors.New("no gateways: give --gateway ID=HOST:PORT (repeatable), or --gossip-bind HOST:PORT to discover them")
+		return errors.New("no gateways: give --gateway ID=HOST:PORT (repeatable), or --gossip-bind HOST:PORT to discover them")
 	case o.gossip.Bind == "" && (o.gossip.Join != "" || o.gossip.KeyFile != "" || o.gossip.NodeName != ""):
-		return o, errors.New("--join, --node-name and --gossip-key need --gossip-bind")
+		return errors.New("--join, --node-name and --gossip-key need --gossip-bind")
 	case o.proxyProtocolOut != "v2" && o.proxyProtocolOut != "off":
-		return o, fmt.Errorf("--proxy-protocol-out %q: want v2 or off", o.proxyProtocolOut)
+		return fmt.Errorf("--proxy-protocol-out %q: want v2 or off", o.proxyProtocolOut)
 	case o.maxHello < 3 || o.maxHello > 1<<20:
-		return o, fmt.Errorf("--max-hello %d: want 3..1048576", o.maxHello)
+		return fmt.Errorf("--max-hello %d: want 3..1048576", o.maxHello)
 	case o.maxTries < 1:
-		return o, fmt.Errorf("--max-tries %d: want >= 1", o.maxTries)
+		return fmt.Errorf("--max-tries %d: want >= 1", o.maxTries)
 	case o.handshakeTimeout <= 0 || o.dialTimeout <= 0:
-		return o, errors.New("--handshake-timeout and --dial-timeout must be > 0")
+		return errors.New("--handshake-timeout and --dial-timeout must be > 0")
 	case o.maxConns < 0:
-		return o, fmt.Errorf("--max-conns %d: want >= 0", o.maxConns)
+		return fmt.Errorf("--max-conns %d: want >= 0", o.maxConns)
 	}
-	if _, err := ring.New(o.gateways); err != nil {
-		return o, fmt.Errorf("--gateway: %w", err)
+	if _, err := cli.ParseLevel(o.logLevel); err != nil {
+		return err
+	}
+	if o.logFormat != "json" && o.logFormat != "console" {
+		return fmt.Errorf("--log-format %q: want json or console", o.logFormat)
+	}
+	if _, err := cluster.BuildRing(o.gateways, nil, nil); err != nil {
+		return fmt.Errorf("--gateway: %w", err)
 	}
 	switch o.proxyProtocolIn {
 	case proxy.ProxyInOff:
 	case proxy.ProxyInOptional, proxy.ProxyInRequire:
 		p, err := proxy.ParsePrefixes(o.trusted)
 		if err != nil {
-			return o, fmt.Errorf("--trusted-proxies: %w", err)
+			return fmt.Errorf("--trusted-proxies: %w", err)
 		}
 		if len(p) == 0 {
-			return o, fmt.Errorf("--proxy-protocol-in %s needs --trusted-proxies (the load balancers' addresses)", o.proxyProtocolIn)
+			return fmt.Errorf("--proxy-protocol-in %s needs --trusted-proxies (the load balancers' addresses)", o.proxyProtocolIn)
 		}
 		o.trustedPrefixes = p
 	default:
-		return o, fmt.Errorf("--proxy-protocol-in %q: want off, optional or require", o.proxyProtocolIn)
+		return fmt.Errorf("--proxy-protocol-in %q: want off, optional or require", o.proxyProtocolIn)
 	}
 	if o.redisURL != "" {
 		if o.bindingTTL <= 0 || o.redisTimeout <= 0 {
-			return o, errors.New("--binding-ttl and --redis-timeout must be > 0")
+			return errors.New("--binding-ttl and --redis-timeout must be > 0")
 		}
 		c, err := route.NewRedisClient(o.redisURL, o.redisTimeout)
 		if err != nil {
-			return o, err
+			return err
 		}
 		c.Close()
 	}
-	return o, nil
+	if o.admin != "" {
+		if err := admin.CheckBind(o.admin, o.adminToken); err != nil {
+			return fmt.Errorf("--admin: %w", err)
+		}
+	}
+	if o.gossip.KeyFile != "" {
+		if _, err := cli.ReadGossipKey(o.gossip.KeyFile); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
-func run(args []string, stderr io.Writer) int {
+func run(args []string, stdout, stderr io.Writer) int {
 	o, err := parseFlags(args, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
@@ -151,30 +195,98 @@ func run(args []string, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "proxy: %v\nRun proxy --help for the flags.\n", err)
 		return 2
 	}
-	log, err := cli.NewLogger(o.logLevel, o.logFormat)
+	if o.checkConfig {
+		src := "flags"
+		if o.config != "" {
+			src = o.config
+		}
+		fmt.Fprintf(stdout, "configuration valid (%s): %d static gateways, gossip %s, redis %s, proxy protocol in %s\n",
+			src, len(o.gateways), onOff(o.gossip.Bind != ""), onOff(o.redisURL != ""), o.proxyProtocolIn)
+		return 0
+	}
+	log, level, err := cli.NewLogger(o.logLevel, o.logFormat)
 	if err != nil {
 		fmt.Fprintf(stderr, "proxy: %v\n", err)
 		return 2
 	}
 	defer func() { _ = log.Sync() }()
-	if err := serve(o, log); err != nil {
+	if err := serve(args, o, log, level, stderr); err != nil {
 		log.Error("proxy stopped", zap.Error(err))
 		return 1
 	}
 	return 0
 }
 
-func serve(o options, log *zap.Logger) error {
-	var holder ring.Holder
-	r, err := ring.New(o.gateways)
-	if err != nil {
-		return fmt.Errorf("gateway list: %w", err)
+func onOff(b bool) string {
+	if b {
+		return "on"
 	}
-	holder.Store(r)
+	return "off"
+}
 
+// serve runs the proxy until SIGTERM/SIGINT. args are kept so SIGHUP can
+// re-read the config file exactly as at start.
+func serve(args []string, o options, log *zap.Logger, level zap.AtomicLevel, stderr io.Writer) error {
+	var holder ring.Holder
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	metrics := proxy.NewMetrics(reg)
+
+	tcpLn, err := net.Listen("tcp", o.listen)
+	if err != nil {
+		return fmt.Errorf("listen: %w", err)
+	}
+	ln, err := proxy.ProxyProtocolListener(tcpLn, o.proxyProtocolIn, o.trustedPrefixes, o.handshakeTimeout, metrics, log.Named("proxy"))
+	if err != nil {
+		tcpLn.Close()
+		return err
+	}
+	defer ln.Close()
+
+	// Membership: the static list, gossip when enabled, and operator
+	// drains; the Syncer keeps the ring current.
+	var members cluster.Membership
+	var node *cluster.Cluster
+	if o.gossip.Bind != "" {
+		if node, err = startGossip(o, tcpLn.Addr().String(), log); err != nil {
+			return err
+		}
+		members = node
+		defer func() {
+			if err := node.Leave(5 * time.Second); err != nil {
+				log.Warn("gossip leave not confirmed", zap.Error(err))
+			}
+			_ = node.Shutdown()
+		}()
+	}
+	syncer, err := cluster.NewSyncer(members, o.gateways, &holder, log.Named("ring"), func(r *ring.Ring) {
+		metrics.ObserveRing(r)
+		if node != nil {
+			metrics.ClusterMembers.Set(float64(node.Members()))
+		}
+	})
+	if err != nil {
+		return fmt.Errorf("gateway list: %w", err)
+	}
+	syncCtx, stopSync := context.WithCancel(context.Background())
+	syncDone := make(chan struct{})
+	go func() { defer close(syncDone); syncer.Run(syncCtx) }()
+	defer func() { stopSync(); <-syncDone }()
+
+	dialer := &route.Dialer{MaxTries: o.maxTries, DialTimeout: o.dialTimeout, Cooldown: o.cooldown}
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "tether_gateways_unreachable",
+		Help: "Gateways in the ring this proxy is skipping after a failed connection attempt (--gateway-cooldown).",
+	}, func() float64 {
+		n := 0
+		for _, m := range holder.Load().Members() {
+			if dialer.CoolingDown(m.ID) {
+				n++
+			}
+		}
+		return float64(n)
+	}))
+
 	var resolver route.Resolver = &route.RingResolver{Ring: &holder, Candidates: o.maxTries}
 	if o.redisURL != "" {
 		rc, err := route.NewRedisClient(o.redisURL, o.redisTimeout)
@@ -197,9 +309,10 @@ func serve(o options, log *zap.Logger) error {
 		}
 		resolver = br
 	}
+
 	srv, err := proxy.New(proxy.Config{
 		Resolver:         resolver,
-		Dialer:           &route.Dialer{MaxTries: o.maxTries, DialTimeout: o.dialTimeout, Cooldown: o.cooldown},
+		Dialer:           dialer,
 		Extractor:        proto.HelloExtractor{MaxLen: o.maxHello},
 		HandshakeTimeout: o.handshakeTimeout,
 		ProxyProtocolOut: o.proxyProtocolOut == "v2",
@@ -210,61 +323,14 @@ func serve(o options, log *zap.Logger) error {
 	if err != nil {
 		return err
 	}
-	tcpLn, err := net.Listen("tcp", o.listen)
-	if err != nil {
-		return fmt.Errorf("listen: %w", err)
-	}
-	ln, err := proxy.ProxyProtocolListener(tcpLn, o.proxyProtocolIn, o.trustedPrefixes, o.handshakeTimeout, metrics, log.Named("proxy"))
-	if err != nil {
-		tcpLn.Close()
-		return err
-	}
-	ids := make([]string, 0, len(o.gateways))
-	for _, g := range o.gateways {
-		ids = append(ids, g.ID)
-	}
-	log.Info("listening", zap.String("addr", ln.Addr().String()), zap.Strings("static_gateways", ids),
-		zap.String("proxy_protocol_in", o.proxyProtocolIn), zap.String("proxy_protocol_out", o.proxyProtocolOut))
-
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
-
-	// Membership: the static list, plus gossip when enabled. Sync keeps
-	// the ring current until the process stops.
-	var members cluster.Membership
-	var node *cluster.Cluster
-	if o.gossip.Bind != "" {
-		node, err = startGossip(o, ln.Addr().String(), log)
-		if err != nil {
-			ln.Close()
-			return err
-		}
-		members = node
-		defer func() {
-			if err := node.Leave(5 * time.Second); err != nil {
-				log.Warn("gossip leave not confirmed", zap.Error(err))
-			}
-			_ = node.Shutdown()
-		}()
-	}
-	syncCtx, stopSync := context.WithCancel(context.Background())
-	syncDone := make(chan struct{})
-	go func() {
-		defer close(syncDone)
-		cluster.Sync(syncCtx, members, o.gateways, &holder, log.Named("ring"), func(r *ring.Ring, gws []cluster.GatewayInfo) {
-			metrics.ObserveRing(r)
-			if node != nil {
-				metrics.ClusterMembers.Set(float64(node.Members()))
-			}
-		})
-	}()
-	defer func() { stopSync(); <-syncDone }()
+	log.Info("listening", zap.String("addr", tcpLn.Addr().String()), zap.Int("static_gateways", len(o.gateways)),
+		zap.String("proxy_protocol_in", o.proxyProtocolIn), zap.String("proxy_protocol_out", o.proxyProtocolOut),
+		zap.Int("max_conns", o.maxConns))
 
 	var adminSrv *http.Server
 	if o.admin != "" {
 		aln, err := net.Listen("tcp", o.admin)
 		if err != nil {
-			ln.Close()
 			return fmt.Errorf("admin listen: %w", err)
 		}
 		adminSrv = &http.Server{
@@ -272,10 +338,22 @@ func serve(o options, log *zap.Logger) error {
 				Gatherer: reg,
 				Resolver: resolver,
 				Ready:    func() bool { return !srv.Closing() && holder.Load().Len() > 0 },
+				Gateways: func() []admin.GatewayStatus { return gatewayStatus(&holder, syncer, dialer, srv) },
+				Drain: func(id string, drain bool) error {
+					if err := syncer.SetDrained(id, drain); err != nil {
+						if errors.Is(err, cluster.ErrUnknownGateway) {
+							return fmt.Errorf("%w: %s", admin.ErrUnknownGateway, id)
+						}
+						return err
+					}
+					log.Info("admin drain", zap.String("gateway", id), zap.Bool("drained", drain))
+					return nil
+				},
+				Token: o.adminToken,
 			}),
 			ReadHeaderTimeout: 5 * time.Second,
 		}
-		log.Info("admin listening", zap.String("addr", aln.Addr().String()))
+		log.Info("admin listening", zap.String("addr", aln.Addr().String()), zap.Bool("token", o.adminToken != ""))
 		go func() {
 			if err := adminSrv.Serve(aln); !errors.Is(err, http.ErrServerClosed) {
 				log.Error("admin server stopped", zap.Error(err))
@@ -283,15 +361,27 @@ func serve(o options, log *zap.Logger) error {
 		}()
 	}
 
+	stopSig := make(chan os.Signal, 2)
+	signal.Notify(stopSig, syscall.SIGINT, syscall.SIGTERM)
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
+
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
-	select {
-	case err := <-errc:
-		return fmt.Errorf("serve: %w", err)
-	case <-ctx.Done():
+	for stopping := false; !stopping; {
+		select {
+		case err := <-errc:
+			return fmt.Errorf("serve: %w", err)
+		case <-hup:
+			reload(args, o, syncer, level, log, stderr)
+		case sig := <-stopSig:
+			log.Info("shutting down: draining open sessions", zap.String("signal", sig.String()),
+				zap.Int("sessions", srv.Active()), zap.Duration("drain_timeout", o.drainTimeout))
+			stopping = true
+		}
 	}
-	stop() // a second signal kills the process the default way
-	log.Info("shutting down: draining open sessions", zap.Int("sessions", srv.Active()), zap.Duration("drain_timeout", o.drainTimeout))
+	signal.Stop(stopSig) // a second signal kills the process the default way
 	dctx, cancel := context.WithTimeout(context.Background(), o.drainTimeout)
 	defer cancel()
 	if err := srv.Shutdown(dctx); err != nil {
@@ -305,8 +395,54 @@ func serve(o options, log *zap.Logger) error {
 	return nil
 }
 
-// startGossip joins the cluster as a proxy node that publishes its client
-// address.
+// reload re-reads the config file (flags on the command line still win) and
+// applies what can change without a restart: the static gateway list and
+// the log level. Anything invalid leaves the running configuration as is.
+func reload(args []string, old options, syncer *cluster.Syncer, level zap.AtomicLevel, log *zap.Logger, stderr io.Writer) {
+	if old.config == "" {
+		log.Warn("SIGHUP ignored: no --config file to reload")
+		return
+	}
+	o, err := parseFlags(args, stderr)
+	if err != nil {
+		log.Error("SIGHUP: config invalid; keeping the running configuration", zap.String("config", old.config), zap.Error(err))
+		return
+	}
+	if err := syncer.SetStatic(o.gateways); err != nil {
+		log.Error("SIGHUP: gateway list rejected; keeping the running one", zap.Error(err))
+		return
+	}
+	lvl, _ := cli.ParseLevel(o.logLevel)
+	level.SetLevel(lvl)
+	ids := make([]string, 0, len(o.gateways))
+	for _, g := range o.gateways {
+		ids = append(ids, g.ID)
+	}
+	log.Info("SIGHUP: reloaded gateway list and log level", zap.String("config", old.config),
+		zap.Strings("static_gateways", ids), zap.String("log_level", o.logLevel))
+}
+
+// gatewayStatus assembles /gateways from the ring, the sources, the dialer
+// and the sessions.
+func gatewayStatus(h *ring.Holder, syncer *cluster.Syncer, d *route.Dialer, srv *proxy.Server) []admin.GatewayStatus {
+	sources, states, sessions := syncer.Sources(), syncer.States(), srv.SessionsByGateway()
+	var out []admin.GatewayStatus
+	for _, m := range h.Load().Members() {
+		st := admin.GatewayStatus{
+			ID: m.ID, Addr: m.Addr, Weight: m.Weight, State: string(cluster.StateActive),
+			Live: !d.CoolingDown(m.ID), Source: sources[m.ID], AdminDrained: syncer.Drained(m.ID),
+			ActiveSessions: sessions[m.ID],
+		}
+		if m.Weight == 0 || states[m.ID] == cluster.StateDraining || st.AdminDrained {
+			st.State = string(cluster.StateDraining)
+		}
+		out = append(out, st)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	return out
+}
+
+// startGossip joins the cluster as a proxy node.
 func startGossip(o options, listenAddr string, log *zap.Logger) (*cluster.Cluster, error) {
 	var key []byte
 	if o.gossip.KeyFile != "" {
@@ -316,14 +452,13 @@ func startGossip(o options, listenAddr string, log *zap.Logger) (*cluster.Cluste
 		}
 		key = k
 	}
-	name := o.gossip.NodeName
 	node, err := cluster.New(cluster.Config{
-		NodeName:  name,
+		NodeName:  o.gossip.NodeName,
 		BindAddr:  o.gossip.Bind,
 		Join:      cli.SplitList(o.gossip.Join),
 		SecretKey: key,
 		Profile:   o.gossip.Profile,
-		Meta:      cluster.Meta{Role: cluster.RoleProxy, ID: cmpOr(name, "proxy"), Addr: listenAddr},
+		Meta:      cluster.Meta{Role: cluster.RoleProxy, Addr: listenAddr},
 		Logger:    log.Named("gossip"),
 	})
 	if err != nil {
@@ -332,11 +467,4 @@ func startGossip(o options, listenAddr string, log *zap.Logger) (*cluster.Cluste
 	log.Info("gossip listening", zap.String("addr", node.Addr()), zap.String("node", node.Name()),
 		zap.Strings("join", cli.SplitList(o.gossip.Join)), zap.Bool("encrypted", key != nil))
 	return node, nil
-}
-
-func cmpOr(a, b string) string {
-	if a != "" {
-		return a
-	}
-	return b
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"io"
 	"strings"
 	"testing"
 )
@@ -25,12 +26,14 @@ func TestFlagErrors(t *testing.T) {
 		{"bad trusted", append(gw, "--proxy-protocol-in", "optional", "--trusted-proxies", "10.0.0.0/99"), "--trusted-proxies"},
 		{"bad redis url", append(gw, "--redis", "http://x"), "--redis"},
 		{"gossip flag without bind", append(gw, "--join", "127.0.0.1:7946"), "--gossip-bind"},
+		{"public admin without token", append(gw, "--admin", "0.0.0.0:7100"), "--admin-token"},
+		{"missing config", append(gw, "--config", "/nonexistent.yaml"), "config"},
 		{"duplicate id", []string{"--gateway", "a=h:1", "--gateway", "a=h:2", "--listen", "127.0.0.1:0"}, "duplicate"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			var stderr bytes.Buffer
-			code := run(tt.args, &stderr)
+			code := run(tt.args, io.Discard, &stderr)
 			if code == 0 || !strings.Contains(stderr.String(), tt.want) {
 				t.Fatalf("exit %d, stderr %q, want it to mention %q", code, stderr.String(), tt.want)
 			}
@@ -40,14 +43,14 @@ func TestFlagErrors(t *testing.T) {
 
 func TestHelpListsEveryFlag(t *testing.T) {
 	var stderr bytes.Buffer
-	if code := run([]string{"--help"}, &stderr); code != 0 {
+	if code := run([]string{"--help"}, io.Discard, &stderr); code != 0 {
 		t.Fatalf("--help exit %d", code)
 	}
 	for _, f := range []string{"--listen", "--admin", "--gateway", "--proxy-protocol-out", "--handshake-timeout",
 		"--max-hello", "--max-tries", "--dial-timeout", "--gateway-cooldown", "--max-conns", "--drain-timeout",
 		"--log-level", "--log-format", "--proxy-protocol-in", "--trusted-proxies", "--redis", "--binding-ttl",
-		"--redis-timeout", "--gossip-bind", "--join", "--node-name", "--gossip-key", "--gossip-profile"} {
-		if !strings.Contains(stderr.String(), "  "+f+" ") {
+		"--redis-timeout", "--config", "--check-config", "--admin-token", "--gossip-bind", "--join", "--node-name", "--gossip-key", "--gossip-profile"} {
+		if out := stderr.String(); !strings.Contains(out, "  "+f+" ") && !strings.Contains(out, "  "+f+"\n") {
 			t.Errorf("--help does not document %s", f)
 		}
 	}

@@ -19,12 +19,22 @@ import (
 	"github.com/tether-proxy/tether/pkg/ring"
 )
 
-// NewLogger builds the process logger: format is json (production) or
-// console (humans), level one of debug, info, warn, error.
-func NewLogger(level, format string) (*zap.Logger, error) {
+// ParseLevel parses --log-level.
+func ParseLevel(level string) (zapcore.Level, error) {
 	lvl, err := zapcore.ParseLevel(level)
 	if err != nil {
-		return nil, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
+		return lvl, fmt.Errorf("--log-level %q: want debug, info, warn or error", level)
+	}
+	return lvl, nil
+}
+
+// NewLogger builds the process logger: format is json (production) or
+// console (humans), level one of debug, info, warn, error. The returned
+// level can be changed while the process runs (SIGHUP reload).
+func NewLogger(level, format string) (*zap.Logger, zap.AtomicLevel, error) {
+	lvl, err := ParseLevel(level)
+	if err != nil {
+		return nil, zap.AtomicLevel{}, err
 	}
 	var cfg zap.Config
 	switch format {
@@ -37,13 +47,14 @@ func NewLogger(level, format string) (*zap.Logger, error) {
 		cfg = zap.NewDevelopmentConfig()
 		cfg.EncoderConfig.EncodeTime = zapcore.TimeEncoderOfLayout("15:04:05.000")
 	default:
-		return nil, fmt.Errorf("--log-format %q: want json or console", format)
+		return nil, zap.AtomicLevel{}, fmt.Errorf("--log-format %q: want json or console", format)
 	}
 	cfg.Level = zap.NewAtomicLevelAt(lvl)
 	cfg.DisableStacktrace = true
 	cfg.DisableCaller = true
 	cfg.OutputPaths = []string{"stderr"}
-	return cfg.Build()
+	log, err := cfg.Build()
+	return log, cfg.Level, err
 }
 
 // GatewayList is the repeatable --gateway ID=HOST:PORT[,weight=W] flag.

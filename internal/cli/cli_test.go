@@ -1,6 +1,14 @@
 package cli
 
-import "testing"
+import (
+	"flag"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
 
 func TestParseGateway(t *testing.T) {
 	tests := []struct {
@@ -35,14 +43,81 @@ func TestParseGateway(t *testing.T) {
 
 func TestNewLogger(t *testing.T) {
 	for _, f := range []string{"json", "console"} {
-		if _, err := NewLogger("debug", f); err != nil {
+		if _, _, err := NewLogger("debug", f); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if _, err := NewLogger("loud", "json"); err == nil {
+	if _, _, err := NewLogger("loud", "json"); err == nil {
 		t.Fatal("bad level accepted")
 	}
-	if _, err := NewLogger("info", "xml"); err == nil {
+	if _, _, err := NewLogger("info", "xml"); err == nil {
 		t.Fatal("bad format accepted")
+	}
+}
+
+func TestApplyConfig(t *testing.T) {
+	write := func(t *testing.T, body string) string {
+		t.Helper()
+		p := filepath.Join(t.TempDir(), "c.yaml")
+		if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	type vals struct {
+		listen string
+		d      time.Duration
+		join   string
+		gws    GatewayList
+	}
+	newFS := func(v *vals) *flag.FlagSet {
+		fs := flag.NewFlagSet("t", flag.ContinueOnError)
+		fs.SetOutput(io.Discard)
+		fs.StringVar(&v.listen, "listen", ":7000", "")
+		fs.DurationVar(&v.d, "handshake-timeout", time.Second, "")
+		fs.StringVar(&v.join, "join", "", "")
+		fs.Var(&v.gws, "gateway", "")
+		fs.String("config", "", "")
+		return fs
+	}
+	t.Run("values, lists, flags win", func(t *testing.T) {
+		var v vals
+		fs := newFS(&v)
+		if err := fs.Parse([]string{"--listen", "127.0.0.1:1"}); err != nil {
+			t.Fatal(err)
+		}
+		p := write(t, "listen: \":9999\"\nhandshake-timeout: 3s\njoin: [a:1, b:2]\ngateway:\n  - gw-1=h:1\n  - gw-2=h:2,weight=2\n")
+		if err := ApplyConfig(fs, p, SetOnCommandLine(fs), "config"); err != nil {
+			t.Fatal(err)
+		}
+		if v.listen != "127.0.0.1:1" || v.d != 3*time.Second || v.join != "a:1,b:2" || len(v.gws) != 2 || v.gws[1].Weight != 2 {
+			t.Fatalf("%+v", v)
+		}
+	})
+	errs := []struct {
+		name, body, want string
+	}{
+		{"unknown key", "listen: x\ncolour: red\n", `line 2: unknown key "colour"`},
+		{"excluded key", "config: other.yaml\n", `unknown key "config"`},
+		{"bad duration", "handshake-timeout: soon\n", "line 1: handshake-timeout"},
+		{"bad gateway", "gateway: [nope]\n", "line 1: gateway"},
+		{"duplicate", "listen: a\nlisten: b\n", "already set on line 1"},
+		{"not a mapping", "- a\n- b\n", "want a mapping"},
+		{"nested", "listen: {a: b}\n", "line 1: listen"},
+		{"yaml syntax", "listen: [\n", "config"},
+	}
+	for _, tt := range errs {
+		t.Run(tt.name, func(t *testing.T) {
+			var v vals
+			fs := newFS(&v)
+			err := ApplyConfig(fs, write(t, tt.body), nil, "config")
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("err = %v, want it to contain %q", err, tt.want)
+			}
+		})
+	}
+	var v vals
+	if err := ApplyConfig(newFS(&v), write(t, ""), nil); err != nil {
+		t.Fatalf("empty file: %v", err)
 	}
 }

@@ -1,20 +1,48 @@
 // Package admin serves the proxy's operator HTTP endpoints: Prometheus
-// metrics, liveness, readiness and route lookups (DESIGN §4).
+// metrics, liveness, readiness, route lookups, the gateway list and
+// per-proxy drain/undrain (DESIGN §4).
 //
 // It is meant for a loopback or private address: /route answers with gateway
 // addresses, which clients must never see.
 package admin
 
 import (
+	"crypto/subtle"
 	"encoding/json"
 	"errors"
+	"fmt"
+	"net"
 	"net/http"
+	"net/netip"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/tether-proxy/tether/pkg/route"
 )
+
+// GatewayStatus is one row of /gateways.
+type GatewayStatus struct {
+	ID   string `json:"id"`
+	Addr string `json:"addr"`
+	// Weight is the weight the ring uses now (0 while draining).
+	Weight float64 `json:"weight"`
+	// State is active or draining (by gossip or by an operator).
+	State string `json:"state"`
+	// Live is false while the proxy skips the gateway after a failed
+	// connection attempt.
+	Live bool `json:"live"`
+	// Source is static, gossip or static+gossip.
+	Source string `json:"source"`
+	// AdminDrained is true when drained through this API.
+	AdminDrained bool `json:"admin_drained"`
+	// ActiveSessions counts sessions this proxy has open to the gateway.
+	ActiveSessions int `json:"active_sessions"`
+}
+
+// ErrUnknownGateway is what Config.Drain returns (possibly wrapped) for an ID
+// it does not know; the API answers 404.
+var ErrUnknownGateway = errors.New("admin: unknown gateway")
 
 // Config wires the endpoints to the running proxy.
 type Config struct {
@@ -25,6 +53,14 @@ type Config struct {
 	Ready func() bool
 	// Resolver answers /route?key=; nil disables the endpoint.
 	Resolver route.Resolver
+	// Gateways lists the known gateways for GET /gateways; nil disables it.
+	Gateways func() []GatewayStatus
+	// Drain drains (true) or undrains a gateway for POST
+	// /gateways/{id}/drain and /undrain; nil disables them.
+	Drain func(id string, drain bool) error
+	// Token, when set, is required as "Authorization: Bearer <token>" on
+	// every endpoint except /healthz, /readyz and /metrics.
+	Token string
 }
 
 // RouteAnswer is the JSON body of /route.
@@ -53,8 +89,29 @@ func Handler(cfg Config) http.Handler {
 		}
 		_, _ = w.Write([]byte("ready\n"))
 	})
+	if cfg.Gateways != nil {
+		mux.Handle("GET /gateways", cfg.auth(func(w http.ResponseWriter, _ *http.Request) {
+			writeJSON(w, http.StatusOK, cfg.Gateways())
+		}))
+	}
+	if cfg.Drain != nil {
+		for path, drain := range map[string]bool{"drain": true, "undrain": false} {
+			mux.Handle("POST /gateways/{id}/"+path, cfg.auth(func(w http.ResponseWriter, r *http.Request) {
+				id := r.PathValue("id")
+				err := cfg.Drain(id, drain)
+				switch {
+				case errors.Is(err, ErrUnknownGateway):
+					http.Error(w, "unknown gateway "+id, http.StatusNotFound)
+				case err != nil:
+					http.Error(w, err.Error(), http.StatusInternalServerError)
+				default:
+					writeJSON(w, http.StatusOK, map[string]any{"id": id, "admin_drained": drain})
+				}
+			}))
+		}
+	}
 	if cfg.Resolver != nil {
-		mux.HandleFunc("GET /route", func(w http.ResponseWriter, r *http.Request) {
+		mux.Handle("GET /route", cfg.auth(func(w http.ResponseWriter, r *http.Request) {
 			key := r.URL.Query().Get("key")
 			if key == "" || len(key) > 255 {
 				http.Error(w, "want ?key= with 1..255 bytes", http.StatusBadRequest)
@@ -73,9 +130,51 @@ func Handler(cfg Config) http.Handler {
 			for _, c := range rt.Candidates {
 				ans.Candidates = append(ans.Candidates, c.ID)
 			}
-			w.Header().Set("Content-Type", "application/json")
-			_ = json.NewEncoder(w).Encode(ans)
-		})
+			writeJSON(w, http.StatusOK, ans)
+		}))
 	}
 	return mux
+}
+
+// auth wraps h with the bearer-token check when a token is configured.
+func (cfg Config) auth(h http.HandlerFunc) http.Handler {
+	if cfg.Token == "" {
+		return h
+	}
+	want := []byte("Bearer " + cfg.Token)
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if subtle.ConstantTimeCompare([]byte(r.Header.Get("Authorization")), want) != 1 {
+			w.Header().Set("WWW-Authenticate", `Bearer realm="tether"`)
+			http.Error(w, "unauthorized", http.StatusUnauthorized)
+			return
+		}
+		h(w, r)
+	})
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+// CheckBind refuses an admin address that is not loopback when no token
+// protects it: /route and /gateways reveal gateway addresses and the POST
+// endpoints change routing.
+func CheckBind(addr, token string) error {
+	if token != "" {
+		return nil
+	}
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("admin address %q: %w", addr, err)
+	}
+	if host == "localhost" {
+		return nil
+	}
+	ip, err := netip.ParseAddr(host)
+	if err != nil || !ip.IsLoopback() {
+		return fmt.Errorf("admin address %q is not loopback: set --admin-token to expose the admin API beyond this host", addr)
+	}
+	return nil
 }

@@ -6,6 +6,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 
@@ -66,5 +67,85 @@ func TestEndpoints(t *testing.T) {
 	owner, _ := r.Lookup([]byte("abc"))
 	if ans.Key != "abc" || ans.Gateway != owner.ID || ans.Addr != owner.Addr || ans.Source != "ring" || len(ans.Candidates) != 2 {
 		t.Fatalf("answer %+v", ans)
+	}
+}
+
+func TestGatewaysDrainAndToken(t *testing.T) {
+	drained := map[string]bool{}
+	var mu sync.Mutex
+	cfg := Config{
+		Token: "s3cret",
+		Gateways: func() []GatewayStatus {
+			mu.Lock()
+			defer mu.Unlock()
+			return []GatewayStatus{{ID: "gw-1", Addr: "127.0.1.1:9000", Weight: 1, State: "active", Live: true, Source: "static", AdminDrained: drained["gw-1"]}}
+		},
+		Drain: func(id string, d bool) error {
+			if id != "gw-1" {
+				return ErrUnknownGateway
+			}
+			mu.Lock()
+			drained[id] = d
+			mu.Unlock()
+			return nil
+		},
+	}
+	srv := httptest.NewServer(Handler(cfg))
+	defer srv.Close()
+	do := func(method, path, token string) (int, string) {
+		t.Helper()
+		req, _ := http.NewRequest(method, srv.URL+path, nil)
+		if token != "" {
+			req.Header.Set("Authorization", "Bearer "+token)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		return resp.StatusCode, string(b)
+	}
+	tests := []struct {
+		method, path, token string
+		code                int
+		body                string
+	}{
+		{"GET", "/gateways", "", 401, "unauthorized"},
+		{"GET", "/gateways", "wrong", 401, "unauthorized"},
+		{"GET", "/gateways", "s3cret", 200, `"admin_drained":false`},
+		{"POST", "/gateways/gw-1/drain", "", 401, "unauthorized"},
+		{"POST", "/gateways/gw-1/drain", "s3cret", 200, `"admin_drained":true`},
+		{"GET", "/gateways", "s3cret", 200, `"admin_drained":true`},
+		{"POST", "/gateways/gw-1/undrain", "s3cret", 200, `"admin_drained":false`},
+		{"POST", "/gateways/nope/drain", "s3cret", 404, "unknown gateway"},
+		{"GET", "/gateways/gw-1/drain", "s3cret", 405, ""},
+		{"GET", "/healthz", "", 200, "ok"},
+	}
+	for _, tt := range tests {
+		code, body := do(tt.method, tt.path, tt.token)
+		if code != tt.code || !strings.Contains(body, tt.body) {
+			t.Errorf("%s %s (token %q): %d %q, want %d containing %q", tt.method, tt.path, tt.token, code, body, tt.code, tt.body)
+		}
+	}
+}
+
+func TestCheckBind(t *testing.T) {
+	tests := []struct {
+		addr, token string
+		ok          bool
+	}{
+		{"127.0.0.1:7100", "", true},
+		{"[::1]:7100", "", true},
+		{"localhost:7100", "", true},
+		{"0.0.0.0:7100", "", false},
+		{":7100", "", false},
+		{"10.0.0.5:7100", "", false},
+		{"10.0.0.5:7100", "tok", true},
+	}
+	for _, tt := range tests {
+		if err := CheckBind(tt.addr, tt.token); (err == nil) != tt.ok {
+			t.Errorf("CheckBind(%q, %q) = %v", tt.addr, tt.token, err)
+		}
 	}
 }

@@ -79,7 +79,7 @@ func TestBuildRing(t *testing.T) {
 		{Node: "a", ID: "twice", Addr: "a:1", Weight: 1, State: StateDraining},
 		{Node: "c", ID: "twice", Addr: "c:1", Weight: 1, State: StateActive},
 	}
-	r, err := BuildRing(static, gws)
+	r, err := BuildRing(static, gws, map[string]bool{"s1": false})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -157,9 +157,13 @@ func TestEventsUpdateRing(t *testing.T) {
 	p := m.start(t, "proxy", Meta{Role: RoleProxy, ID: "proxy", Addr: "127.0.0.1:7000"}, key, gw2.Addr())
 
 	var h ring.Holder
+	syncer, err := NewSyncer(p, nil, &h, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	go func() { defer close(done); Sync(ctx, p, nil, &h, nil, nil) }()
+	go func() { defer close(done); syncer.Run(ctx) }()
 	t.Cleanup(func() { cancel(); <-done })
 
 	waitFor(t, "3 gateways in the ring", func() bool { return h.Load().Len() == 3 }, func() string {
@@ -167,6 +171,24 @@ func TestEventsUpdateRing(t *testing.T) {
 	})
 	if p.Members() != 4 {
 		t.Fatalf("proxy knows %d members, want 4", p.Members())
+	}
+
+	// An operator's drain on the proxy side takes effect before SetDrained
+	// returns, and undrain restores it.
+	if err := syncer.SetDrained("gw-3", true); err != nil {
+		t.Fatal(err)
+	}
+	if h.Load().Len() != 2 || !syncer.Drained("gw-3") {
+		t.Fatalf("admin drain not applied: %d take keys", h.Load().Len())
+	}
+	if err := syncer.SetDrained("gw-3", false); err != nil || h.Load().Len() != 3 {
+		t.Fatalf("undrain: %v, %d take keys", err, h.Load().Len())
+	}
+	if err := syncer.SetDrained("nope", true); !errors.Is(err, ErrUnknownGateway) {
+		t.Fatalf("unknown id: %v", err)
+	}
+	if src := syncer.Sources(); src["gw-1"] != "gossip" {
+		t.Fatalf("sources %v", src)
 	}
 
 	// The broadcast wait may time out on a loaded machine; the update
@@ -257,5 +279,25 @@ func TestZapWriterLevels(t *testing.T) {
 		if e.Message != want[i].msg || e.Level.String() != want[i].lvl {
 			t.Errorf("entry %d: %s %q, want %s %q", i, e.Level, e.Message, want[i].lvl, want[i].msg)
 		}
+	}
+}
+
+func TestSyncerStaticReload(t *testing.T) {
+	var h ring.Holder
+	s, err := NewSyncer(nil, []ring.Member{{ID: "a", Addr: "h:1", Weight: 1}}, &h, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SetStatic([]ring.Member{{ID: "a", Addr: "h:1", Weight: 1}, {ID: "b", Addr: "h:2", Weight: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if h.Load().Len() != 2 {
+		t.Fatal("reload not applied")
+	}
+	if err := s.SetStatic([]ring.Member{{ID: "a", Weight: 1}, {ID: "a", Weight: 1}}); err == nil {
+		t.Fatal("duplicate ids accepted")
+	}
+	if h.Load().Len() != 2 || s.Sources()["b"] != "static" {
+		t.Fatal("failed reload changed the ring")
 	}
 }

@@ -19,7 +19,7 @@ type Metrics struct {
 	Routes            *prometheus.CounterVec
 	RouteFailures     *prometheus.CounterVec
 	DialFailures      *prometheus.CounterVec
-	Failovers         prometheus.Counter
+	Failovers         *prometheus.CounterVec
 	Bytes             *prometheus.CounterVec
 	SessionSeconds    prometheus.Histogram
 	Gateways          *prometheus.GaugeVec
@@ -83,10 +83,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "tether_dial_failures_total",
 			Help: "Failed connection attempts to a gateway, by gateway ID.",
 		}, []string{"gateway"}),
-		Failovers: prometheus.NewCounter(prometheus.CounterOpts{
+		Failovers: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tether_failovers_total",
-			Help: "Sessions served by a candidate other than the first one tried.",
-		}),
+			Help: "Sessions served by a candidate other than the first one tried, by the gateway that took over.",
+		}, []string{"gateway"}),
 		Bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tether_bytes_total",
 			Help: "Bytes spliced, by direction (client_to_gateway, gateway_to_client), counted when a session ends.",

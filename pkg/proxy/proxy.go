@@ -101,6 +101,7 @@ type Server struct {
 	wg       sync.WaitGroup // one per handler goroutine
 	mu       sync.Mutex
 	sessions map[*session]struct{}
+	perGW    map[string]int // open sessions by gateway ID
 	lns      map[net.Listener]struct{}
 }
 
@@ -134,6 +135,7 @@ func New(cfg Config) (*Server, error) {
 		m:        cfg.Metrics,
 		bufSize:  headroom + cfg.Extractor.MaxPeek(),
 		sessions: make(map[*session]struct{}),
+		perGW:    make(map[string]int),
 		lns:      make(map[net.Listener]struct{}),
 	}
 	s.pool.New = func() any { b := make([]byte, s.bufSize); return &b }
@@ -245,9 +247,22 @@ func (s *Server) Close() error {
 	return nil
 }
 
+// SessionsByGateway returns how many spliced sessions are open to each
+// gateway ID.
+func (s *Server) SessionsByGateway() map[string]int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	out := make(map[string]int, len(s.perGW))
+	for id, n := range s.perGW {
+		out[id] = n
+	}
+	return out
+}
+
 // session is one client connection and, once dialled, its gateway.
 type session struct {
 	client, gw net.Conn
+	gwID       string
 	once       sync.Once
 	reason     string // why the session was aborted; set once
 }
@@ -375,9 +390,9 @@ func (s *Server) handshakeFailed(c net.Conn, id uint64, reason string, err error
 func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash uint64, buf []byte, n int, key []byte, res route.Result) {
 	gw := res.Conn
 	if res.Attempts > 1 {
-		s.m.Failovers.Inc()
+		s.m.Failovers.WithLabelValues(res.Gateway.ID).Inc()
 	}
-	ses := &session{client: c, gw: gw}
+	ses := &session{client: c, gw: gw, gwID: res.Gateway.ID}
 	if !s.register(ses) {
 		s.m.Rejected.WithLabelValues("shutdown").Inc()
 		ses.abort("shutdown")
@@ -430,6 +445,7 @@ func (s *Server) register(ses *session) bool {
 		return false
 	}
 	s.sessions[ses] = struct{}{}
+	s.perGW[ses.gwID]++
 	return true
 }
 
@@ -437,6 +453,9 @@ func (s *Server) unregister(ses *session) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	delete(s.sessions, ses)
+	if s.perGW[ses.gwID]--; s.perGW[ses.gwID] <= 0 {
+		delete(s.perGW, ses.gwID)
+	}
 }
 
 // splice copies both directions until each has ended, then closes both

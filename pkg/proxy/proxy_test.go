@@ -141,7 +141,7 @@ func TestSessionEchoAndHalfClose(t *testing.T) {
 	if string(rest) != "pingpong" {
 		t.Fatalf("echo %q", rest)
 	}
-	waitFor(t, func() bool { return h.srv.Active() == 0 })
+	waitFor(t, func() bool { return h.srv.Active() == 0 && len(h.srv.SessionsByGateway()) == 0 })
 	if got := testutil.ToFloat64(h.m.Bytes.WithLabelValues("gateway_to_client")); got == 0 {
 		t.Fatal("bytes not counted")
 	}
@@ -262,7 +262,7 @@ func TestFailoverToSecondChoice(t *testing.T) {
 		served++
 		c.Close()
 	}
-	if testutil.ToFloat64(h.m.Failovers) == 0 {
+	if testutil.ToFloat64(h.m.Failovers.WithLabelValues("live")) == 0 {
 		t.Fatal("no failover counted although the dead gateway owns keys")
 	}
 }
@@ -294,6 +294,9 @@ func TestMaxConns(t *testing.T) {
 	waitFor(t, func() bool { return testutil.ToFloat64(h.m.Rejected.WithLabelValues("max_conns")) == 1 })
 	if testutil.ToFloat64(h.m.Rejected.WithLabelValues("max_conns")) != 1 {
 		t.Fatal("rejection not counted")
+	}
+	if n := h.srv.SessionsByGateway()["gw-1"]; n != 2 {
+		t.Fatalf("SessionsByGateway = %d, want 2", n)
 	}
 	// Held sessions are untouched.
 	for _, c := range held {
