@@ -109,7 +109,7 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 func parseFlags(args []string, stderr io.Writer) (options, error) {
 	var o options
 	fs := newFlagSet(&o, stderr)
-	if err := fs.Parse(args); err != nil {
+	if err := cli.Parse(fs, args, stderr); err != nil {
 		return o, err
 	}
 	if fs.NArg() > 0 {

@@ -55,7 +55,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 		fmt.Fprint(fs.Output(), usageHead)
 		cli.PrintFlags(fs.Output(), fs)
 	}
-	if err := fs.Parse(args); err != nil {
+	if err := cli.Parse(fs, args, stderr); err != nil {
 		return o, err
 	}
 	if o.key == "" || len(o.key) > proto.MaxKeyLen {

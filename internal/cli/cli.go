@@ -5,6 +5,7 @@ package cli
 
 import (
 	"encoding/base64"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -167,4 +168,16 @@ func (g *GossipFlags) Register(fs *flag.FlagSet, nodeNameHelp string) {
 	fs.StringVar(&g.NodeName, "node-name", "", "unique gossip `NAME` of this node (default "+nodeNameHelp+"); a node restarted with the same name rejoins in its place")
 	fs.StringVar(&g.KeyFile, "gossip-key", "", "`FILE` holding a 16, 24 or 32-byte AES key (raw or base64) that encrypts gossip; nodes with another key cannot join")
 	fs.StringVar(&g.Profile, "gossip-profile", "lan", "`PROFILE` of memberlist timings: lan (failed node declared dead after ~5s) or local (~3s, more probe traffic)")
+}
+
+// Parse parses args like fs.Parse but prints the full usage only for
+// --help: a mistyped flag gets one line from the caller, not a page.
+func Parse(fs *flag.FlagSet, args []string, stderr io.Writer) error {
+	fs.SetOutput(io.Discard)
+	err := fs.Parse(args)
+	fs.SetOutput(stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		fs.Usage()
+	}
+	return err
 }
