@@ -444,7 +444,7 @@ func TestCheckConfig(t *testing.T) {
 	good, bad := filepath.Join(dir, "good.yaml"), filepath.Join(dir, "bad.yaml")
 	writeConfig(t, good, `listen: ":7000"`, "gateway: [gw-1=127.0.1.1:9000]", `handshake-timeout: "3s"`)
 	writeConfig(t, bad, `listen: ":7000"`, "gateway: [gw-1=127.0.1.1:9000]", "handshake-timout: 3s")
-	out, err := exec.Command(filepath.Join(binDir, "proxy"), "--config", good, "--check-config").CombinedOutput()
+	out, err = exec.Command(filepath.Join(binDir, "proxy"), "--config", good, "--check-config").CombinedOutput()
 	if err != nil || !strings.Contains(string(out), "configuration valid") {
 		t.Fatalf("good config: %v\n%s", err, out)
 	}
