@@ -4,7 +4,7 @@ BIN      := bin
 BINARIES := $(BIN)/proxy $(BIN)/gateway-stub $(BIN)/tether-client
 export CGO_ENABLED ?= 1
 
-.PHONY: all build deps demo test test-unit test-e2e lint fuzz bench-ring clean
+.PHONY: all build deps demo test test-unit test-e2e bench bench-smoke lint fuzz bench-ring clean
 
 all: build
 
@@ -26,7 +26,7 @@ deps:
 
 ## test: lint, unit tests with -race, then end-to-end tests with real processes
 ## (real redis-server, haproxy and nginx, installed by deps when missing).
-test: deps lint test-unit test-e2e
+test: deps lint test-unit test-e2e bench-smoke
 
 test-unit:
 	$(GO) test -race -count=1 ./...
@@ -39,6 +39,16 @@ lint:
 	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) vet -tags e2e ./test/e2e/
+
+## bench: tether vs HAProxy (forced splice) vs a direct connection, interleaved;
+## several minutes; writes bench/results/<date>.md (see docs/BENCHMARKS.md).
+bench: build
+	$(GO) run ./bench $(BENCHFLAGS)
+
+## bench-smoke: the benchmark harness in --quick mode, as a correctness check
+## only (no figures are judged).
+bench-smoke: build
+	$(GO) run ./bench --quick > /dev/null
 
 ## fuzz: run the hello parser fuzzer for a while (FUZZTIME=30s).
 fuzz:

@@ -43,6 +43,7 @@ type options struct {
 	logLevel, logFormat       string
 	advertise                 string
 	weight                    float64
+	echoBuffer                int
 	gossip                    cli.GossipFlags
 }
 
@@ -58,6 +59,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.logLevel, "log-level", "info", "`LEVEL`: debug, info, warn or error")
 	fs.StringVar(&o.logFormat, "log-format", "json", "`FORMAT`: json or console")
 	fs.StringVar(&o.advertise, "advertise", "", "service `HOST:PORT` proxies should connect to, published over gossip (default: the --listen address)")
+	fs.IntVar(&o.echoBuffer, "echo-buffer", 0, "echo through a user-space buffer of `BYTES` instead of splice(2); splice holds a pipe per idle session, so benchmarks of many idle sessions use a small buffer (0: splice)")
 	fs.Float64Var(&o.weight, "weight", 1, "ring `WEIGHT` published over gossip: a gateway of weight 2 gets twice the keys")
 	o.gossip.Register(fs, "the --id")
 	fs.Usage = func() {
@@ -97,7 +99,7 @@ func run(args []string, stderr io.Writer) int {
 		return 2
 	}
 	defer func() { _ = log.Sync() }()
-	srv, err := stub.New(stub.Config{ID: o.id, ProxyProtocol: o.proxyProtocol, HandshakeTimeout: o.handshakeTimeout, Logger: log.Named("stub")})
+	srv, err := stub.New(stub.Config{ID: o.id, ProxyProtocol: o.proxyProtocol, HandshakeTimeout: o.handshakeTimeout, EchoBuffer: o.echoBuffer, Logger: log.Named("stub")})
 	if err != nil {
 		fmt.Fprintf(stderr, "gateway-stub: %v\n", err)
 		return 2

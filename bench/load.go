@@ -1,0 +1,253 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/tether-proxy/tether/internal/stub"
+	"github.com/tether-proxy/tether/pkg/proto"
+)
+
+// sources are the loopback client addresses connections are spread over,
+// so ephemeral ports and TIME_WAIT never limit a run.
+var sources = []string{"127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6", "127.0.0.7", "127.0.0.8", "127.0.0.9"}
+
+// open connects from src, sends a hello for key and reads the reply.
+func open(addr, src, key string) (*net.TCPConn, error) {
+	d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}}
+	c, err := d.Dial("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	tc := c.(*net.TCPConn)
+	h, _ := proto.AppendHello(nil, []byte(key), nil)
+	_ = tc.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := tc.Write(h); err != nil {
+		tc.Close()
+		return nil, err
+	}
+	rep, _, err := stub.ReadReply(tc)
+	if err != nil {
+		tc.Close()
+		return nil, err
+	}
+	if rep.Key != key {
+		tc.Close()
+		return nil, fmt.Errorf("reply for key %q, sent %q", rep.Key, key)
+	}
+	_ = tc.SetDeadline(time.Time{})
+	return tc, nil
+}
+
+func reset(c *net.TCPConn) {
+	_ = c.SetLinger(0)
+	c.Close()
+}
+
+// bulk moves total bytes each way over n concurrent streams (every stream
+// writes its share and reads the echo back) and returns bytes per second
+// in one direction.
+func bulk(addr string, n int, total int64) (float64, error) {
+	per := total / int64(n)
+	conns := make([]*net.TCPConn, n)
+	for i := range conns {
+		c, err := open(addr, sources[i%len(sources)], fmt.Sprintf("bulk-%d", i))
+		if err != nil {
+			return 0, err
+		}
+		defer c.Close()
+		conns[i] = c
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 2*n)
+	start := time.Now()
+	for _, c := range conns {
+		wg.Add(2)
+		go func() {
+			defer wg.Done()
+			buf := bytes.Repeat([]byte{'x'}, 256<<10)
+			for left := per; left > 0; {
+				m := min(int64(len(buf)), left)
+				if _, err := c.Write(buf[:m]); err != nil {
+					errs <- err
+					return
+				}
+				left -= m
+			}
+			_ = c.CloseWrite()
+		}()
+		go func() {
+			defer wg.Done()
+			got, err := io.Copy(io.Discard, io.LimitReader(c, per))
+			if err == nil && got != per {
+				err = fmt.Errorf("echoed %d of %d bytes", got, per)
+			}
+			if err != nil {
+				errs <- err
+			}
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	close(errs)
+	if err := <-errs; err != nil {
+		return 0, err
+	}
+	return float64(per*int64(n)) / elapsed.Seconds(), nil
+}
+
+// connRate opens, greets and resets connections with workers in parallel
+// for d (or until max connections) and returns connections per second.
+func connRate(addr string, workers int, d time.Duration, max int64) (float64, error) {
+	var done, failed atomic.Int64
+	var firstErr atomic.Value
+	stop := time.Now().Add(d)
+	start := time.Now()
+	var wg sync.WaitGroup
+	for w := range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; time.Now().Before(stop) && done.Load() < max; i++ {
+				c, err := open(addr, sources[(w+i)%len(sources)], fmt.Sprintf("cr-%d-%d", w, i%64))
+				if err != nil {
+					failed.Add(1)
+					firstErr.CompareAndSwap(nil, err)
+					continue
+				}
+				reset(c)
+				done.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	if f := failed.Load(); f > done.Load()/1000 {
+		return 0, fmt.Errorf("%d of %d connections failed: %v", f, f+done.Load(), firstErr.Load())
+	}
+	return float64(done.Load()) / elapsed.Seconds(), nil
+}
+
+// latency runs sessions concurrent ping-pong loops of 64-byte messages and
+// returns the round-trip times.
+func latency(addr string, sessions, msgs int) ([]time.Duration, error) {
+	var mu sync.Mutex
+	var all []time.Duration
+	var wg sync.WaitGroup
+	errs := make(chan error, sessions)
+	for s := range sessions {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			c, err := open(addr, sources[s%len(sources)], fmt.Sprintf("lat-%d", s))
+			if err != nil {
+				errs <- err
+				return
+			}
+			defer reset(c)
+			msg := bytes.Repeat([]byte{'p'}, 64)
+			buf := make([]byte, 64)
+			rtts := make([]time.Duration, 0, msgs)
+			for range msgs {
+				t0 := time.Now()
+				if _, err := c.Write(msg); err != nil {
+					errs <- err
+					return
+				}
+				if _, err := io.ReadFull(c, buf); err != nil {
+					errs <- err
+					return
+				}
+				rtts = append(rtts, time.Since(t0))
+			}
+			mu.Lock()
+			all = append(all, rtts...)
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	if err := <-errs; err != nil {
+		return nil, err
+	}
+	sort.Slice(all, func(i, j int) bool { return all[i] < all[j] })
+	return all, nil
+}
+
+func percentile(sorted []time.Duration, p float64) time.Duration {
+	if len(sorted) == 0 {
+		return 0
+	}
+	i := int(p * float64(len(sorted)-1))
+	return sorted[i]
+}
+
+// idleCost opens n sessions through addr, lets them sit, and returns the
+// growth of the measured process's RSS and descriptors per session. Every
+// session must still echo afterwards.
+func idleCost(addr string, pid, n int, settle time.Duration) (rssPer, fdPer float64, err error) {
+	before, err := statsOf(pid)
+	if err != nil {
+		return 0, 0, err
+	}
+	conns := make([]*net.TCPConn, 0, n)
+	defer func() {
+		for _, c := range conns {
+			reset(c)
+		}
+	}()
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	var openErr atomic.Value
+	next := make(chan int)
+	for range 32 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range next {
+				c, err := open(addr, sources[i%len(sources)], fmt.Sprintf("idle-%d", i))
+				if err != nil {
+					openErr.CompareAndSwap(nil, err)
+					continue
+				}
+				mu.Lock()
+				conns = append(conns, c)
+				mu.Unlock()
+			}
+		}()
+	}
+	for i := range n {
+		next <- i
+	}
+	close(next)
+	wg.Wait()
+	if e := openErr.Load(); e != nil {
+		return 0, 0, fmt.Errorf("opened %d of %d idle sessions: %v", len(conns), n, e)
+	}
+	time.Sleep(settle) // let the process reach its idle state (goroutines parked, GC run)
+	after, err := statsOf(pid)
+	if err != nil {
+		return 0, 0, err
+	}
+	for i, c := range conns {
+		if i%97 != 0 {
+			continue
+		}
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Write([]byte("ping")); err != nil {
+			return 0, 0, err
+		}
+		buf := make([]byte, 4)
+		if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "ping" {
+			return 0, 0, errors.Join(errors.New("idle session stopped echoing"), err)
+		}
+	}
+	return float64(after.rss-before.rss) / float64(n), float64(after.fds-before.fds) / float64(n), nil
+}

@@ -1,0 +1,381 @@
+// Command bench measures tether against HAProxy (tcp mode, forced splice)
+// and a direct connection, on loopback, through one load generator, with
+// the targets interleaved round by round so drift in the machine's speed
+// does not favour any of them. Every figure is reported next to its
+// baselines and as a ratio. See docs/BENCHMARKS.md.
+//
+//	go run ./bench              full run (several minutes), writes bench/results/<date>.md
+//	go run ./bench --quick      smoke run (< 60 s): checks every path works, measures nothing
+package main
+
+import (
+	"flag"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"time"
+)
+
+type options struct {
+	bin, out, tmp  string
+	quick          bool
+	rounds         int
+	bulkBytes      int64
+	rateFor        time.Duration
+	latMsgs        int
+	idleSizes      []int
+	idleLimit      int
+	skipIdle, save bool
+}
+
+func main() {
+	var o options
+	fs := flag.NewFlagSet("bench", flag.ExitOnError)
+	fs.StringVar(&o.bin, "bin", "bin", "directory with the proxy and gateway-stub binaries (make build)")
+	fs.BoolVar(&o.quick, "quick", false, "smoke run: tiny sizes, one round; checks that every target works and reports no figures")
+	fs.IntVar(&o.rounds, "rounds", 4, "rounds per metric; each round runs every target, in alternating order (ABBA)")
+	var bulkMiB int
+	fs.IntVar(&bulkMiB, "bulk-mib", 256, "MiB moved each way per bulk run")
+	fs.DurationVar(&o.rateFor, "rate-for", 3*time.Second, "duration of each connection-rate run")
+	fs.IntVar(&o.latMsgs, "lat-msgs", 5000, "64-byte round trips per session in the latency run (16 sessions)")
+	fs.BoolVar(&o.skipIdle, "skip-idle", false, "skip the idle-session cost runs")
+	fs.BoolVar(&o.save, "save", true, "write bench/results/<date>.md")
+	_ = fs.Parse(os.Args[1:])
+	o.bulkBytes = int64(bulkMiB) << 20
+	o.idleSizes = []int{1000, 3000}
+	o.idleLimit = 20000
+	if o.quick {
+		o.rounds, o.bulkBytes, o.rateFor, o.latMsgs, o.idleSizes, o.save = 1, 8<<20, 300*time.Millisecond, 200, []int{100}, false
+	}
+	tmp, err := os.MkdirTemp("", "tether-bench")
+	if err != nil {
+		fatal(err)
+	}
+	defer os.RemoveAll(tmp)
+	o.tmp = tmp
+	report, err := run(o)
+	if err != nil {
+		fatal(err)
+	}
+	fmt.Print(report)
+	if o.save {
+		path := filepath.Join("bench", "results", time.Now().UTC().Format("2006-01-02")+".md")
+		if err := os.WriteFile(path, []byte(report), 0o644); err != nil {
+			fatal(err)
+		}
+		fmt.Fprintf(os.Stderr, "bench: wrote %s\n", path)
+	}
+}
+
+func fatal(err error) {
+	fmt.Fprintf(os.Stderr, "bench: %v\n", err)
+	os.Exit(1)
+}
+
+func progress(format string, args ...any) {
+	fmt.Fprintf(os.Stderr, "bench: "+format+"\n", args...)
+}
+
+// target is one way to reach the echo gateway.
+type target struct {
+	name string
+	addr string
+	p    *proc // the proxy process measured (nil for direct)
+}
+
+// env starts the shared echo gateway and the three proxies in front of it.
+type env struct {
+	o       options
+	stub    *proc
+	targets []target
+	procs   []*proc
+}
+
+func (e *env) stop() {
+	for _, p := range e.procs {
+		p.stop()
+	}
+}
+
+// start runs a tether binary listening on a free port on ip; the runner
+// waits until it accepts (at --log-level warn there is no listening line).
+func (e *env) start(name, ip, bin string, args ...string) (*proc, error) {
+	p, err := startOn(name, ip, bin, args...)
+	if err == nil {
+		e.procs = append(e.procs, p)
+	}
+	return p, err
+}
+
+func startOn(name, ip, bin string, args ...string) (*proc, error) {
+	port, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	addr := fmt.Sprintf("%s:%d", ip, port)
+	return startProc(name, addr, false, bin, append([]string{"--listen", addr}, args...)...)
+}
+
+// proxyArgs runs tether like production minus per-session logging: HAProxy
+// runs without logs too.
+func proxyArgs(gw, ppOut string) []string {
+	return []string{"--gateway", "gw=" + gw, "--proxy-protocol-out", ppOut, "--log-level", "warn", "--handshake-timeout", "10s"}
+}
+
+func setup(o options, echoBuffer string) (*env, error) {
+	e := &env{o: o}
+	stubArgs := []string{"--id", "gw", "--proxy-protocol", "optional", "--log-level", "warn"}
+	if echoBuffer != "" {
+		stubArgs = append(stubArgs, "--echo-buffer", echoBuffer)
+	}
+	var err error
+	if e.stub, err = e.start("gateway-stub", "127.0.1.1", filepath.Join(o.bin, "gateway-stub"), stubArgs...); err != nil {
+		return e, err
+	}
+	e.targets = append(e.targets, target{name: "direct", addr: e.stub.addr})
+	for _, pp := range []string{"off", "v2"} {
+		p, err := e.start("tether-"+pp, "127.0.0.1", filepath.Join(o.bin, "proxy"), proxyArgs(e.stub.addr, pp)...)
+		if err != nil {
+			return e, err
+		}
+		name := "tether"
+		if pp == "v2" {
+			name = "tether+v2"
+		}
+		e.targets = append(e.targets, target{name: name, addr: p.addr, p: p})
+	}
+	h, err := startHAProxy(o.tmp, e.stub.addr, 9000)
+	if err != nil {
+		return e, err
+	}
+	e.procs = append(e.procs, h)
+	e.targets = append(e.targets, target{name: "haproxy", addr: h.addr, p: h})
+	return e, nil
+}
+
+// rounds runs f for every target, rounds times, alternating the order
+// (A B C D, D C B A, ...), and returns the results per target.
+func rounds(ts []target, n int, f func(t target) (float64, error)) (map[string][]float64, error) {
+	out := map[string][]float64{}
+	for r := range n {
+		order := slices.Clone(ts)
+		if r%2 == 1 {
+			slices.Reverse(order)
+		}
+		for _, t := range order {
+			v, err := f(t)
+			if err != nil {
+				return nil, fmt.Errorf("%s: %w", t.name, err)
+			}
+			out[t.name] = append(out[t.name], v)
+		}
+	}
+	return out, nil
+}
+
+func median(v []float64) float64 {
+	s := slices.Clone(v)
+	slices.Sort(s)
+	if len(s) == 0 {
+		return 0
+	}
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+func run(o options) (string, error) {
+	var b strings.Builder
+	fmt.Fprintf(&b, "# tether benchmarks, %s\n\n", time.Now().UTC().Format("2006-01-02 15:04 MST"))
+	fmt.Fprintf(&b, "Command: `%s`\n\n", strings.Join(append([]string{"go run ./bench"}, os.Args[1:]...), " "))
+	machine(&b)
+	if o.quick {
+		fmt.Fprintf(&b, "**Quick mode: a correctness smoke run with tiny sizes. These figures mean nothing.**\n\n")
+	}
+
+	e, err := setup(o, "")
+	defer e.stop()
+	if err != nil {
+		return "", err
+	}
+	names := []string{"direct", "tether", "tether+v2", "haproxy"}
+	fmt.Fprintf(&b, "Targets: `direct` (client → echo gateway), `tether` (PROXY out off), `tether+v2` (PROXY v2 header with the key TLV), `haproxy` (HAProxy %s, mode tcp, `option splice-request` + `option splice-response`, tcp-smart-accept/connect, no logging). tether runs at `--log-level warn` (no per-session log line), like HAProxy without logs. Each metric runs %d rounds, targets in alternating order; the figure is the median.\n\n", haproxyVersion(), o.rounds)
+	fmt.Fprintf(&b, "| metric | %s | tether / HAProxy | tether / direct |\n|---|%s---|---|\n", strings.Join(names, " | "), strings.Repeat("---|", len(names)))
+
+	row := func(label string, res map[string][]float64, format func(float64) string, higherBetter bool) {
+		fmt.Fprintf(&b, "| %s |", label)
+		for _, n := range names {
+			fmt.Fprintf(&b, " %s |", format(median(res[n])))
+		}
+		t, h, d := median(res["tether"]), median(res["haproxy"]), median(res["direct"])
+		if !higherBetter {
+			fmt.Fprintf(&b, " %.2f (lower is better) | %.2f |\n", t/h, t/d)
+			return
+		}
+		fmt.Fprintf(&b, " **%.2f** | %.2f |\n", t/h, t/d)
+	}
+	mib := func(v float64) string { return fmt.Sprintf("%.0f MiB/s", v/(1<<20)) }
+
+	cpu := map[string]time.Duration{}
+	moved := map[string]int64{}
+	for _, streams := range []int{8, 64} {
+		progress("bulk throughput, %d streams, %d MiB each way per run", streams, o.bulkBytes>>20)
+		res, err := rounds(e.targets, o.rounds, func(t target) (float64, error) {
+			var before procStats
+			if t.p != nil {
+				before, _ = statsOf(t.p.cmd.Process.Pid)
+			}
+			v, err := bulk(t.addr, streams, o.bulkBytes)
+			if t.p != nil {
+				after, _ := statsOf(t.p.cmd.Process.Pid)
+				cpu[t.name] += after.cpu - before.cpu
+				moved[t.name] += 2 * o.bulkBytes
+			}
+			return v, err
+		})
+		if err != nil {
+			return "", err
+		}
+		row(fmt.Sprintf("bulk echo, %d streams (each way)", streams), res, mib, true)
+	}
+
+	progress("new connections per second (hello + reply + reset, 32 workers, %v per run)", o.rateFor)
+	res, err := rounds(e.targets, o.rounds, func(t target) (float64, error) {
+		return connRate(t.addr, 32, o.rateFor, 500000)
+	})
+	if err != nil {
+		return "", err
+	}
+	row("new connections / s", res, func(v float64) string { return fmt.Sprintf("%.0f", v) }, true)
+
+	progress("latency: 16 sessions × %d round trips of 64 bytes", o.latMsgs)
+	lat := map[string][][]time.Duration{}
+	if _, err := rounds(e.targets, o.rounds, func(t target) (float64, error) {
+		r, err := latency(t.addr, 16, o.latMsgs)
+		lat[t.name] = append(lat[t.name], r)
+		return 0, err
+	}); err != nil {
+		return "", err
+	}
+	for _, p := range []struct {
+		label string
+		q     float64
+	}{{"p50", 0.50}, {"p99", 0.99}, {"p99.9", 0.999}} {
+		res := map[string][]float64{}
+		for n, runs := range lat {
+			for _, r := range runs {
+				res[n] = append(res[n], float64(percentile(r, p.q)))
+			}
+		}
+		row("echo latency "+p.label, res, func(v float64) string { return time.Duration(v).Round(time.Microsecond).String() }, false)
+	}
+	gib := func(n string) float64 { return cpu[n].Seconds() / (float64(moved[n]) / (1 << 30)) }
+	fmt.Fprintf(&b, "| CPU seconds per GiB moved (bulk runs) | – | %.3f | %.3f | %.3f | %.2f (lower is better) | – |\n\n",
+		gib("tether"), gib("tether+v2"), gib("haproxy"), gib("tether")/gib("haproxy"))
+	e.stop()
+
+	if !o.skipIdle {
+		if err := idleSection(&b, o); err != nil {
+			return "", err
+		}
+	}
+	return b.String(), nil
+}
+
+// idleSection measures what an idle session costs tether and HAProxy: RSS
+// and descriptors per session, at several sizes, each on a fresh process.
+func idleSection(b *strings.Builder, o options) error {
+	fmt.Fprintf(b, "## Idle sessions\n\nEach size runs on a fresh proxy process: N sessions are opened (hello + reply), left idle for 2 s, then sampled for echo. The echo gateway uses a 4 KiB user-space buffer here so it can hold them all. Per-session figures are the growth of the proxy process's RSS and open descriptors divided by N.\n\n")
+	fmt.Fprintf(b, "| sessions | tether KiB/session | tether fds/session | HAProxy KiB/session | HAProxy fds/session |\n|---|---|---|---|---|\n")
+	e, err := setup(o, "4096")
+	defer e.stop()
+	if err != nil {
+		return err
+	}
+	settle := 2 * time.Second
+	if o.quick {
+		settle = 200 * time.Millisecond
+	}
+	measure := func(kind string, n int) (float64, float64, error) {
+		var p *proc
+		var err error
+		if kind == "tether" {
+			p, err = startOn("tether-idle", "127.0.0.1", filepath.Join(o.bin, "proxy"), proxyArgs(e.stub.addr, "off")...)
+		} else {
+			p, err = startHAProxy(o.tmp, e.stub.addr, 9000)
+		}
+		if err != nil {
+			return 0, 0, err
+		}
+		defer p.stop()
+		return idleCost(p.addr, p.cmd.Process.Pid, n, settle)
+	}
+	sizes := slices.Clone(o.idleSizes)
+	var tFD float64
+	for i := 0; i < len(sizes); i++ {
+		n := sizes[i]
+		progress("idle sessions: %d", n)
+		tr, tf, err := measure("tether", n)
+		if err != nil {
+			fmt.Fprintf(b, "| %d | failed: %v | | | |\n", n, err)
+			continue
+		}
+		hr, hf, err := measure("haproxy", n)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(b, "| %d | %.1f | %.2f | %.1f | %.2f |\n", n, tr/1024, tf, hr/1024, hf)
+		tFD = tf
+		if i == len(sizes)-1 && !o.quick {
+			// The largest size the open-file limit allows tether, with
+			// room for the listener and runtime descriptors.
+			maxN := int(float64(o.idleLimit-300)/tFD) / 500 * 500
+			maxN = min(maxN, 9000)
+			if maxN > n {
+				sizes = append(sizes, maxN)
+			}
+		}
+	}
+	fmt.Fprintf(b, "\n")
+	return nil
+}
+
+func machine(b *strings.Builder) {
+	cpu := "unknown"
+	if raw, err := os.ReadFile("/proc/cpuinfo"); err == nil {
+		for _, line := range strings.Split(string(raw), "\n") {
+			if strings.HasPrefix(line, "model name") {
+				cpu = strings.TrimSpace(strings.SplitN(line, ":", 2)[1])
+				break
+			}
+		}
+	}
+	kernel, _ := exec.Command("uname", "-r").Output()
+	fmt.Fprintf(b, "Machine: %d CPUs (%s), Linux %s, %s, open-file limit %s.\n\n", runtime.NumCPU(), cpu,
+		strings.TrimSpace(string(kernel)), runtime.Version(), fileLimit())
+}
+
+func fileLimit() string {
+	out, err := exec.Command("sh", "-c", "ulimit -n").Output()
+	if err != nil {
+		return "unknown"
+	}
+	return strings.TrimSpace(string(out))
+}
+
+func haproxyVersion() string {
+	out, err := exec.Command("haproxy", "-v").Output()
+	if err != nil {
+		return "(unknown version)"
+	}
+	f := strings.Fields(string(out))
+	if len(f) > 2 {
+		return f[2]
+	}
+	return strings.TrimSpace(string(out))
+}

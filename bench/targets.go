@@ -1,0 +1,200 @@
+package main
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// proc is a process the runner started.
+type proc struct {
+	name string
+	cmd  *exec.Cmd
+	addr string
+	out  *lineLog
+}
+
+// lineLog keeps a process's last output lines for error reports and finds
+// the "listening" address tether binaries announce.
+type lineLog struct {
+	mu    sync.Mutex
+	lines []string
+	addr  chan string
+}
+
+func (l *lineLog) run(r io.Reader) {
+	sc := bufio.NewScanner(r)
+	sent := false
+	for sc.Scan() {
+		line := sc.Text()
+		l.mu.Lock()
+		l.lines = append(l.lines, line)
+		if len(l.lines) > 50 {
+			l.lines = l.lines[1:]
+		}
+		l.mu.Unlock()
+		if i := strings.Index(line, `"msg":"listening","addr":"`); i >= 0 && !sent {
+			rest := line[i+len(`"msg":"listening","addr":"`):]
+			l.addr <- rest[:strings.IndexByte(rest, '"')]
+			sent = true
+		}
+	}
+}
+
+func (l *lineLog) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return strings.Join(l.lines, "\n")
+}
+
+// startProc runs a binary; for tether binaries (announce=true) it waits for
+// the "listening" line, otherwise for addr to accept connections.
+func startProc(name, addr string, announce bool, bin string, args ...string) (*proc, error) {
+	p := &proc{name: name, cmd: exec.Command(bin, args...), out: &lineLog{addr: make(chan string, 1)}}
+	pr, pw := io.Pipe()
+	p.cmd.Stdout, p.cmd.Stderr = pw, pw
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := p.cmd.Start(); err != nil {
+		return nil, fmt.Errorf("start %s: %w", name, err)
+	}
+	go p.out.run(pr)
+	exited := make(chan struct{})
+	go func() { _ = p.cmd.Wait(); pw.Close(); close(exited) }()
+	deadline := time.After(20 * time.Second)
+	if announce {
+		select {
+		case p.addr = <-p.out.addr:
+			return p, nil
+		case <-exited:
+		case <-deadline:
+		}
+		p.stop()
+		return nil, fmt.Errorf("%s did not start:\n%s", name, p.out)
+	}
+	p.addr = addr
+	for {
+		if c, err := net.DialTimeout("tcp", addr, time.Second); err == nil {
+			c.Close()
+			return p, nil
+		}
+		select {
+		case <-exited:
+			return nil, fmt.Errorf("%s exited:\n%s", name, p.out)
+		case <-deadline:
+			p.stop()
+			return nil, fmt.Errorf("%s did not listen on %s:\n%s", name, addr, p.out)
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+}
+
+func (p *proc) stop() {
+	if p == nil || p.cmd.Process == nil {
+		return
+	}
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { _ = p.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		_ = p.cmd.Process.Kill()
+	}
+}
+
+// procStats reads CPU time, RSS and open descriptors of a process.
+type procStats struct {
+	cpu time.Duration
+	rss int64 // bytes
+	fds int
+}
+
+func statsOf(pid int) (procStats, error) {
+	var st procStats
+	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return st, err
+	}
+	// Fields after the command name (which may contain spaces).
+	f := strings.Fields(string(raw[strings.LastIndexByte(string(raw), ')')+2:]))
+	utime, _ := strconv.ParseInt(f[11], 10, 64)
+	stime, _ := strconv.ParseInt(f[12], 10, 64)
+	st.cpu = time.Duration(utime+stime) * time.Second / 100 // USER_HZ
+	status, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", pid))
+	if err != nil {
+		return st, err
+	}
+	for _, line := range strings.Split(string(status), "\n") {
+		if strings.HasPrefix(line, "VmRSS:") {
+			kb, _ := strconv.ParseInt(strings.Fields(line)[1], 10, 64)
+			st.rss = kb * 1024
+		}
+	}
+	ents, err := os.ReadDir(fmt.Sprintf("/proc/%d/fd", pid))
+	if err != nil {
+		return st, err
+	}
+	st.fds = len(ents)
+	return st, nil
+}
+
+// freePort finds a free loopback port for programs that cannot announce
+// port 0 (haproxy).
+func freePort() (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+// haproxyConfig is HAProxy at its best for this job: tcp mode, forced
+// splice both ways, smart accept/connect, no logging.
+func haproxyConfig(bind, server string, maxconn int) string {
+	return fmt.Sprintf(`global
+    maxconn %d
+    maxpipes 512
+defaults
+    mode tcp
+    timeout connect 5s
+    timeout client 10m
+    timeout server 10m
+    option splice-request
+    option splice-response
+    option tcp-smart-accept
+    option tcp-smart-connect
+frontend fe
+    bind %s
+    default_backend be
+backend be
+    server s1 %s
+`, maxconn, bind, server)
+}
+
+// startHAProxy writes the config to dir and runs haproxy in the foreground.
+func startHAProxy(dir, server string, maxconn int) (*proc, error) {
+	port, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	bind := fmt.Sprintf("127.0.0.1:%d", port)
+	cfg := filepath.Join(dir, fmt.Sprintf("haproxy-%d.cfg", port))
+	if err := os.WriteFile(cfg, []byte(haproxyConfig(bind, server, maxconn)), 0o644); err != nil {
+		return nil, err
+	}
+	bin, err := exec.LookPath("haproxy")
+	if err != nil {
+		bin = "/usr/sbin/haproxy"
+	}
+	return startProc("haproxy", bind, false, bin, "-db", "-f", cfg)
+}
