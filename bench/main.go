@@ -44,7 +44,16 @@ func main() {
 	fs.IntVar(&o.latMsgs, "lat-msgs", 5000, "64-byte round trips per session in the latency run (16 sessions)")
 	fs.BoolVar(&o.skipIdle, "skip-idle", false, "skip the idle-session cost runs")
 	fs.BoolVar(&o.save, "save", true, "write bench/results/<date>.md")
+	load := fs.String("load", "", "only generate load against --addr for profiling: connrate or bulk")
+	addr := fs.String("addr", "", "target HOST:PORT for --load")
+	loadFor := fs.Duration("for", 20*time.Second, "how long --load runs")
 	_ = fs.Parse(os.Args[1:])
+	if *load != "" {
+		if err := loadOnly(*load, *addr, *loadFor); err != nil {
+			fatal(err)
+		}
+		return
+	}
 	o.bulkBytes = int64(bulkMiB) << 20
 	o.idleSizes = []int{1000, 3000}
 	o.idleLimit = 20000
@@ -69,6 +78,28 @@ func main() {
 		}
 		fmt.Fprintf(os.Stderr, "bench: wrote %s\n", path)
 	}
+}
+
+// loadOnly drives one kind of load at addr, for profiling a running proxy
+// (proxy --admin ... --pprof; go tool pprof http://ADMIN/debug/pprof/profile).
+func loadOnly(kind, addr string, d time.Duration) error {
+	switch kind {
+	case "connrate":
+		v, err := connRate(addr, 32, d, 1<<40)
+		fmt.Printf("%.0f connections/s\n", v)
+		return err
+	case "bulk":
+		deadline := time.Now().Add(d)
+		for time.Now().Before(deadline) {
+			v, err := bulk(addr, 8, 256<<20)
+			if err != nil {
+				return err
+			}
+			fmt.Printf("%.0f MiB/s\n", v/(1<<20))
+		}
+		return nil
+	}
+	return fmt.Errorf("--load %q: want connrate or bulk", kind)
 }
 
 func fatal(err error) {
@@ -123,7 +154,8 @@ func startOn(name, ip, bin string, args ...string) (*proc, error) {
 // proxyArgs runs tether like production minus per-session logging: HAProxy
 // runs without logs too.
 func proxyArgs(gw, ppOut string) []string {
-	return []string{"--gateway", "gw=" + gw, "--proxy-protocol-out", ppOut, "--log-level", "warn", "--handshake-timeout", "10s"}
+	return []string{"--gateway", "gw=" + gw, "--proxy-protocol-out", ppOut, "--log-level", "warn", "--handshake-timeout", "10s",
+		"--client-keepalive", "0"}
 }
 
 func setup(o options, echoBuffer string) (*env, error) {
@@ -204,7 +236,7 @@ func run(o options) (string, error) {
 		return "", err
 	}
 	names := []string{"direct", "tether", "tether+v2", "haproxy"}
-	fmt.Fprintf(&b, "Targets: `direct` (client → echo gateway), `tether` (PROXY out off), `tether+v2` (PROXY v2 header with the key TLV), `haproxy` (HAProxy %s, mode tcp, `option splice-request` + `option splice-response`, tcp-smart-accept/connect, no logging). tether runs at `--log-level warn` (no per-session log line), like HAProxy without logs. Each metric runs %d rounds, targets in alternating order; the figure is the median.\n\n", haproxyVersion(), o.rounds)
+	fmt.Fprintf(&b, "Targets: `direct` (client → echo gateway), `tether` (PROXY out off), `tether+v2` (PROXY v2 header with the key TLV), `haproxy` (HAProxy %s, mode tcp, `option splice-request` + `option splice-response`, tcp-smart-accept/connect, no logging). tether runs at `--log-level warn` (no per-session log line) and `--client-keepalive 0`, like HAProxy without logs and without `option clitcpka`. Each metric runs %d rounds, targets in alternating order; the figure is the median.\n\n", haproxyVersion(), o.rounds)
 	fmt.Fprintf(&b, "| metric | %s | tether / HAProxy | tether / direct |\n|---|%s---|---|\n", strings.Join(names, " | "), strings.Repeat("---|", len(names)))
 
 	row := func(label string, res map[string][]float64, format func(float64) string, higherBetter bool) {
@@ -334,7 +366,7 @@ func idleSection(b *strings.Builder, o options) error {
 		if i == len(sizes)-1 && !o.quick {
 			// The largest size the open-file limit allows tether, with
 			// room for the listener and runtime descriptors.
-			maxN := int(float64(o.idleLimit-300)/tFD) / 500 * 500
+			maxN := int(float64(o.idleLimit-300)/tFD) / 100 * 100
 			maxN = min(maxN, 9000)
 			if maxN > n {
 				sizes = append(sizes, maxN)

@@ -39,7 +39,7 @@ func main() {
 // options are the parsed flags (and config file).
 type options struct {
 	config, listen, admin, adminToken string
-	checkConfig                       bool
+	checkConfig, pprof                bool
 	gateways                          cli.GatewayList
 	proxyProtocolOut                  string
 	handshakeTimeout, dialTimeout     time.Duration
@@ -51,6 +51,7 @@ type options struct {
 	trustedPrefixes                   []netip.Prefix
 	redisURL                          string
 	bindingTTL, redisTimeout          time.Duration
+	clientKeepAlive                   time.Duration
 }
 
 const usageHead = `Usage: proxy --gateway ID=HOST:PORT [--gateway ...] [flags]
@@ -80,6 +81,7 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.StringVar(&o.listen, "listen", ":7000", "accept clients on `HOST:PORT`")
 	fs.StringVar(&o.admin, "admin", "", "serve the admin HTTP API on `HOST:PORT` (/metrics, /healthz, /readyz, /route?key=, /gateways, POST /gateways/ID/drain|undrain); off when empty.\nIt must be a loopback address unless --admin-token is set")
 	fs.StringVar(&o.adminToken, "admin-token", "", "bearer `TOKEN` required by /route, /gateways and the drain endpoints (/metrics, /healthz, /readyz stay open); allows a non-loopback --admin. Prefer the config file to keep it out of ps")
+	fs.BoolVar(&o.pprof, "pprof", false, "serve Go's profiler under /debug/pprof/ on the admin server (behind --admin-token if set)")
 	fs.Var(&o.gateways, "gateway", "a gateway as `ID=HOST:PORT[,weight=W]`; repeat for each gateway.\nThe ID is what keys hash to: keep it stable when the address changes. weight=0 drains the gateway (no new keys)")
 	fs.StringVar(&o.proxyProtocolOut, "proxy-protocol-out", "v2", "`MODE` toward gateways: v2 sends a PROXY v2 header with the client address and the key (TLV 0xE0); off sends nothing extra")
 	fs.StringVar(&o.proxyProtocolIn, "proxy-protocol-in", proxy.ProxyInOff, "`MODE` for PROXY headers (v1 or v2) from the load balancer: off (the TCP peer is the client), optional (use a header from a trusted peer when present) or require (only trusted peers, always with a header). A header from any other peer is rejected")
@@ -92,6 +94,7 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.IntVar(&o.maxTries, "max-tries", route.DefaultMaxTries, "try up to `N` gateways per connection, in failover order")
 	fs.DurationVar(&o.dialTimeout, "dial-timeout", route.DefaultDialTimeout, "give up on a gateway connection attempt after this `DURATION`")
 	fs.DurationVar(&o.cooldown, "gateway-cooldown", route.DefaultCooldown, "after a failed connection attempt, skip the gateway for this `DURATION` (its keys use their next choice)")
+	fs.DurationVar(&o.clientKeepAlive, "client-keepalive", 60*time.Second, "TCP keepalive on client connections: first probe after this idle `DURATION`, so a phone that vanished without a FIN frees its session. Mobile apps usually have their own heartbeat; 0 turns keepalive off (and saves 4 syscalls per connection)")
 	fs.IntVar(&o.maxConns, "max-conns", 0, "accept at most `N` concurrent client connections; more are closed at once (0: no limit)")
 	fs.DurationVar(&o.drainTimeout, "drain-timeout", 10*time.Second, "on SIGTERM/SIGINT, stop accepting and let open sessions run for this `DURATION` before closing them")
 	fs.StringVar(&o.logLevel, "log-level", "info", "`LEVEL`: debug, info, warn or error (failed handshakes are logged at debug)")
@@ -232,7 +235,11 @@ func serve(args []string, o options, log *zap.Logger, level zap.AtomicLevel, std
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	metrics := proxy.NewMetrics(reg)
 
-	tcpLn, err := net.Listen("tcp", o.listen)
+	lc := net.ListenConfig{KeepAlive: -1}
+	if o.clientKeepAlive > 0 {
+		lc.KeepAliveConfig = net.KeepAliveConfig{Enable: true, Idle: o.clientKeepAlive, Interval: 15 * time.Second, Count: 4}
+	}
+	tcpLn, err := lc.Listen(context.Background(), "tcp", o.listen)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
@@ -350,6 +357,7 @@ func serve(args []string, o options, log *zap.Logger, level zap.AtomicLevel, std
 					return nil
 				},
 				Token: o.adminToken,
+				Pprof: o.pprof,
 			}),
 			ReadHeaderTimeout: 5 * time.Second,
 		}

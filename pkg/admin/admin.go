@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"net/netip"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -61,6 +62,8 @@ type Config struct {
 	// Token, when set, is required as "Authorization: Bearer <token>" on
 	// every endpoint except /healthz, /readyz and /metrics.
 	Token string
+	// Pprof mounts net/http/pprof under /debug/pprof/ (behind Token).
+	Pprof bool
 }
 
 // RouteAnswer is the JSON body of /route.
@@ -109,6 +112,13 @@ func Handler(cfg Config) http.Handler {
 				}
 			}))
 		}
+	}
+	if cfg.Pprof {
+		mux.Handle("/debug/pprof/", cfg.auth(pprof.Index))
+		mux.Handle("/debug/pprof/cmdline", cfg.auth(pprof.Cmdline))
+		mux.Handle("/debug/pprof/profile", cfg.auth(pprof.Profile))
+		mux.Handle("/debug/pprof/symbol", cfg.auth(pprof.Symbol))
+		mux.Handle("/debug/pprof/trace", cfg.auth(pprof.Trace))
 	}
 	if cfg.Resolver != nil {
 		mux.Handle("GET /route", cfg.auth(func(w http.ResponseWriter, r *http.Request) {

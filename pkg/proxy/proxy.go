@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"go.uber.org/zap"
@@ -270,11 +271,23 @@ type session struct {
 // abort closes both sides with RST so both peers learn the session ended
 // abnormally, and unblocks both copy directions.
 func (ses *session) abort(reason string) {
+	ses.abortFrom(nil, reason)
+}
+
+// abortFrom aborts the session after failed, a side whose connection already
+// broke (it was reset or timed out): that side is just closed, since a
+// reset there would tell nobody anything, and the other side gets the RST.
+func (ses *session) abortFrom(failed net.Conn, reason string) {
 	ses.once.Do(func() {
 		ses.reason = reason
-		abort(ses.client)
-		if ses.gw != nil {
-			abort(ses.gw)
+		for _, c := range []net.Conn{ses.client, ses.gw} {
+			switch {
+			case c == nil:
+			case c == failed:
+				c.Close()
+			default:
+				abort(c)
+			}
 		}
 	})
 }
@@ -481,7 +494,11 @@ func (s *Server) splice(ses *session) (up, down int64) {
 func pipe(ses *session, dst, src net.Conn, reason string) int64 {
 	n, err := io.Copy(dst, src)
 	if err != nil {
-		ses.abort(reason)
+		var failed net.Conn
+		if errors.Is(err, syscall.ECONNRESET) || errors.Is(err, os.ErrDeadlineExceeded) {
+			failed = src // reads fail first; a write error aborts both with RST
+		}
+		ses.abortFrom(failed, reason)
 		return n
 	}
 	if tc := rawTCP(dst); tc != nil && tc.CloseWrite() == nil {

@@ -21,7 +21,10 @@ const (
 // must not turn into an outage). A Dialer is safe for concurrent use; its
 // zero value uses the defaults.
 type Dialer struct {
-	// DialContext opens a connection; nil means a net.Dialer.
+	// DialContext opens a connection; nil means a net.Dialer without TCP
+	// keepalive (a dead gateway shows up as a reset, a refused dial or a
+	// gossip failure; keepalive would cost four setsockopt calls per
+	// connection for nothing).
 	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
 	// MaxTries bounds attempts per Dial; 0 means DefaultMaxTries.
 	MaxTries int
@@ -100,7 +103,7 @@ func (d *Dialer) dialOne(ctx context.Context, gw Gateway) (net.Conn, error) {
 	defer cancel()
 	dial := d.DialContext
 	if dial == nil {
-		dial = (&net.Dialer{}).DialContext
+		dial = (&net.Dialer{KeepAlive: -1}).DialContext
 	}
 	c, err := dial(ctx, "tcp", gw.Addr)
 	if err != nil {
