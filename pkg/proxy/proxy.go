@@ -72,6 +72,11 @@ type Config struct {
 	Logger *zap.Logger
 	// Metrics receives counters; nil means unregistered instruments.
 	Metrics *Metrics
+	// Park holds idle sessions in the proxy's own epoll set without
+	// goroutines or pipes (Linux; elsewhere it is ignored). Otherwise each
+	// session keeps a goroutine and, while blocked, a pipe per direction.
+	// DefaultConfig turns it on.
+	Park bool
 }
 
 // DefaultConfig returns the defaults of the proxy's flags, without a
@@ -80,6 +85,7 @@ func DefaultConfig() Config {
 	return Config{
 		HandshakeTimeout: DefaultHandshakeTimeout,
 		ProxyProtocolOut: true,
+		Park:             true,
 		Extractor:        proto.HelloExtractor{MaxLen: proto.DefaultMaxHello},
 	}
 }
@@ -95,6 +101,8 @@ type Server struct {
 
 	ctx    context.Context // cancelled when sessions are forced closed
 	cancel context.CancelFunc
+
+	parker *parker // nil: one goroutine and io.Copy per direction
 
 	active   atomic.Int64
 	nextID   atomic.Uint64
@@ -141,6 +149,13 @@ func New(cfg Config) (*Server, error) {
 	}
 	s.pool.New = func() any { b := make([]byte, s.bufSize); return &b }
 	s.ctx, s.cancel = context.WithCancel(context.Background())
+	if cfg.Park {
+		p, err := newParker(s.log)
+		if err != nil {
+			return nil, fmt.Errorf("proxy: park: %w", err)
+		}
+		s.parker = p // nil where parking is not supported
+	}
 	return s, nil
 }
 
@@ -223,19 +238,32 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	select {
 	case <-done:
 		s.cancel()
+		s.closeParker()
 		return nil
 	case <-ctx.Done():
 	}
 	s.cancel()
 	s.mu.Lock()
-	n := len(s.sessions)
+	open := make([]*session, 0, len(s.sessions))
 	for ses := range s.sessions {
-		ses.abort("drain_timeout")
+		open = append(open, ses)
 	}
 	s.mu.Unlock()
+	// Abort outside the lock: a parked session's end unregisters itself.
+	for _, ses := range open {
+		ses.abort("drain_timeout")
+	}
+	n := len(open)
 	s.log.Info("drain timeout: closed open sessions", zap.Int("sessions", n))
 	<-done
+	s.closeParker()
 	return ctx.Err()
+}
+
+func (s *Server) closeParker() {
+	if s.parker != nil {
+		s.parker.close()
+	}
 }
 
 // Close closes every listener and session at once.
@@ -264,8 +292,11 @@ func (s *Server) SessionsByGateway() map[string]int {
 type session struct {
 	client, gw net.Conn
 	gwID       string
-	once       sync.Once
-	reason     string // why the session was aborted; set once
+	// onAbort, when set (by the parker), runs after an abort closed the
+	// connections, so a parked session learns it is over.
+	onAbort func()
+	once    sync.Once
+	reason  string // why the session was aborted; set once
 }
 
 // abort closes both sides with RST so both peers learn the session ended
@@ -278,7 +309,9 @@ func (ses *session) abort(reason string) {
 // broke (it was reset or timed out): that side is just closed, since a
 // reset there would tell nobody anything, and the other side gets the RST.
 func (ses *session) abortFrom(failed net.Conn, reason string) {
+	aborted := false
 	ses.once.Do(func() {
+		aborted = true
 		ses.reason = reason
 		for _, c := range []net.Conn{ses.client, ses.gw} {
 			switch {
@@ -290,6 +323,9 @@ func (ses *session) abortFrom(failed net.Conn, reason string) {
 			}
 		}
 	})
+	if aborted && ses.onAbort != nil {
+		ses.onAbort()
+	}
 }
 
 // closeReason ends the session's abort window (a later abort is a no-op)
@@ -300,22 +336,32 @@ func (ses *session) closeReason() string {
 }
 
 func (s *Server) handle(c net.Conn) {
+	if !s.handleConn(c) {
+		s.connDone()
+	}
+}
+
+// connDone is the bookkeeping of a client connection that ended.
+func (s *Server) connDone() {
+	s.active.Add(-1)
+	s.m.Active.Dec()
+	s.m.Closed.Inc()
+	s.wg.Done()
+}
+
+// handleConn runs the handshake and the session. It returns true when the
+// session was parked: its end (and connDone) then comes from the parker.
+func (s *Server) handleConn(c net.Conn) (parked bool) {
 	start := time.Now()
-	defer func() {
-		s.active.Add(-1)
-		s.m.Active.Dec()
-		s.m.Closed.Inc()
-		s.wg.Done()
-	}()
 	id := s.nextID.Add(1)
 
 	if err := c.SetReadDeadline(start.Add(s.cfg.HandshakeTimeout)); err != nil {
 		s.handshakeFailed(c, id, reasonReadError, err)
-		return
+		return false
 	}
 	if err := readProxyHeader(c); err != nil {
 		s.handshakeFailed(c, id, headerReason(err), err)
-		return
+		return false
 	}
 	bufp := s.pool.Get().(*[]byte)
 	defer s.pool.Put(bufp)
@@ -323,7 +369,7 @@ func (s *Server) handle(c net.Conn) {
 	n, key, err := s.readKey(c, buf[headroom:])
 	if err != nil {
 		s.handshakeFailed(c, id, keyReason(err), err)
-		return
+		return false
 	}
 	keyHash := ring.KeyHash(key)
 
@@ -336,8 +382,7 @@ func (s *Server) handle(c net.Conn) {
 			s.m.DialFailures.WithLabelValues(gw.ID).Inc()
 		}
 		if err == nil {
-			s.serveSession(c, id, start, keyHash, buf, n, key, res)
-			return
+			return s.serveSession(c, id, start, keyHash, buf, n, key, res)
 		}
 	}
 	reason := "unreachable"
@@ -350,6 +395,7 @@ func (s *Server) handle(c net.Conn) {
 			zap.String("key_hash", hashString(keyHash)), zap.String("reason", reason), zap.Error(err))
 	}
 	abort(c)
+	return false
 }
 
 // readKey reads until the extractor finds the key, within the handshake
@@ -400,7 +446,10 @@ func (s *Server) handshakeFailed(c net.Conn, id uint64, reason string, err error
 	abort(c)
 }
 
-func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash uint64, buf []byte, n int, key []byte, res route.Result) {
+// serveSession writes the PROXY header and the first bytes to the gateway,
+// then splices until both directions end — in this goroutine, or, when the
+// parker takes the session, from the parker. It reports whether it parked.
+func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash uint64, buf []byte, n int, key []byte, res route.Result) bool {
 	gw := res.Conn
 	if res.Attempts > 1 {
 		s.m.Failovers.WithLabelValues(res.Gateway.ID).Inc()
@@ -409,9 +458,8 @@ func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash ui
 	if !s.register(ses) {
 		s.m.Rejected.WithLabelValues("shutdown").Inc()
 		ses.abort("shutdown")
-		return
+		return false
 	}
-	defer s.unregister(ses)
 
 	// Header and hello leave in one write: the header is built in the
 	// headroom right in front of the bytes read.
@@ -421,7 +469,8 @@ func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash ui
 		if err != nil || len(hdr) > headroom {
 			s.log.Error("cannot build PROXY v2 header", zap.Uint64("conn", id), zap.Error(err))
 			ses.abort("internal_error")
-			return
+			s.unregister(ses)
+			return false
 		}
 		copy(buf[headroom-len(hdr):], hdr)
 		out = buf[headroom-len(hdr) : headroom+n]
@@ -431,21 +480,36 @@ func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash ui
 		s.m.DialFailures.WithLabelValues(res.Gateway.ID).Inc()
 		s.log.Debug("write to gateway failed", zap.Uint64("conn", id), zap.String("gateway", res.Gateway.ID), zap.Error(err))
 		ses.abort("gateway_write_error")
-		return
+		s.unregister(ses)
+		return false
 	}
-
+	end := func(up, down int64) {
+		s.endSession(ses, id, start, keyHash, int64(n), up, down)
+	}
+	if s.parker != nil && s.parker.park(ses, func(up, down int64) { end(up, down); s.connDone() }) {
+		return true
+	}
 	up, down := s.splice(ses)
+	end(up, down)
+	return false
+}
+
+// endSession records a finished session: metrics, the session-end log line,
+// and removal from the drain set. hello is the bytes already forwarded
+// before splicing.
+func (s *Server) endSession(ses *session, id uint64, start time.Time, keyHash uint64, hello, up, down int64) {
+	s.unregister(ses)
 	reason := ses.closeReason()
 	d := time.Since(start)
-	s.m.Bytes.WithLabelValues("client_to_gateway").Add(float64(up + int64(n)))
+	s.m.Bytes.WithLabelValues("client_to_gateway").Add(float64(up + hello))
 	s.m.Bytes.WithLabelValues("gateway_to_client").Add(float64(down))
 	s.m.SessionSeconds.Observe(d.Seconds())
 	s.log.Info("session end",
 		zap.Uint64("conn", id),
 		zap.String("key_hash", hashString(keyHash)),
-		zap.String("gateway", res.Gateway.ID),
-		zap.String("client", c.RemoteAddr().String()),
-		zap.Int64("bytes_in", up+int64(n)),
+		zap.String("gateway", ses.gwID),
+		zap.String("client", ses.client.RemoteAddr().String()),
+		zap.Int64("bytes_in", up+hello),
 		zap.Int64("bytes_out", down),
 		zap.Duration("duration", d),
 		zap.String("reason", reason))

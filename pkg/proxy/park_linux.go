@@ -1,0 +1,378 @@
+//go:build linux
+
+package proxy
+
+import (
+	"errors"
+	"net"
+	"sync"
+	"syscall"
+
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+)
+
+// parker holds spliced sessions while they are idle without a goroutine or
+// a pipe: each direction's source socket sits in the parker's own epoll set
+// (one-shot). When data (or EOF, or an error) arrives, a short-lived
+// goroutine moves what is there with splice(2) through a pooled pipe, then
+// parks the direction again. Go's io.Copy splice path instead keeps a
+// goroutine and a pipe (two descriptors) per direction blocked for the
+// session's whole life; on a fleet of mostly idle mobile sessions that is
+// most of the cost (docs/BENCHMARKS.md).
+type parker struct {
+	log    *zap.Logger
+	epfd   int
+	wakefd int // eventfd that stops the loop
+
+	mu    sync.Mutex
+	dirs  map[uint64]*parkedDir
+	next  uint64
+	pipes chan *pipePair // free pipes
+
+	closeOnce sync.Once
+	loopDone  chan struct{}
+}
+
+// maxSplice is the most one splice call moves; pipes are sized to it.
+const maxSplice = 1 << 20
+
+// pipePool bounds the free pipes kept; pipes exist only while data moves.
+const pipePool = 64
+
+type pipePair struct{ r, w int }
+
+// parkedSession tracks the two directions of one session.
+type parkedSession struct {
+	ses    *session
+	onDone func(up, down int64)
+	dirs   [2]*parkedDir
+
+	mu       sync.Mutex
+	open     int  // directions not finished
+	running  int  // workers moving data now
+	finished bool // onDone called
+}
+
+// parkedDir is one direction: bytes from src to dst.
+type parkedDir struct {
+	ps       *parkedSession
+	id       uint64
+	src, dst net.Conn
+	srcRC    syscall.RawConn
+	dstRC    syscall.RawConn
+	done     bool  // EOF or error seen; guarded by ps.mu
+	bytes    int64 // moved so far; only the running worker touches it
+}
+
+func newParker(log *zap.Logger) (*parker, error) {
+	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
+	if err != nil {
+		return nil, err
+	}
+	wake, err := unix.Eventfd(0, unix.EFD_CLOEXEC|unix.EFD_NONBLOCK)
+	if err != nil {
+		unix.Close(epfd)
+		return nil, err
+	}
+	if err := unix.EpollCtl(epfd, unix.EPOLL_CTL_ADD, wake, &unix.EpollEvent{Events: unix.EPOLLIN}); err != nil {
+		unix.Close(epfd)
+		unix.Close(wake)
+		return nil, err
+	}
+	p := &parker{log: log, epfd: epfd, wakefd: wake, dirs: map[uint64]*parkedDir{},
+		pipes: make(chan *pipePair, pipePool), loopDone: make(chan struct{})}
+	p.next = 1 // 0 is the wake eventfd
+	go p.loop()
+	return p, nil
+}
+
+// close stops the event loop; sessions still parked must have been
+// aborted first (Server.Shutdown does).
+func (p *parker) close() {
+	p.closeOnce.Do(func() {
+		one := []byte{1, 0, 0, 0, 0, 0, 0, 0}
+		_, _ = unix.Write(p.wakefd, one)
+		<-p.loopDone
+		unix.Close(p.epfd)
+		unix.Close(p.wakefd)
+		for {
+			select {
+			case pp := <-p.pipes:
+				closePipe(pp)
+			default:
+				return
+			}
+		}
+	})
+}
+
+func (p *parker) loop() {
+	defer close(p.loopDone)
+	events := make([]unix.EpollEvent, 256)
+	for {
+		n, err := unix.EpollWait(p.epfd, events, -1)
+		if err != nil {
+			if errors.Is(err, unix.EINTR) {
+				continue
+			}
+			p.log.Error("park: epoll_wait failed; parked sessions stall", zap.Error(err))
+			return
+		}
+		for _, ev := range events[:n] {
+			id := uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32
+			if id == 0 {
+				return // woken by close
+			}
+			p.mu.Lock()
+			d := p.dirs[id]
+			p.mu.Unlock()
+			if d != nil {
+				go p.run(d)
+			}
+		}
+	}
+}
+
+// park takes over a session whose hello was forwarded. It returns false
+// (and changes nothing) if the connections are not plain TCP.
+func (p *parker) park(ses *session, onDone func(up, down int64)) bool {
+	cRC, ok1 := rawConn(ses.client)
+	gRC, ok2 := rawConn(ses.gw)
+	if !ok1 || !ok2 {
+		return false
+	}
+	ps := &parkedSession{ses: ses, onDone: onDone, open: 2}
+	p.mu.Lock()
+	for i, pair := range [2][2]net.Conn{{ses.client, ses.gw}, {ses.gw, ses.client}} {
+		d := &parkedDir{ps: ps, id: p.next, src: pair[0], dst: pair[1]}
+		d.srcRC, d.dstRC = cRC, gRC
+		if i == 1 {
+			d.srcRC, d.dstRC = gRC, cRC
+		}
+		p.next++
+		ps.dirs[i] = d
+		p.dirs[d.id] = d
+	}
+	p.mu.Unlock()
+	ses.onAbort = func() { p.aborted(ps) }
+	for _, d := range ps.dirs {
+		if err := p.arm(d, unix.EPOLL_CTL_ADD); err != nil {
+			ses.abortFrom(nil, "internal_error")
+		}
+	}
+	return true
+}
+
+// rawConn returns the syscall.RawConn of a TCP connection (also under a
+// PROXY protocol wrapper, whose bytes were all consumed by the handshake).
+func rawConn(c net.Conn) (syscall.RawConn, bool) {
+	tc := rawTCP(c)
+	if tc == nil {
+		return nil, false
+	}
+	if pc, ok := c.(interface{ Raw() net.Conn }); ok && pc.Raw() != net.Conn(tc) {
+		return nil, false
+	}
+	rc, err := tc.SyscallConn()
+	return rc, err == nil
+}
+
+// arm (re)registers a direction's source for one readiness event.
+func (p *parker) arm(d *parkedDir, op int) error {
+	ev := unix.EpollEvent{
+		Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT,
+		Fd:     int32(uint32(d.id)),
+		Pad:    int32(uint32(d.id >> 32)),
+	}
+	var err error
+	cerr := d.srcRC.Control(func(fd uintptr) { err = unix.EpollCtl(p.epfd, op, int(fd), &ev) })
+	return errors.Join(cerr, err)
+}
+
+// run handles one readiness event of a direction.
+func (p *parker) run(d *parkedDir) {
+	ps := d.ps
+	ps.mu.Lock()
+	if d.done || ps.finished {
+		ps.mu.Unlock()
+		return
+	}
+	ps.running++
+	ps.mu.Unlock()
+
+	eof, err := p.move(d)
+	switch {
+	case err != nil:
+		var failed net.Conn
+		if errors.Is(err, unix.ECONNRESET) || errors.Is(err, unix.ETIMEDOUT) || errors.Is(err, unix.EHOSTUNREACH) {
+			failed = d.src
+		}
+		reason := "client_error"
+		if d == ps.dirs[1] {
+			reason = "gateway_error"
+		}
+		ps.ses.abortFrom(failed, reason) // marks every direction done via aborted
+		p.finish(d, true)
+	case eof:
+		if tc := rawTCP(d.dst); tc == nil || tc.CloseWrite() != nil {
+			ps.ses.abortFrom(nil, "gateway_error")
+		}
+		p.finish(d, true)
+	default:
+		if aerr := p.arm(d, unix.EPOLL_CTL_MOD); aerr != nil {
+			// Closed meanwhile (abort or drain): the abort marked it done.
+			p.finish(d, true)
+			return
+		}
+		p.finish(d, false)
+	}
+}
+
+// finish ends a worker's turn; done marks its direction finished. The last
+// one out closes the session.
+func (p *parker) finish(d *parkedDir, done bool) {
+	ps := d.ps
+	ps.mu.Lock()
+	ps.running--
+	if done && !d.done {
+		d.done = true
+		ps.open--
+	}
+	last := ps.open == 0 && ps.running == 0 && !ps.finished
+	if last {
+		ps.finished = true
+	}
+	ps.mu.Unlock()
+	if last {
+		p.release(ps)
+	}
+}
+
+// aborted runs after the session's connections were closed by an abort:
+// directions parked in epoll will never fire again (closing a descriptor
+// removes it from the set), so they are finished here.
+func (p *parker) aborted(ps *parkedSession) {
+	ps.mu.Lock()
+	for _, d := range ps.dirs {
+		if !d.done {
+			d.done = true
+			ps.open--
+		}
+	}
+	last := ps.open == 0 && ps.running == 0 && !ps.finished
+	if last {
+		ps.finished = true
+	}
+	ps.mu.Unlock()
+	if last {
+		p.release(ps)
+	}
+}
+
+func (p *parker) release(ps *parkedSession) {
+	p.mu.Lock()
+	for _, d := range ps.dirs {
+		delete(p.dirs, d.id)
+	}
+	p.mu.Unlock()
+	ps.ses.client.Close()
+	ps.ses.gw.Close()
+	ps.onDone(ps.dirs[0].bytes, ps.dirs[1].bytes)
+}
+
+// move splices what src has to dst until src would block (park again),
+// reaches EOF, or fails. Reads never wait; writes wait in Go's poller for
+// the peer to take the data, holding the pipe only while bytes are in it.
+func (p *parker) move(d *parkedDir) (eof bool, err error) {
+	var pp *pipePair
+	defer func() {
+		if pp != nil {
+			p.putPipe(pp, err == nil)
+		}
+	}()
+	for {
+		if pp == nil {
+			if pp, err = p.getPipe(); err != nil {
+				return false, err
+			}
+		}
+		var n int64
+		var serr error
+		if rerr := d.srcRC.Read(func(fd uintptr) bool {
+			n, serr = unix.Splice(int(fd), nil, pp.w, nil, maxSplice, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+			return true // never wait here: would-block means park
+		}); rerr != nil {
+			return false, rerr
+		}
+		switch {
+		case errors.Is(serr, unix.EAGAIN):
+			return false, nil
+		case errors.Is(serr, unix.EINTR):
+			continue
+		case serr != nil:
+			return false, serr
+		case n == 0:
+			return true, nil
+		}
+		for left := n; left > 0; {
+			var m int64
+			var werr error
+			if wrerr := d.dstRC.Write(func(fd uintptr) bool {
+				m, werr = unix.Splice(pp.r, nil, int(fd), nil, int(left), unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+				return !errors.Is(werr, unix.EAGAIN) // wait for the peer to drain
+			}); wrerr != nil {
+				return false, wrerr
+			}
+			if errors.Is(werr, unix.EINTR) {
+				continue
+			}
+			if werr != nil {
+				return false, werr
+			}
+			left -= m
+			d.bytes += m
+		}
+	}
+}
+
+func (p *parker) getPipe() (*pipePair, error) {
+	select {
+	case pp := <-p.pipes:
+		return pp, nil
+	default:
+	}
+	var fds [2]int
+	if err := unix.Pipe2(fds[:], unix.O_NONBLOCK|unix.O_CLOEXEC); err != nil {
+		return nil, err
+	}
+	// Larger pipes move bulk data in fewer calls; the kernel allocates the
+	// pages only while data sits in them.
+	_, _ = unix.FcntlInt(uintptr(fds[0]), unix.F_SETPIPE_SZ, maxSplice)
+	return &pipePair{r: fds[0], w: fds[1]}, nil
+}
+
+// putPipe returns an empty pipe to the pool; a pipe that may hold data
+// (after an error) is closed instead.
+func (p *parker) putPipe(pp *pipePair, empty bool) {
+	if empty {
+		select {
+		case p.pipes <- pp:
+			return
+		default:
+		}
+	}
+	closePipe(pp)
+}
+
+func closePipe(pp *pipePair) {
+	unix.Close(pp.r)
+	unix.Close(pp.w)
+}
+
+// parkedCount is the number of directions registered (for tests).
+func (p *parker) parkedCount() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.dirs)
+}
