@@ -51,7 +51,7 @@ type options struct {
 	trustedPrefixes                   []netip.Prefix
 	redisURL                          string
 	bindingTTL, redisTimeout          time.Duration
-	clientKeepAlive                   time.Duration
+	clientKeepAlive, parkAfter        time.Duration
 }
 
 const usageHead = `Usage: proxy --gateway ID=HOST:PORT [--gateway ...] [flags]
@@ -82,6 +82,7 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.StringVar(&o.admin, "admin", "", "serve the admin HTTP API on `HOST:PORT` (/metrics, /healthz, /readyz, /route?key=, /gateways, POST /gateways/ID/drain|undrain); off when empty.\nIt must be a loopback address unless --admin-token is set")
 	fs.StringVar(&o.adminToken, "admin-token", "", "bearer `TOKEN` required by /route, /gateways and the drain endpoints (/metrics, /healthz, /readyz stay open); allows a non-loopback --admin. Prefer the config file to keep it out of ps")
 	fs.BoolVar(&o.noPark, "no-park", false, "keep a goroutine and, while blocked, a splice pipe per direction for every session instead of parking idle sessions in tether's own epoll set (a fallback; parking is what makes idle sessions cost 2 descriptors)")
+	fs.DurationVar(&o.parkAfter, "park-after", proxy.DefaultParkAfter, "a session direction idle this `DURATION` gives back its goroutine and waits in tether's epoll set instead (no pipe, no goroutine); busy sessions never park")
 	fs.BoolVar(&o.pprof, "pprof", false, "serve Go's profiler under /debug/pprof/ on the admin server (behind --admin-token if set)")
 	fs.Var(&o.gateways, "gateway", "a gateway as `ID=HOST:PORT[,weight=W]`; repeat for each gateway.\nThe ID is what keys hash to: keep it stable when the address changes. weight=0 drains the gateway (no new keys)")
 	fs.StringVar(&o.proxyProtocolOut, "proxy-protocol-out", "v2", "`MODE` toward gateways: v2 sends a PROXY v2 header with the client address and the key (TLV 0xE0); off sends nothing extra")
@@ -326,6 +327,7 @@ func serve(args []string, o options, log *zap.Logger, level zap.AtomicLevel, std
 		ProxyProtocolOut: o.proxyProtocolOut == "v2",
 		MaxConns:         o.maxConns,
 		Park:             !o.noPark,
+		ParkAfter:        o.parkAfter,
 		Logger:           log.Named("proxy"),
 		Metrics:          metrics,
 	})

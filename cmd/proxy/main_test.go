@@ -49,7 +49,7 @@ func TestHelpListsEveryFlag(t *testing.T) {
 	for _, f := range []string{"--listen", "--admin", "--gateway", "--proxy-protocol-out", "--handshake-timeout",
 		"--max-hello", "--max-tries", "--dial-timeout", "--gateway-cooldown", "--max-conns", "--drain-timeout",
 		"--log-level", "--log-format", "--proxy-protocol-in", "--trusted-proxies", "--redis", "--binding-ttl",
-		"--redis-timeout", "--config", "--check-config", "--admin-token", "--no-park", "--pprof", "--client-keepalive", "--gossip-bind", "--join", "--node-name", "--gossip-key", "--gossip-profile"} {
+		"--redis-timeout", "--config", "--check-config", "--admin-token", "--no-park", "--park-after", "--pprof", "--client-keepalive", "--gossip-bind", "--join", "--node-name", "--gossip-key", "--gossip-profile"} {
 		if out := stderr.String(); !strings.Contains(out, "  "+f+" ") && !strings.Contains(out, "  "+f+"\n") {
 			t.Errorf("--help does not document %s", f)
 		}

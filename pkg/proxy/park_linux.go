@@ -5,25 +5,33 @@ package proxy
 import (
 	"errors"
 	"net"
+	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
+	"time"
 
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 )
 
 // parker holds spliced sessions while they are idle without a goroutine or
-// a pipe: each direction's source socket sits in the parker's own epoll set
-// (one-shot). When data (or EOF, or an error) arrives, a short-lived
-// goroutine moves what is there with splice(2) through a pooled pipe, then
-// parks the direction again. Go's io.Copy splice path instead keeps a
+// a pipe. Each direction has a worker goroutine while it is active: it
+// moves what arrives with splice(2) through a pooled pipe (taken only while
+// bytes are in it) and waits for more in Go's poller. After parkAfter
+// without data the worker exits and the direction's source socket is armed
+// in the parker's own epoll set (one-shot); the next byte, EOF or error
+// starts a new worker. Go's io.Copy splice path instead keeps a
 // goroutine and a pipe (two descriptors) per direction blocked for the
 // session's whole life; on a fleet of mostly idle mobile sessions that is
 // most of the cost (docs/BENCHMARKS.md).
 type parker struct {
-	log    *zap.Logger
-	epfd   int
-	wakefd int // eventfd that stops the loop
+	log       *zap.Logger
+	parkAfter time.Duration
+	epfd      int
+	wakefd    int // eventfd that stops the loop
+
+	parkedNow atomic.Int64 // directions waiting in the epoll set
 
 	mu    sync.Mutex
 	dirs  map[uint64]*parkedDir
@@ -62,10 +70,12 @@ type parkedDir struct {
 	srcRC    syscall.RawConn
 	dstRC    syscall.RawConn
 	done     bool  // EOF or error seen; guarded by ps.mu
+	parked   bool  // waiting in the epoll set; guarded by ps.mu
 	bytes    int64 // moved so far; only the running worker touches it
+	armed    bool  // registered in the epoll set; only the running worker touches it
 }
 
-func newParker(log *zap.Logger) (*parker, error) {
+func newParker(log *zap.Logger, parkAfter time.Duration) (*parker, error) {
 	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
 		return nil, err
@@ -80,7 +90,7 @@ func newParker(log *zap.Logger) (*parker, error) {
 		unix.Close(wake)
 		return nil, err
 	}
-	p := &parker{log: log, epfd: epfd, wakefd: wake, dirs: map[uint64]*parkedDir{},
+	p := &parker{log: log, parkAfter: parkAfter, epfd: epfd, wakefd: wake, dirs: map[uint64]*parkedDir{},
 		pipes: make(chan *pipePair, pipePool), loopDone: make(chan struct{})}
 	p.next = 1 // 0 is the wake eventfd
 	go p.loop()
@@ -156,10 +166,10 @@ func (p *parker) park(ses *session, onDone func(up, down int64)) bool {
 	}
 	p.mu.Unlock()
 	ses.onAbort = func() { p.aborted(ps) }
+	// Both directions start active: a session usually talks right after
+	// the hello, and short sessions then never touch the epoll set.
 	for _, d := range ps.dirs {
-		if err := p.arm(d, unix.EPOLL_CTL_ADD); err != nil {
-			ses.abortFrom(nil, "internal_error")
-		}
+		go p.run(d)
 	}
 	return true
 }
@@ -190,10 +200,15 @@ func (p *parker) arm(d *parkedDir, op int) error {
 	return errors.Join(cerr, err)
 }
 
-// run handles one readiness event of a direction.
+// run is a direction's worker: started when the session is parked-in and
+// for every readiness event after that.
 func (p *parker) run(d *parkedDir) {
 	ps := d.ps
 	ps.mu.Lock()
+	if d.parked {
+		d.parked = false
+		p.parkedNow.Add(-1)
+	}
 	if d.done || ps.finished {
 		ps.mu.Unlock()
 		return
@@ -201,7 +216,7 @@ func (p *parker) run(d *parkedDir) {
 	ps.running++
 	ps.mu.Unlock()
 
-	eof, err := p.move(d)
+	eof, err := p.serve(d)
 	switch {
 	case err != nil:
 		var failed net.Conn
@@ -220,13 +235,53 @@ func (p *parker) run(d *parkedDir) {
 		}
 		p.finish(d, true)
 	default:
-		if aerr := p.arm(d, unix.EPOLL_CTL_MOD); aerr != nil {
+		op := unix.EPOLL_CTL_ADD
+		if d.armed {
+			op = unix.EPOLL_CTL_MOD
+		}
+		if aerr := p.arm(d, op); aerr != nil {
 			// Closed meanwhile (abort or drain): the abort marked it done.
 			p.finish(d, true)
 			return
 		}
+		d.armed = true
 		p.finish(d, false)
 	}
+}
+
+// serve moves data while the direction is active and returns when it has
+// been idle for parkAfter (eof and err nil: park it), at EOF, or on error.
+func (p *parker) serve(d *parkedDir) (eof bool, err error) {
+	for {
+		if eof, err = p.move(d); eof || err != nil {
+			return eof, err
+		}
+		ready, err := p.linger(d)
+		if err != nil || !ready {
+			return false, err
+		}
+	}
+}
+
+// linger waits in Go's poller up to parkAfter for the source to become
+// readable (data, EOF or an error). A peek before waiting closes the race
+// with bytes that arrived after move's last would-block.
+func (p *parker) linger(d *parkedDir) (bool, error) {
+	if err := d.src.SetReadDeadline(time.Now().Add(p.parkAfter)); err != nil {
+		return false, err
+	}
+	var one [1]byte
+	err := d.srcRC.Read(func(fd uintptr) bool {
+		_, _, perr := unix.Recvfrom(int(fd), one[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		return !errors.Is(perr, unix.EAGAIN) // readable, EOF or error: go move it
+	})
+	if derr := d.src.SetReadDeadline(time.Time{}); derr != nil && err == nil {
+		err = derr
+	}
+	if errors.Is(err, os.ErrDeadlineExceeded) {
+		return false, nil // idle: park
+	}
+	return err == nil, err
 }
 
 // finish ends a worker's turn; done marks its direction finished. The last
@@ -238,6 +293,10 @@ func (p *parker) finish(d *parkedDir, done bool) {
 	if done && !d.done {
 		d.done = true
 		ps.open--
+	}
+	if !done && !d.done {
+		d.parked = true
+		p.parkedNow.Add(1)
 	}
 	last := ps.open == 0 && ps.running == 0 && !ps.finished
 	if last {
@@ -255,6 +314,10 @@ func (p *parker) finish(d *parkedDir, done bool) {
 func (p *parker) aborted(ps *parkedSession) {
 	ps.mu.Lock()
 	for _, d := range ps.dirs {
+		if d.parked {
+			d.parked = false
+			p.parkedNow.Add(-1)
+		}
 		if !d.done {
 			d.done = true
 			ps.open--
@@ -370,8 +433,11 @@ func closePipe(pp *pipePair) {
 	unix.Close(pp.w)
 }
 
-// parkedCount is the number of directions registered (for tests).
-func (p *parker) parkedCount() int {
+// parkedCount is the number of directions parked in the epoll set now.
+func (p *parker) parkedCount() int { return int(p.parkedNow.Load()) }
+
+// sessionDirs is the number of directions of live sessions (for tests).
+func (p *parker) sessionDirs() int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return len(p.dirs)

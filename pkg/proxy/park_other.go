@@ -2,12 +2,16 @@
 
 package proxy
 
-import "go.uber.org/zap"
+import (
+	"time"
+
+	"go.uber.org/zap"
+)
 
 // parker is Linux-only; elsewhere sessions use one goroutine per direction.
 type parker struct{}
 
-func newParker(*zap.Logger) (*parker, error)               { return nil, nil }
-func (p *parker) park(*session, func(up, down int64)) bool { return false }
-func (p *parker) close()                                   {}
-func (p *parker) parkedCount() int                         { return 0 }
+func newParker(*zap.Logger, time.Duration) (*parker, error) { return nil, nil }
+func (p *parker) park(*session, func(up, down int64)) bool  { return false }
+func (p *parker) close()                                    {}
+func (p *parker) parkedCount() int                          { return 0 }

@@ -17,9 +17,16 @@ import (
 	"github.com/tether-proxy/tether/pkg/ring"
 )
 
-// openParked opens a session and waits until both of its directions are
-// parked in the parker's epoll set.
-func openParked(t *testing.T, h *harness, key string, parkedBefore int) *net.TCPConn {
+// parkFast parks directions after 30ms idle, so tests see parked sessions
+// quickly.
+func parkFast() Config {
+	cfg := DefaultConfig()
+	cfg.ParkAfter = 30 * time.Millisecond
+	return cfg
+}
+
+// openSession opens a session and reads the gateway's reply.
+func openSession(t *testing.T, h *harness, key string) *net.TCPConn {
 	t.Helper()
 	c := dial(t, h.addr)
 	if _, err := c.Write(hello(t, key, "")); err != nil {
@@ -28,6 +35,14 @@ func openParked(t *testing.T, h *harness, key string, parkedBefore int) *net.TCP
 	if _, _, err := stub.ReadReply(c); err != nil {
 		t.Fatal(err)
 	}
+	return c
+}
+
+// openParked opens a session and waits until both of its directions are
+// parked in the parker's epoll set.
+func openParked(t *testing.T, h *harness, key string, parkedBefore int) *net.TCPConn {
+	t.Helper()
+	c := openSession(t, h, key)
 	waitFor(t, func() bool { return h.srv.parker.parkedCount() == parkedBefore+2 })
 	return c
 }
@@ -36,7 +51,7 @@ func openParked(t *testing.T, h *harness, key string, parkedBefore int) *net.TCP
 // goroutines to the proxy, and every one still echoes.
 func TestParkedSessionsHoldNoGoroutines(t *testing.T) {
 	gw := gateway(t, "gw-1", stub.ProxyRequire)
-	h := start(t, DefaultConfig(), ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
+	h := start(t, parkFast(), ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
 	if h.srv.parker == nil {
 		t.Fatal("parking is off on Linux")
 	}
@@ -44,9 +59,10 @@ func TestParkedSessionsHoldNoGoroutines(t *testing.T) {
 	// comparing with the stub's own share (one per session).
 	base := runtime.NumGoroutine()
 	var conns []*net.TCPConn
-	for i := range 200 {
-		conns = append(conns, openParked(t, h, "k", 2*i))
+	for range 200 {
+		conns = append(conns, openSession(t, h, "k"))
 	}
+	waitFor(t, func() bool { return h.srv.parker.parkedCount() == 400 })
 	grown := runtime.NumGoroutine() - base
 	// 200 stub handler goroutines are expected; the proxy may add a few
 	// runtime helpers but nothing per session.
@@ -67,7 +83,7 @@ func TestParkedSessionsHoldNoGoroutines(t *testing.T) {
 // in both orders of events.
 func TestParkedHalfClose(t *testing.T) {
 	gw := gateway(t, "gw-1", stub.ProxyRequire)
-	h := start(t, DefaultConfig(), ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
+	h := start(t, parkFast(), ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
 	c := openParked(t, h, "hc", 0)
 	if _, err := c.Write([]byte("last words")); err != nil {
 		t.Fatal(err)
@@ -79,14 +95,14 @@ func TestParkedHalfClose(t *testing.T) {
 	if err != nil || string(rest) != "last words" {
 		t.Fatalf("after half-close: %q %v", rest, err)
 	}
-	waitFor(t, func() bool { return h.srv.Active() == 0 && h.srv.parker.parkedCount() == 0 })
+	waitFor(t, func() bool { return h.srv.Active() == 0 && h.srv.parker.sessionDirs() == 0 })
 }
 
 // TestParkedBulkResumes: after idling parked, a session carries 32 MiB each
 // way intact.
 func TestParkedBulkResumes(t *testing.T) {
 	gw := gateway(t, "gw-1", stub.ProxyRequire)
-	h := start(t, DefaultConfig(), ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
+	h := start(t, parkFast(), ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
 	c := openParked(t, h, "bulk", 0)
 	_ = c.SetDeadline(time.Now().Add(60 * time.Second))
 	const size = 32 << 20
@@ -121,11 +137,12 @@ func TestParkedBulkResumes(t *testing.T) {
 // and returns.
 func TestParkedClosedByDrain(t *testing.T) {
 	gw := gateway(t, "gw-1", stub.ProxyRequire)
-	h := start(t, DefaultConfig(), ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
+	h := start(t, parkFast(), ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
 	var conns []*net.TCPConn
-	for i := range 5 {
-		conns = append(conns, openParked(t, h, "d", 2*i))
+	for range 5 {
+		conns = append(conns, openSession(t, h, "d"))
 	}
+	waitFor(t, func() bool { return h.srv.parker.parkedCount() == 10 })
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
 	if err := h.srv.Shutdown(ctx); !errors.Is(err, context.DeadlineExceeded) {
@@ -136,7 +153,7 @@ func TestParkedClosedByDrain(t *testing.T) {
 			t.Fatal("parked session survived the drain timeout")
 		}
 	}
-	if h.srv.Active() != 0 || h.srv.parker.parkedCount() != 0 {
+	if h.srv.Active() != 0 || h.srv.parker.parkedCount() != 0 || h.srv.parker.sessionDirs() != 0 {
 		t.Fatalf("active %d, parked %d after drain", h.srv.Active(), h.srv.parker.parkedCount())
 	}
 }
@@ -156,7 +173,7 @@ func TestParkedGatewayReset(t *testing.T) {
 			accepted <- c.(*net.TCPConn)
 		}
 	}()
-	cfg := DefaultConfig()
+	cfg := parkFast()
 	cfg.ProxyProtocolOut = false
 	h := start(t, cfg, ring.Member{ID: "raw", Addr: ln.Addr().String(), Weight: 1})
 	c := dial(t, h.addr)
@@ -173,5 +190,5 @@ func TestParkedGatewayReset(t *testing.T) {
 	if _, err := c.Read(buf); err == nil {
 		t.Fatal("client not told of the gateway reset")
 	}
-	waitFor(t, func() bool { return h.srv.Active() == 0 && h.srv.parker.parkedCount() == 0 })
+	waitFor(t, func() bool { return h.srv.Active() == 0 && h.srv.parker.sessionDirs() == 0 })
 }

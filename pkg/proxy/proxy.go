@@ -77,7 +77,14 @@ type Config struct {
 	// session keeps a goroutine and, while blocked, a pipe per direction.
 	// DefaultConfig turns it on.
 	Park bool
+	// ParkAfter is how long a direction must be idle before it is parked;
+	// until then a goroutine waits for it in Go's poller, so busy sessions
+	// pay nothing for parking. 0 means DefaultParkAfter.
+	ParkAfter time.Duration
 }
+
+// DefaultParkAfter is the idle time after which a session direction parks.
+const DefaultParkAfter = time.Second
 
 // DefaultConfig returns the defaults of the proxy's flags, without a
 // Resolver.
@@ -150,7 +157,11 @@ func New(cfg Config) (*Server, error) {
 	s.pool.New = func() any { b := make([]byte, s.bufSize); return &b }
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	if cfg.Park {
-		p, err := newParker(s.log)
+		if cfg.ParkAfter <= 0 {
+			cfg.ParkAfter = DefaultParkAfter
+			s.cfg.ParkAfter = DefaultParkAfter
+		}
+		p, err := newParker(s.log, cfg.ParkAfter)
 		if err != nil {
 			return nil, fmt.Errorf("proxy: park: %w", err)
 		}
