@@ -189,10 +189,11 @@ func percentile(sorted []time.Duration, p float64) time.Duration {
 	return sorted[i]
 }
 
-// idleCost opens n sessions through addr, lets them sit, and returns the
-// growth of the measured process's RSS and descriptors per session. Every
-// session must still echo afterwards.
-func idleCost(addr string, pid, n int, settle time.Duration) (rssPer, fdPer float64, err error) {
+// idleCost opens n sessions through addr, lets them sit for settle, and
+// returns the growth of the measured process's RSS and descriptors per
+// session. Sampled sessions (all of them with checkAll) must still echo
+// afterwards.
+func idleCost(addr string, pid, n int, settle time.Duration, checkAll bool) (rssPer, fdPer float64, err error) {
 	before, err := statsOf(pid)
 	if err != nil {
 		return 0, 0, err
@@ -237,7 +238,7 @@ func idleCost(addr string, pid, n int, settle time.Duration) (rssPer, fdPer floa
 		return 0, 0, err
 	}
 	for i, c := range conns {
-		if i%97 != 0 {
+		if i%97 != 0 && !checkAll {
 			continue
 		}
 		_ = c.SetDeadline(time.Now().Add(5 * time.Second))

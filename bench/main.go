@@ -29,6 +29,7 @@ type options struct {
 	latMsgs        int
 	idleSizes      []int
 	idleLimit      int
+	idleHold       time.Duration
 	skipIdle, save bool
 }
 
@@ -43,6 +44,7 @@ func main() {
 	fs.DurationVar(&o.rateFor, "rate-for", 3*time.Second, "duration of each connection-rate run")
 	fs.IntVar(&o.latMsgs, "lat-msgs", 5000, "64-byte round trips per session in the latency run (16 sessions)")
 	fs.BoolVar(&o.skipIdle, "skip-idle", false, "skip the idle-session cost runs")
+	fs.DurationVar(&o.idleHold, "idle-hold", 60*time.Second, "how long tether holds the largest idle size before every session must echo")
 	fs.BoolVar(&o.save, "save", true, "write bench/results/<date>.md")
 	load := fs.String("load", "", "only generate load against --addr for profiling: connrate or bulk")
 	addr := fs.String("addr", "", "target HOST:PORT for --load")
@@ -333,7 +335,7 @@ func idleSection(b *strings.Builder, o options) error {
 	if o.quick {
 		settle = 200 * time.Millisecond
 	}
-	measure := func(kind string, n int) (float64, float64, error) {
+	measure := func(kind string, n int, hold time.Duration) (float64, float64, error) {
 		var p *proc
 		var err error
 		if kind == "tether" {
@@ -345,28 +347,36 @@ func idleSection(b *strings.Builder, o options) error {
 			return 0, 0, err
 		}
 		defer p.stop()
-		return idleCost(p.addr, p.cmd.Process.Pid, n, settle)
+		return idleCost(p.addr, p.cmd.Process.Pid, n, max(settle, hold), hold > 0)
 	}
 	sizes := slices.Clone(o.idleSizes)
 	var tFD float64
 	for i := 0; i < len(sizes); i++ {
 		n := sizes[i]
-		progress("idle sessions: %d", n)
-		tr, tf, err := measure("tether", n)
+		var hold time.Duration
+		if i > 0 && i == len(sizes)-1 && !o.quick {
+			hold = o.idleHold // the largest size: held long, then every session must echo
+		}
+		progress("idle sessions: %d (hold %v)", n, max(settle, hold))
+		tr, tf, err := measure("tether", n, hold)
 		if err != nil {
 			fmt.Fprintf(b, "| %d | failed: %v | | | |\n", n, err)
 			continue
 		}
-		hr, hf, err := measure("haproxy", n)
+		hr, hf, err := measure("haproxy", n, 0)
 		if err != nil {
 			return err
 		}
-		fmt.Fprintf(b, "| %d | %.1f | %.2f | %.1f | %.2f |\n", n, tr/1024, tf, hr/1024, hf)
+		label := fmt.Sprint(n)
+		if hold > 0 {
+			label = fmt.Sprintf("%d (the most that fit; tether held %v, then every session echoed)", n, hold)
+		}
+		fmt.Fprintf(b, "| %s | %.1f | %.2f | %.1f | %.2f |\n", label, tr/1024, tf, hr/1024, hf)
 		tFD = tf
 		if i == len(sizes)-1 && !o.quick {
 			// The largest size the open-file limit allows tether, with
 			// room for the listener and runtime descriptors.
-			maxN := int(float64(o.idleLimit-300)/tFD) / 100 * 100
+			maxN := int(float64(o.idleLimit-300)/max(tFD, 1)) / 100 * 100
 			maxN = min(maxN, 9000)
 			if maxN > n {
 				sizes = append(sizes, maxN)

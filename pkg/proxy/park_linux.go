@@ -251,37 +251,87 @@ func (p *parker) run(d *parkedDir) {
 
 // serve moves data while the direction is active and returns when it has
 // been idle for parkAfter (eof and err nil: park it), at EOF, or on error.
+//
+// Reads happen inside RawConn.Read: a splice that would block releases the
+// pipe and lets Go's poller wait for the next byte (Go prepares the wait
+// before the first attempt, so no wakeup is lost between the two), bounded
+// by a read deadline of parkAfter. That is the same three system calls per
+// message as io.Copy's splice path, without holding a pipe while waiting.
 func (p *parker) serve(d *parkedDir) (eof bool, err error) {
-	for {
-		if eof, err = p.move(d); eof || err != nil {
-			return eof, err
+	var pp *pipePair
+	defer func() {
+		if pp != nil {
+			p.putPipe(pp, err == nil)
 		}
-		ready, err := p.linger(d)
-		if err != nil || !ready {
+	}()
+	for {
+		if err := d.src.SetReadDeadline(time.Now().Add(p.parkAfter)); err != nil {
+			return false, err
+		}
+		var n int64
+		var serr, perr error
+		rerr := d.srcRC.Read(func(fd uintptr) bool {
+			if pp == nil {
+				if pp, perr = p.getPipe(); perr != nil {
+					return true
+				}
+			}
+			for {
+				n, serr = unix.Splice(int(fd), nil, pp.w, nil, maxSplice, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+				if !errors.Is(serr, unix.EINTR) {
+					break
+				}
+			}
+			if errors.Is(serr, unix.EAGAIN) {
+				p.putPipe(pp, true) // empty: nothing was read
+				pp = nil
+				return false // wait for data, EOF or the deadline
+			}
+			return true
+		})
+		if derr := d.src.SetReadDeadline(time.Time{}); derr != nil && rerr == nil {
+			rerr = derr
+		}
+		switch {
+		case errors.Is(rerr, os.ErrDeadlineExceeded):
+			return false, nil // idle: park
+		case rerr != nil:
+			return false, rerr
+		case perr != nil:
+			return false, perr
+		case serr != nil:
+			return false, serr
+		case n == 0:
+			return true, nil
+		}
+		if err := p.drain(d, pp, n); err != nil {
 			return false, err
 		}
 	}
 }
 
-// linger waits in Go's poller up to parkAfter for the source to become
-// readable (data, EOF or an error). A peek before waiting closes the race
-// with bytes that arrived after move's last would-block.
-func (p *parker) linger(d *parkedDir) (bool, error) {
-	if err := d.src.SetReadDeadline(time.Now().Add(p.parkAfter)); err != nil {
-		return false, err
+// drain moves n bytes from the pipe to the direction's destination,
+// waiting in Go's poller while the peer's receive window is full.
+func (p *parker) drain(d *parkedDir, pp *pipePair, n int64) error {
+	for left := n; left > 0; {
+		var m int64
+		var werr error
+		if wrerr := d.dstRC.Write(func(fd uintptr) bool {
+			m, werr = unix.Splice(pp.r, nil, int(fd), nil, int(left), unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+			return !errors.Is(werr, unix.EAGAIN) // wait for the peer to drain
+		}); wrerr != nil {
+			return wrerr
+		}
+		if errors.Is(werr, unix.EINTR) {
+			continue
+		}
+		if werr != nil {
+			return werr
+		}
+		left -= m
+		d.bytes += m
 	}
-	var one [1]byte
-	err := d.srcRC.Read(func(fd uintptr) bool {
-		_, _, perr := unix.Recvfrom(int(fd), one[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		return !errors.Is(perr, unix.EAGAIN) // readable, EOF or error: go move it
-	})
-	if derr := d.src.SetReadDeadline(time.Time{}); derr != nil && err == nil {
-		err = derr
-	}
-	if errors.Is(err, os.ErrDeadlineExceeded) {
-		return false, nil // idle: park
-	}
-	return err == nil, err
+	return nil
 }
 
 // finish ends a worker's turn; done marks its direction finished. The last
@@ -342,61 +392,6 @@ func (p *parker) release(ps *parkedSession) {
 	ps.ses.client.Close()
 	ps.ses.gw.Close()
 	ps.onDone(ps.dirs[0].bytes, ps.dirs[1].bytes)
-}
-
-// move splices what src has to dst until src would block (park again),
-// reaches EOF, or fails. Reads never wait; writes wait in Go's poller for
-// the peer to take the data, holding the pipe only while bytes are in it.
-func (p *parker) move(d *parkedDir) (eof bool, err error) {
-	var pp *pipePair
-	defer func() {
-		if pp != nil {
-			p.putPipe(pp, err == nil)
-		}
-	}()
-	for {
-		if pp == nil {
-			if pp, err = p.getPipe(); err != nil {
-				return false, err
-			}
-		}
-		var n int64
-		var serr error
-		if rerr := d.srcRC.Read(func(fd uintptr) bool {
-			n, serr = unix.Splice(int(fd), nil, pp.w, nil, maxSplice, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
-			return true // never wait here: would-block means park
-		}); rerr != nil {
-			return false, rerr
-		}
-		switch {
-		case errors.Is(serr, unix.EAGAIN):
-			return false, nil
-		case errors.Is(serr, unix.EINTR):
-			continue
-		case serr != nil:
-			return false, serr
-		case n == 0:
-			return true, nil
-		}
-		for left := n; left > 0; {
-			var m int64
-			var werr error
-			if wrerr := d.dstRC.Write(func(fd uintptr) bool {
-				m, werr = unix.Splice(pp.r, nil, int(fd), nil, int(left), unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
-				return !errors.Is(werr, unix.EAGAIN) // wait for the peer to drain
-			}); wrerr != nil {
-				return false, wrerr
-			}
-			if errors.Is(werr, unix.EINTR) {
-				continue
-			}
-			if werr != nil {
-				return false, werr
-			}
-			left -= m
-			d.bytes += m
-		}
-	}
 }
 
 func (p *parker) getPipe() (*pipePair, error) {
