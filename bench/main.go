@@ -10,6 +10,7 @@ package main
 
 import (
 	"flag"
+	"net"
 	"fmt"
 	"os"
 	"os/exec"
@@ -46,7 +47,7 @@ func main() {
 	fs.BoolVar(&o.skipIdle, "skip-idle", false, "skip the idle-session cost runs")
 	fs.DurationVar(&o.idleHold, "idle-hold", 60*time.Second, "how long tether holds the largest idle size before every session must echo")
 	fs.BoolVar(&o.save, "save", true, "write bench/results/<date>.md")
-	load := fs.String("load", "", "only generate load against --addr for profiling: connrate or bulk")
+	load := fs.String("load", "", "only generate load against --addr for profiling: connrate, bulk or idle (3000 sessions held for --for)")
 	addr := fs.String("addr", "", "target HOST:PORT for --load")
 	loadFor := fs.Duration("for", 20*time.Second, "how long --load runs")
 	_ = fs.Parse(os.Args[1:])
@@ -90,6 +91,21 @@ func loadOnly(kind, addr string, d time.Duration) error {
 		v, err := connRate(addr, 32, d, 1<<40)
 		fmt.Printf("%.0f connections/s\n", v)
 		return err
+	case "idle":
+		var conns []*net.TCPConn
+		for i := range 3000 {
+			c, err := open(addr, sources[i%len(sources)], fmt.Sprintf("idle-%d", i))
+			if err != nil {
+				return err
+			}
+			conns = append(conns, c)
+		}
+		fmt.Printf("holding %d idle sessions for %v\n", len(conns), d)
+		time.Sleep(d)
+		for _, c := range conns {
+			reset(c)
+		}
+		return nil
 	case "bulk":
 		deadline := time.Now().Add(d)
 		for time.Now().Before(deadline) {
@@ -101,7 +117,7 @@ func loadOnly(kind, addr string, d time.Duration) error {
 		}
 		return nil
 	}
-	return fmt.Errorf("--load %q: want connrate or bulk", kind)
+	return fmt.Errorf("--load %q: want connrate, bulk or idle", kind)
 }
 
 func fatal(err error) {
@@ -351,10 +367,11 @@ func idleSection(b *strings.Builder, o options) error {
 	}
 	sizes := slices.Clone(o.idleSizes)
 	var tFD float64
+	maxN := -1
 	for i := 0; i < len(sizes); i++ {
 		n := sizes[i]
 		var hold time.Duration
-		if i > 0 && i == len(sizes)-1 && !o.quick {
+		if n == maxN {
 			hold = o.idleHold // the largest size: held long, then every session must echo
 		}
 		progress("idle sessions: %d (hold %v)", n, max(settle, hold))
@@ -376,9 +393,9 @@ func idleSection(b *strings.Builder, o options) error {
 		if i == len(sizes)-1 && !o.quick {
 			// The largest size the open-file limit allows tether, with
 			// room for the listener and runtime descriptors.
-			maxN := int(float64(o.idleLimit-300)/max(tFD, 1)) / 100 * 100
-			maxN = min(maxN, 9000)
-			if maxN > n {
+			most := min(int(float64(o.idleLimit-300)/max(tFD, 1))/100*100, 9000)
+			if most > n {
+				maxN = most
 				sizes = append(sizes, maxN)
 			}
 		}

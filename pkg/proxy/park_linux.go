@@ -166,11 +166,19 @@ func (p *parker) park(ses *session, onDone func(up, down int64)) bool {
 	}
 	p.mu.Unlock()
 	ses.onAbort = func() { p.aborted(ps) }
-	// Both directions start active: a session usually talks right after
-	// the hello, and short sessions then never touch the epoll set.
-	for _, d := range ps.dirs {
-		go p.run(d)
+	// After the hello the gateway speaks next (its reply), so the gateway →
+	// client direction starts active and the client → gateway direction
+	// starts parked: one goroutine per new session instead of two, and
+	// the client's next bytes wake it through the epoll set.
+	up := ps.dirs[0]
+	ps.mu.Lock()
+	up.parked, up.armed = true, true
+	p.parkedNow.Add(1)
+	ps.mu.Unlock()
+	if err := p.arm(up, unix.EPOLL_CTL_ADD); err != nil {
+		ses.abortFrom(nil, "internal_error")
 	}
+	go p.run(ps.dirs[1])
 	return true
 }
 
