@@ -73,6 +73,55 @@ type parkedDir struct {
 	parked   bool  // waiting in the epoll set; guarded by ps.mu
 	bytes    int64 // moved so far; only the running worker touches it
 	armed    bool  // registered in the epoll set; only the running worker touches it
+
+	// State of the running worker's current read and write, kept here
+	// (not in closures) so the callbacks handed to RawConn allocate
+	// nothing per message.
+	p            *parker
+	pipe         *pipePair
+	n, left      int64
+	rerr, perr   error
+	deadline     time.Time
+	readFn, wrFn func(fd uintptr) bool
+}
+
+// readOnce is the RawConn.Read callback: splice what the socket has into
+// the pipe; on would-block give the pipe back and let Go's poller wait.
+func (d *parkedDir) readOnce(fd uintptr) bool {
+	if d.pipe == nil {
+		if d.pipe, d.perr = d.p.getPipe(); d.perr != nil {
+			return true
+		}
+	}
+	for {
+		d.n, d.rerr = unix.Splice(int(fd), nil, d.pipe.w, nil, maxSplice, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+		if !errors.Is(d.rerr, unix.EINTR) {
+			break
+		}
+	}
+	if errors.Is(d.rerr, unix.EAGAIN) {
+		d.p.putPipe(d.pipe, true) // empty: nothing was read
+		d.pipe = nil
+		return false // wait for data, EOF or the deadline
+	}
+	return true
+}
+
+// writeOnce is the RawConn.Write callback: move pipe bytes to the socket;
+// on would-block let Go's poller wait for the peer to drain.
+func (d *parkedDir) writeOnce(fd uintptr) bool {
+	var m int64
+	for {
+		m, d.rerr = unix.Splice(d.pipe.r, nil, int(fd), nil, int(d.left), unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+		if !errors.Is(d.rerr, unix.EINTR) {
+			break
+		}
+	}
+	if d.rerr == nil {
+		d.left -= m
+		d.bytes += m
+	}
+	return !errors.Is(d.rerr, unix.EAGAIN)
 }
 
 func newParker(log *zap.Logger, parkAfter time.Duration) (*parker, error) {
@@ -155,7 +204,8 @@ func (p *parker) park(ses *session, onDone func(up, down int64)) bool {
 	ps := &parkedSession{ses: ses, onDone: onDone, open: 2}
 	p.mu.Lock()
 	for i, pair := range [2][2]net.Conn{{ses.client, ses.gw}, {ses.gw, ses.client}} {
-		d := &parkedDir{ps: ps, id: p.next, src: pair[0], dst: pair[1]}
+		d := &parkedDir{ps: ps, id: p.next, src: pair[0], dst: pair[1], p: p}
+		d.readFn, d.wrFn = d.readOnce, d.writeOnce
 		d.srcRC, d.dstRC = cRC, gRC
 		if i == 1 {
 			d.srcRC, d.dstRC = gRC, cRC
@@ -266,80 +316,45 @@ func (p *parker) run(d *parkedDir) {
 // by a read deadline of parkAfter. That is the same three system calls per
 // message as io.Copy's splice path, without holding a pipe while waiting.
 func (p *parker) serve(d *parkedDir) (eof bool, err error) {
-	var pp *pipePair
 	defer func() {
-		if pp != nil {
-			p.putPipe(pp, err == nil)
+		if d.pipe != nil {
+			p.putPipe(d.pipe, err == nil)
+			d.pipe = nil
 		}
 	}()
+	d.deadline = time.Time{}
 	for {
-		if err := d.src.SetReadDeadline(time.Now().Add(p.parkAfter)); err != nil {
-			return false, err
+		// Move the idle deadline forward only when half of it is used
+		// up: one timer update per parkAfter/2, not one per message.
+		if now := time.Now(); d.deadline.Sub(now) < p.parkAfter/2 {
+			d.deadline = now.Add(p.parkAfter)
+			if err := d.src.SetReadDeadline(d.deadline); err != nil {
+				return false, err
+			}
 		}
-		var n int64
-		var serr, perr error
-		rerr := d.srcRC.Read(func(fd uintptr) bool {
-			if pp == nil {
-				if pp, perr = p.getPipe(); perr != nil {
-					return true
-				}
-			}
-			for {
-				n, serr = unix.Splice(int(fd), nil, pp.w, nil, maxSplice, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
-				if !errors.Is(serr, unix.EINTR) {
-					break
-				}
-			}
-			if errors.Is(serr, unix.EAGAIN) {
-				p.putPipe(pp, true) // empty: nothing was read
-				pp = nil
-				return false // wait for data, EOF or the deadline
-			}
-			return true
-		})
-		if derr := d.src.SetReadDeadline(time.Time{}); derr != nil && rerr == nil {
-			rerr = derr
-		}
+		d.n, d.rerr, d.perr = 0, nil, nil
+		err := d.srcRC.Read(d.readFn)
 		switch {
-		case errors.Is(rerr, os.ErrDeadlineExceeded):
-			return false, nil // idle: park
-		case rerr != nil:
-			return false, rerr
-		case perr != nil:
-			return false, perr
-		case serr != nil:
-			return false, serr
-		case n == 0:
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			return false, d.src.SetReadDeadline(time.Time{}) // idle: park
+		case err != nil:
+			return false, err
+		case d.perr != nil:
+			return false, d.perr
+		case d.rerr != nil:
+			return false, d.rerr
+		case d.n == 0:
 			return true, nil
 		}
-		if err := p.drain(d, pp, n); err != nil {
-			return false, err
+		for d.left = d.n; d.left > 0; {
+			if err := d.dstRC.Write(d.wrFn); err != nil {
+				return false, err
+			}
+			if d.rerr != nil {
+				return false, d.rerr
+			}
 		}
 	}
-}
-
-// drain moves n bytes from the pipe to the direction's destination,
-// waiting in Go's poller while the peer's receive window is full.
-func (p *parker) drain(d *parkedDir, pp *pipePair, n int64) error {
-	for left := n; left > 0; {
-		var m int64
-		var werr error
-		if wrerr := d.dstRC.Write(func(fd uintptr) bool {
-			m, werr = unix.Splice(pp.r, nil, int(fd), nil, int(left), unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
-			return !errors.Is(werr, unix.EAGAIN) // wait for the peer to drain
-		}); wrerr != nil {
-			return wrerr
-		}
-		if errors.Is(werr, unix.EINTR) {
-			continue
-		}
-		if werr != nil {
-			return werr
-		}
-		left -= m
-		d.bytes += m
-	}
-	return nil
 }
 
 // finish ends a worker's turn; done marks its direction finished. The last
