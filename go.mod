@@ -3,6 +3,7 @@ module github.com/tether-proxy/tether
 go 1.26.8
 
 require (
+	github.com/coder/websocket v1.8.14
 	github.com/hashicorp/memberlist v0.5.4
 	github.com/pires/go-proxyproto v0.15.0
 	github.com/prometheus/client_golang v1.23.2

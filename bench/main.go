@@ -10,8 +10,8 @@ package main
 
 import (
 	"flag"
-	"net"
 	"fmt"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -187,16 +187,18 @@ func setup(o options, echoBuffer string) (*env, error) {
 		return e, err
 	}
 	e.targets = append(e.targets, target{name: "direct", addr: e.stub.addr})
-	for _, pp := range []string{"off", "v2"} {
-		p, err := e.start("tether-"+pp, "127.0.0.1", filepath.Join(o.bin, "proxy"), proxyArgs(e.stub.addr, pp)...)
+	for _, v := range []struct{ name, pp, extra string }{
+		{"tether", "off", ""}, {"tether+v2", "v2", ""}, {"tether-nopark", "off", "--no-park"},
+	} {
+		args := proxyArgs(e.stub.addr, v.pp)
+		if v.extra != "" {
+			args = append(args, v.extra)
+		}
+		p, err := e.start(v.name, "127.0.0.1", filepath.Join(o.bin, "proxy"), args...)
 		if err != nil {
 			return e, err
 		}
-		name := "tether"
-		if pp == "v2" {
-			name = "tether+v2"
-		}
-		e.targets = append(e.targets, target{name: name, addr: p.addr, p: p})
+		e.targets = append(e.targets, target{name: v.name, addr: p.addr, p: p})
 	}
 	h, err := startHAProxy(o.tmp, e.stub.addr, 9000)
 	if err != nil {
@@ -253,8 +255,8 @@ func run(o options) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	names := []string{"direct", "tether", "tether+v2", "haproxy"}
-	fmt.Fprintf(&b, "Targets: `direct` (client → echo gateway), `tether` (PROXY out off), `tether+v2` (PROXY v2 header with the key TLV), `haproxy` (HAProxy %s, mode tcp, `option splice-request` + `option splice-response`, tcp-smart-accept/connect, no logging). tether runs at `--log-level warn` (no per-session log line) and `--client-keepalive 0`, like HAProxy without logs and without `option clitcpka`. Each metric runs %d rounds, targets in alternating order; the figure is the median.\n\n", haproxyVersion(), o.rounds)
+	names := []string{"direct", "tether", "tether+v2", "tether-nopark", "haproxy"}
+	fmt.Fprintf(&b, "Targets: `direct` (client → echo gateway), `tether` (PROXY out off), `tether+v2` (PROXY v2 header with the key TLV), `tether-nopark` (`--no-park`: a goroutine and splice pipe per direction, the data path before issue 8), `haproxy` (HAProxy %s, mode tcp, `option splice-request` + `option splice-response`, tcp-smart-accept/connect, no logging). tether runs at `--log-level warn` (no per-session log line) and `--client-keepalive 0`, like HAProxy without logs and without `option clitcpka`. Each metric runs %d rounds, targets in alternating order; the figure is the median.\n\n", haproxyVersion(), o.rounds)
 	fmt.Fprintf(&b, "| metric | %s | tether / HAProxy | tether / direct |\n|---|%s---|---|\n", strings.Join(names, " | "), strings.Repeat("---|", len(names)))
 
 	row := func(label string, res map[string][]float64, format func(float64) string, higherBetter bool) {
@@ -325,8 +327,8 @@ func run(o options) (string, error) {
 		row("echo latency "+p.label, res, func(v float64) string { return time.Duration(v).Round(time.Microsecond).String() }, false)
 	}
 	gib := func(n string) float64 { return cpu[n].Seconds() / (float64(moved[n]) / (1 << 30)) }
-	fmt.Fprintf(&b, "| CPU seconds per GiB moved (bulk runs) | – | %.3f | %.3f | %.3f | %.2f (lower is better) | – |\n\n",
-		gib("tether"), gib("tether+v2"), gib("haproxy"), gib("tether")/gib("haproxy"))
+	fmt.Fprintf(&b, "| CPU seconds per GiB moved (bulk runs) | – | %.3f | %.3f | %.3f | %.3f | %.2f (lower is better) | – |\n\n",
+		gib("tether"), gib("tether+v2"), gib("tether-nopark"), gib("haproxy"), gib("tether")/gib("haproxy"))
 	e.stop()
 
 	if !o.skipIdle {

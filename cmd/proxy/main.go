@@ -52,6 +52,8 @@ type options struct {
 	redisURL                          string
 	bindingTTL, redisTimeout          time.Duration
 	clientKeepAlive, parkAfter        time.Duration
+	keyFrom, noKey                    string
+	extractor                         proto.Extractor
 }
 
 const usageHead = `Usage: proxy --gateway ID=HOST:PORT [--gateway ...] [flags]
@@ -92,6 +94,8 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.DurationVar(&o.bindingTTL, "binding-ttl", route.DefaultBindingTTL, "a binding lives this `DURATION` after the key's last connect")
 	fs.DurationVar(&o.redisTimeout, "redis-timeout", route.DefaultRedisTimeout, "bound on the Redis work of one connect (`DURATION`); slower or down Redis means routing by the ring")
 	fs.DurationVar(&o.handshakeTimeout, "handshake-timeout", proxy.DefaultHandshakeTimeout, "the PROXY header and whole hello must arrive within this `DURATION`, or the client is closed without a reply")
+	fs.StringVar(&o.keyFrom, "key-from", "hello", "where the session key is, as a comma-separated fallback `LIST`: hello (the tether hello frame), prefix:OFF:LEN (fixed bytes), lv:OFF:SIZE (a SIZE-byte big-endian length at OFF, then the key, like HAProxy req.payload_lv), header:NAME, cookie:NAME, query:NAME (HTTP/WebSocket upgrades; every byte is still forwarded unchanged)")
+	fs.StringVar(&o.noKey, "no-key", "reject", "`ACTION` when the first bytes carry no key: reject (HTTP gets a 400, anything else is closed without a byte) or hash-source (route by client IP, counted)")
 	fs.IntVar(&o.maxHello, "max-hello", proto.DefaultMaxHello, "largest hello frame length in `BYTES`; longer frames are closed without a reply")
 	fs.IntVar(&o.maxTries, "max-tries", route.DefaultMaxTries, "try up to `N` gateways per connection, in failover order")
 	fs.DurationVar(&o.dialTimeout, "dial-timeout", route.DefaultDialTimeout, "give up on a gateway connection attempt after this `DURATION`")
@@ -147,6 +151,14 @@ func (o *options) validate() error {
 	}
 	if _, err := cli.ParseLevel(o.logLevel); err != nil {
 		return err
+	}
+	ex, err := proto.ParseKeyFrom(o.keyFrom, o.maxHello)
+	if err != nil {
+		return err
+	}
+	o.extractor = ex
+	if o.noKey != "reject" && o.noKey != "hash-source" {
+		return fmt.Errorf("--no-key %q: want reject or hash-source", o.noKey)
 	}
 	if o.logFormat != "json" && o.logFormat != "console" {
 		return fmt.Errorf("--log-format %q: want json or console", o.logFormat)
@@ -322,7 +334,8 @@ func serve(args []string, o options, log *zap.Logger, level zap.AtomicLevel, std
 	srv, err := proxy.New(proxy.Config{
 		Resolver:         resolver,
 		Dialer:           dialer,
-		Extractor:        proto.HelloExtractor{MaxLen: o.maxHello},
+		Extractor:        o.extractor,
+		NoKeyHashSource:  o.noKey == "hash-source",
 		HandshakeTimeout: o.handshakeTimeout,
 		ProxyProtocolOut: o.proxyProtocolOut == "v2",
 		MaxConns:         o.maxConns,

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
 	"sync"
 	"time"
 
@@ -54,7 +55,8 @@ type Config struct {
 	// HandshakeTimeout bounds reading the PROXY header and hello; 0 means
 	// 5s.
 	HandshakeTimeout time.Duration
-	// MaxHello bounds the hello frame length; 0 means 64 KiB.
+	// MaxHello bounds the hello frame length (and sizes the read buffer);
+	// 0 means proto.DefaultMaxHello.
 	MaxHello int
 	// EchoBuffer, when > 0, echoes through a user-space buffer of this
 	// size instead of splice(2). Go's splice path holds a pipe (two
@@ -76,6 +78,10 @@ type Server struct {
 	lns   map[net.Listener]struct{}
 	wg    sync.WaitGroup
 	done  bool
+
+	httpOnce sync.Once
+	httpLn   *oneConnListener
+	httpSrv  *http.Server
 }
 
 // New checks cfg and returns a Server.
@@ -94,7 +100,7 @@ func New(cfg Config) (*Server, error) {
 		cfg.HandshakeTimeout = 5 * time.Second
 	}
 	if cfg.MaxHello <= 0 {
-		cfg.MaxHello = 64 << 10
+		cfg.MaxHello = proto.DefaultMaxHello
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
@@ -153,6 +159,10 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		ln.Close()
 	}
 	s.mu.Unlock()
+	s.httpOnce.Do(func() {}) // after this, no HTTP server starts; see serveHTTP
+	if s.httpLn != nil {
+		defer s.httpLn.Close()
+	}
 	done := make(chan struct{})
 	go func() { s.wg.Wait(); close(done) }()
 	select {
@@ -185,25 +195,40 @@ func (s *Server) handle(c net.Conn) {
 		s.wg.Done()
 	}()
 	_ = c.SetReadDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
-	br := bufio.NewReaderSize(c, 4096)
-	hello, err := readHello(br, s.cfg.MaxHello)
+	br := bufio.NewReaderSize(c, s.cfg.MaxHello+4)
+	head, err := br.Peek(4)
 	if err != nil {
+		s.log.Debug("no first bytes", zap.String("peer", c.RemoteAddr().String()), zap.Error(err))
+		return
+	}
+	var tlv []byte
+	if pc, ok := c.(*proxyproto.Conn); ok {
+		tlv = proto.KeyFromHeader(pc.ProxyHeader())
+	}
+	if proto.IsHTTP(head) {
+		_ = c.SetReadDeadline(time.Time{})
+		s.serveHTTP(c, br, string(tlv))
+		return
+	}
+	var key string
+	hello, err := peekHello(br, s.cfg.MaxHello)
+	switch {
+	case err == nil:
+		key = string(hello.Key)
+		_, _ = br.Discard(hello.FrameLen)
+		if tlv != nil && string(tlv) != key {
+			s.log.Warn("PROXY key TLV differs from the hello key")
+		}
+	case tlv != nil:
+		// Not a hello, but the proxy told us the key (another --key-from):
+		// answer for that key and echo everything, first bytes included.
+		key = string(tlv)
+	default:
 		s.log.Debug("bad hello", zap.String("peer", c.RemoteAddr().String()), zap.Error(err))
 		return
 	}
 	_ = c.SetReadDeadline(time.Time{})
-	key := string(hello.Key)
-	if pc, ok := c.(*proxyproto.Conn); ok {
-		if tlv := proto.KeyFromHeader(pc.ProxyHeader()); tlv != nil && string(tlv) != key {
-			s.log.Warn("PROXY key TLV differs from the hello key")
-		}
-	}
-	s.mu.Lock()
-	s.conns[key]++
-	n := s.conns[key]
-	s.mu.Unlock()
-
-	body, err := json.Marshal(Reply{Gateway: s.cfg.ID, Key: key, Conns: n, Client: c.RemoteAddr().String()})
+	body, err := json.Marshal(s.reply(key, c.RemoteAddr().String()))
 	if err != nil {
 		return
 	}
@@ -232,7 +257,17 @@ func (s *Server) handle(c net.Conn) {
 	}
 }
 
-func readHello(br *bufio.Reader, max int) (proto.Hello, error) {
+// reply counts a connection for key and builds the answer.
+func (s *Server) reply(key, client string) Reply {
+	s.mu.Lock()
+	s.conns[key]++
+	n := s.conns[key]
+	s.mu.Unlock()
+	return Reply{Gateway: s.cfg.ID, Key: key, Conns: n, Client: client}
+}
+
+// peekHello parses a hello frame at the start of br without consuming it.
+func peekHello(br *bufio.Reader, max int) (proto.Hello, error) {
 	head, err := br.Peek(4)
 	if err != nil {
 		return proto.Hello{}, err
@@ -241,8 +276,8 @@ func readHello(br *bufio.Reader, max int) (proto.Hello, error) {
 	if uint64(length) > uint64(max) {
 		return proto.Hello{}, proto.ErrTooLarge
 	}
-	frame := make([]byte, 4+int(length))
-	if _, err := io.ReadFull(br, frame); err != nil {
+	frame, err := br.Peek(4 + int(length))
+	if err != nil {
 		return proto.Hello{}, err
 	}
 	return proto.ParseHello(frame, max)

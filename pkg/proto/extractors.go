@@ -146,7 +146,14 @@ func (e HTTPExtractor) Extract(b []byte) ([]byte, error) {
 	if end < 0 {
 		return nil, e.needMore(b)
 	}
-	for _, line := range strings.Split(string(b[eol+2:end]), "\r\n") {
+	headers := ""
+	if end > eol { // end == eol: no header lines at all
+		headers = string(b[eol+2 : end])
+	}
+	for _, line := range strings.Split(headers, "\r\n") {
+		if line == "" {
+			continue
+		}
 		name, value, ok := strings.Cut(line, ":")
 		if !ok || strings.ContainsAny(name, " \t") {
 			return nil, fmt.Errorf("%w: bad header line", ErrBadHello)

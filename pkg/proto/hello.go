@@ -56,6 +56,8 @@ func Reason(err error) string {
 		return "too_large"
 	case errors.Is(err, ErrBadHello):
 		return "malformed"
+	case errors.Is(err, ErrNoKey):
+		return "no_key"
 	case errors.Is(err, ErrNeedMore):
 		return "truncated"
 	default:

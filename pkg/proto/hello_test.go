@@ -77,7 +77,7 @@ func TestParseHello(t *testing.T) {
 
 func TestReasonLabels(t *testing.T) {
 	seen := map[string]bool{}
-	for _, err := range []error{ErrBadVersion, ErrBadKeyLen, ErrBadLength, ErrTooLarge, ErrBadHello, ErrNeedMore, errors.New("x")} {
+	for _, err := range []error{ErrBadVersion, ErrBadKeyLen, ErrBadLength, ErrTooLarge, ErrBadHello, ErrNeedMore, ErrNoKey, errors.New("x")} {
 		r := Reason(err)
 		if r == "" || seen[r] {
 			t.Fatalf("reason %q for %v is empty or not unique", r, err)

@@ -25,6 +25,7 @@ type Metrics struct {
 	Gateways          *prometheus.GaugeVec
 	ClusterMembers    prometheus.Gauge
 	RedisErrors       prometheus.Counter
+	NoKey             *prometheus.CounterVec
 }
 
 // ObserveRing sets the gateway gauges from the ring now in use: members
@@ -104,6 +105,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "tether_redis_errors_total",
 			Help: "Failed Redis binding calls; each connection they hit was routed by the ring (routes_total{source=\"fallback\"}).",
 		}),
+		NoKey: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_no_key_total",
+			Help: "Clients whose first bytes carried no key, by what --no-key did: reject (HTTP 400) or hash_source (routed by IP).",
+		}, []string{"action"}),
 		ClusterMembers: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "tether_cluster_members",
 			Help: "Alive gossip members this proxy knows, itself and other proxies included (0 without gossip).",
@@ -112,7 +117,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	if reg != nil {
 		reg.MustRegister(m.Accepted, m.Active, m.Closed, m.Rejected, m.HandshakeFailures,
 			m.HandshakeSeconds, m.Routes, m.RouteFailures, m.DialFailures, m.Failovers,
-			m.Bytes, m.SessionSeconds, m.Gateways, m.ClusterMembers, m.RedisErrors)
+			m.Bytes, m.SessionSeconds, m.Gateways, m.ClusterMembers, m.RedisErrors, m.NoKey)
 	}
 	return m
 }

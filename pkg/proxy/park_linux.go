@@ -187,7 +187,7 @@ func (p *parker) loop() {
 			d := p.dirs[id]
 			p.mu.Unlock()
 			if d != nil {
-				go p.run(d)
+				go p.run(d, p.parkAfter)
 			}
 		}
 	}
@@ -216,21 +216,19 @@ func (p *parker) park(ses *session, onDone func(up, down int64)) bool {
 	}
 	p.mu.Unlock()
 	ses.onAbort = func() { p.aborted(ps) }
-	// After the hello the gateway speaks next (its reply), so the gateway →
-	// client direction starts active and the client → gateway direction
-	// starts parked: one goroutine per new session instead of two, and
-	// the client's next bytes wake it through the epoll set.
-	up := ps.dirs[0]
-	ps.mu.Lock()
-	up.parked, up.armed = true, true
-	p.parkedNow.Add(1)
-	ps.mu.Unlock()
-	if err := p.arm(up, unix.EPOLL_CTL_ADD); err != nil {
-		ses.abortFrom(nil, "internal_error")
+	// Both directions start active, but park after firstLinger without
+	// data rather than parkAfter: a short session (or the hello/reply
+	// exchange of a long one) never touches the epoll set, and a session
+	// that goes quiet right after it gives its goroutines back at once.
+	for _, d := range ps.dirs {
+		go p.run(d, firstLinger)
 	}
-	go p.run(ps.dirs[1])
 	return true
 }
+
+// firstLinger is how long a new session's directions wait for data in Go's
+// poller before parking (parkAfter, if shorter).
+const firstLinger = 50 * time.Millisecond
 
 // rawConn returns the syscall.RawConn of a TCP connection (also under a
 // PROXY protocol wrapper, whose bytes were all consumed by the handshake).
@@ -260,7 +258,7 @@ func (p *parker) arm(d *parkedDir, op int) error {
 
 // run is a direction's worker: started when the session is parked-in and
 // for every readiness event after that.
-func (p *parker) run(d *parkedDir) {
+func (p *parker) run(d *parkedDir, linger time.Duration) {
 	ps := d.ps
 	ps.mu.Lock()
 	if d.parked {
@@ -274,7 +272,7 @@ func (p *parker) run(d *parkedDir) {
 	ps.running++
 	ps.mu.Unlock()
 
-	eof, err := p.serve(d)
+	eof, err := p.serve(d, min(linger, p.parkAfter))
 	switch {
 	case err != nil:
 		var failed net.Conn
@@ -315,18 +313,22 @@ func (p *parker) run(d *parkedDir) {
 // before the first attempt, so no wakeup is lost between the two), bounded
 // by a read deadline of parkAfter. That is the same three system calls per
 // message as io.Copy's splice path, without holding a pipe while waiting.
-func (p *parker) serve(d *parkedDir) (eof bool, err error) {
+func (p *parker) serve(d *parkedDir, linger time.Duration) (eof bool, err error) {
 	defer func() {
 		if d.pipe != nil {
 			p.putPipe(d.pipe, err == nil)
 			d.pipe = nil
 		}
 	}()
-	d.deadline = time.Time{}
-	for {
-		// Move the idle deadline forward only when half of it is used
-		// up: one timer update per parkAfter/2, not one per message.
-		if now := time.Now(); d.deadline.Sub(now) < p.parkAfter/2 {
+	d.deadline = time.Now().Add(linger)
+	if err := d.src.SetReadDeadline(d.deadline); err != nil {
+		return false, err
+	}
+	for moved := false; ; moved = true {
+		// Once data flows, move the idle deadline forward only when half
+		// of parkAfter is used up: one timer update per parkAfter/2, not
+		// one per message.
+		if now := time.Now(); moved && d.deadline.Sub(now) < p.parkAfter/2 {
 			d.deadline = now.Add(p.parkAfter)
 			if err := d.src.SetReadDeadline(d.deadline); err != nil {
 				return false, err

@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"strconv"
 	"sync"
@@ -72,6 +73,10 @@ type Config struct {
 	Logger *zap.Logger
 	// Metrics receives counters; nil means unregistered instruments.
 	Metrics *Metrics
+	// NoKeyHashSource routes clients whose first bytes carry no key (an
+	// HTTP request without the configured cookie) by their IP address
+	// (--no-key hash-source) instead of rejecting them.
+	NoKeyHashSource bool
 	// Park holds idle sessions in the proxy's own epoll set without
 	// goroutines or pipes (Linux; elsewhere it is ignored). Otherwise each
 	// session keeps a goroutine and, while blocked, a pipe per direction.
@@ -378,6 +383,19 @@ func (s *Server) handleConn(c net.Conn) (parked bool) {
 	defer s.pool.Put(bufp)
 	buf := *bufp
 	n, key, err := s.readKey(c, buf[headroom:])
+	switch {
+	case errors.Is(err, proto.ErrNoKey) && s.cfg.NoKeyHashSource:
+		// Route by client address: stable for a client that does not move.
+		if ap, perr := netip.ParseAddrPort(c.RemoteAddr().String()); perr == nil {
+			key = []byte(ap.Addr().Unmap().String())
+			s.m.NoKey.WithLabelValues("hash_source").Inc()
+			err = nil
+		}
+	case errors.Is(err, proto.ErrNoKey) && proto.IsHTTP(buf[headroom:headroom+n]):
+		s.m.NoKey.WithLabelValues("reject").Inc()
+		s.handshakeFailed(c, id, keyReason(err), err)
+		return false
+	}
 	if err != nil {
 		s.handshakeFailed(c, id, keyReason(err), err)
 		return false
@@ -448,8 +466,23 @@ func keyReason(err error) string {
 	}
 }
 
+// badRequest is what an HTTP client without a key gets: a plain 400 that
+// names no gateway.
+const badRequest = "HTTP/1.1 400 Bad Request\r\nContent-Type: text/plain\r\nContent-Length: 25\r\nConnection: close\r\n\r\nno session key in request"
+
 func (s *Server) handshakeFailed(c net.Conn, id uint64, reason string, err error) {
 	s.m.HandshakeFailures.WithLabelValues(reason).Inc()
+	if errors.Is(err, proto.ErrNoKey) && !s.cfg.NoKeyHashSource {
+		// An HTTP client (only those yield ErrNoKey) learns why.
+		_ = c.SetWriteDeadline(time.Now().Add(time.Second))
+		_, _ = io.WriteString(c, badRequest)
+		if ce := s.log.Check(zap.DebugLevel, "handshake failed; closing client without a reply"); ce != nil {
+			ce.Write(zap.Uint64("conn", id), zap.String("client", c.RemoteAddr().String()),
+				zap.String("reason", reason), zap.Error(err))
+		}
+		c.Close()
+		return
+	}
 	if ce := s.log.Check(zap.DebugLevel, "handshake failed; closing client without a reply"); ce != nil {
 		ce.Write(zap.Uint64("conn", id), zap.String("client", c.RemoteAddr().String()),
 			zap.String("reason", reason), zap.Error(err))

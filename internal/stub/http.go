@@ -1,0 +1,154 @@
+package stub
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"errors"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/coder/websocket"
+	"go.uber.org/zap"
+)
+
+// The stub answers HTTP too, for clients routed by header, cookie or query
+// (--key-from on the proxy): a WebSocket upgrade gets the same JSON as the
+// binary reply in its first text message and then an echo of every message;
+// GET / serves a small page whose script does exactly that from a browser.
+
+type connKey struct{}
+
+// httpConn replays the bytes the stub peeked and carries what the PROXY
+// header said.
+type httpConn struct {
+	net.Conn
+	br   *bufio.Reader
+	key  string // from the PROXY key TLV, "" if none
+	done chan struct{}
+	once sync.Once
+}
+
+func (c *httpConn) Read(p []byte) (int, error) { return c.br.Read(p) }
+func (c *httpConn) Close() error {
+	c.once.Do(func() { close(c.done) })
+	return c.Conn.Close()
+}
+
+// oneConnListener hands connections to an http.Server one at a time.
+type oneConnListener struct {
+	ch     chan net.Conn
+	closed chan struct{}
+	addr   net.Addr
+	once   sync.Once
+}
+
+func (l *oneConnListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.ch:
+		return c, nil
+	case <-l.closed:
+		return nil, net.ErrClosed
+	}
+}
+func (l *oneConnListener) Close() error   { l.once.Do(func() { close(l.closed) }); return nil }
+func (l *oneConnListener) Addr() net.Addr { return l.addr }
+
+// serveHTTP hands c to the stub's HTTP server and waits until the server is
+// done with it, so Shutdown's accounting stays per connection.
+func (s *Server) serveHTTP(c net.Conn, br *bufio.Reader, tlvKey string) {
+	s.httpOnce.Do(func() {
+		s.httpLn = &oneConnListener{ch: make(chan net.Conn), closed: make(chan struct{}), addr: c.LocalAddr()}
+		s.httpSrv = &http.Server{
+			Handler:           http.HandlerFunc(s.httpHandler),
+			ReadHeaderTimeout: s.cfg.HandshakeTimeout,
+			ConnContext: func(ctx context.Context, c net.Conn) context.Context {
+				return context.WithValue(ctx, connKey{}, c)
+			},
+		}
+		go func() { _ = s.httpSrv.Serve(s.httpLn) }()
+	})
+	if s.httpLn == nil {
+		return // shutting down before any HTTP connection came
+	}
+	hc := &httpConn{Conn: c, br: br, key: tlvKey, done: make(chan struct{})}
+	select {
+	case s.httpLn.ch <- hc:
+	case <-s.httpLn.closed:
+		return
+	}
+	<-hc.done
+}
+
+func (s *Server) httpHandler(w http.ResponseWriter, r *http.Request) {
+	hc, _ := r.Context().Value(connKey{}).(*httpConn)
+	key := ""
+	if hc != nil {
+		key = hc.key
+	}
+	if key == "" {
+		if ck, err := r.Cookie("sid"); err == nil {
+			key = ck.Value
+		} else {
+			key = r.URL.Query().Get("sid")
+		}
+	}
+	if r.Header.Get("Upgrade") == "" {
+		w.Header().Set("Content-Type", "text/html; charset=utf-8")
+		_, _ = w.Write([]byte(page))
+		return
+	}
+	ws, err := websocket.Accept(w, r, &websocket.AcceptOptions{InsecureSkipVerify: true})
+	if err != nil {
+		s.log.Debug("websocket upgrade failed", zap.Error(err))
+		return
+	}
+	defer ws.CloseNow()
+	rep := s.reply(key, r.RemoteAddr)
+	ctx, cancel := context.WithTimeout(r.Context(), 24*time.Hour)
+	defer cancel()
+	body, _ := json.Marshal(rep)
+	if err := ws.Write(ctx, websocket.MessageText, body); err != nil {
+		return
+	}
+	for {
+		typ, msg, err := ws.Read(ctx)
+		if err != nil {
+			if !errors.Is(err, context.Canceled) && websocket.CloseStatus(err) == -1 {
+				s.log.Debug("websocket read", zap.Error(err))
+			}
+			return
+		}
+		if err := ws.Write(ctx, typ, msg); err != nil {
+			return
+		}
+	}
+}
+
+// page is what a browser gets: it opens a WebSocket to the same address,
+// shows the gateway's reply, and reconnects once its socket is closed.
+const page = `<!doctype html>
+<html><head><meta charset="utf-8"><title>tether gateway stub</title></head>
+<body>
+<h1>tether gateway stub</h1>
+<pre id="log"></pre>
+<script>
+const log = (s) => { document.getElementById("log").textContent += s + "\n"; };
+let round = 0;
+function connect() {
+  round++;
+  const ws = new WebSocket("ws://" + location.host + "/ws" + location.search);
+  ws.onmessage = (ev) => {
+    const rep = JSON.parse(ev.data);
+    log("connection " + round + ": gateway " + rep.gateway + " key " + rep.key + " conns " + rep.conns);
+    document.title = "gateway " + rep.gateway + " round " + round;
+    if (round < 2) { ws.close(); }
+  };
+  ws.onclose = () => { if (round < 2) { setTimeout(connect, 100); } else { log("done"); } };
+}
+connect();
+</script>
+</body></html>
+`
