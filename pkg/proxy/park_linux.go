@@ -373,14 +373,21 @@ func (p *parker) finish(d *parkedDir, done bool) {
 		d.parked = true
 		p.parkedNow.Add(1)
 	}
-	last := ps.open == 0 && ps.running == 0 && !ps.finished
-	if last {
-		ps.finished = true
-	}
+	last := ps.endedLocked()
 	ps.mu.Unlock()
 	if last {
 		p.release(ps)
 	}
+}
+
+// endedLocked reports, with ps.mu held, whether the session just ended:
+// every direction finished and no worker running. It says so only once.
+func (ps *parkedSession) endedLocked() bool {
+	if ps.open == 0 && ps.running == 0 && !ps.finished {
+		ps.finished = true
+		return true
+	}
+	return false
 }
 
 // aborted runs after the session's connections were closed by an abort:
@@ -398,10 +405,7 @@ func (p *parker) aborted(ps *parkedSession) {
 			ps.open--
 		}
 	}
-	last := ps.open == 0 && ps.running == 0 && !ps.finished
-	if last {
-		ps.finished = true
-	}
+	last := ps.endedLocked()
 	ps.mu.Unlock()
 	if last {
 		p.release(ps)
