@@ -144,9 +144,9 @@ function connect() {
     const rep = JSON.parse(ev.data);
     log("connection " + round + ": gateway " + rep.gateway + " key " + rep.key + " conns " + rep.conns);
     document.title = "gateway " + rep.gateway + " round " + round;
-    if (round < 2) { ws.close(); }
+    if (round < 2) { ws.close(); } else { log("done"); }
   };
-  ws.onclose = () => { if (round < 2) { setTimeout(connect, 100); } else { log("done"); } };
+  ws.onclose = () => { if (round < 2) { setTimeout(connect, 100); } };
 }
 connect();
 </script>
