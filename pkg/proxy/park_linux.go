@@ -33,10 +33,10 @@ type parker struct {
 
 	parkedNow atomic.Int64 // directions waiting in the epoll set
 
-	mu    sync.Mutex
-	dirs  map[uint64]*parkedDir
-	next  uint64
-	pipes chan *pipePair // free pipes
+	mu     sync.Mutex
+	dirs   map[uint64]*parkedDir // parked-at-least-once directions, by epoll ID
+	nextID atomic.Uint64
+	pipes  chan *pipePair // free pipes
 
 	closeOnce sync.Once
 	loopDone  chan struct{}
@@ -72,7 +72,7 @@ type parkedDir struct {
 	done     bool  // EOF or error seen; guarded by ps.mu
 	parked   bool  // waiting in the epoll set; guarded by ps.mu
 	bytes    int64 // moved so far; only the running worker touches it
-	armed    bool  // registered in the epoll set; only the running worker touches it
+	armed    bool  // in the dispatch map and the epoll set; only the running worker touches it
 
 	// State of the running worker's current read and write, kept here
 	// (not in closures) so the callbacks handed to RawConn allocate
@@ -141,7 +141,6 @@ func newParker(log *zap.Logger, parkAfter time.Duration) (*parker, error) {
 	}
 	p := &parker{log: log, parkAfter: parkAfter, epfd: epfd, wakefd: wake, dirs: map[uint64]*parkedDir{},
 		pipes: make(chan *pipePair, pipePool), loopDone: make(chan struct{})}
-	p.next = 1 // 0 is the wake eventfd
 	go p.loop()
 	return p, nil
 }
@@ -202,19 +201,18 @@ func (p *parker) park(ses *session, onDone func(up, down int64)) bool {
 		return false
 	}
 	ps := &parkedSession{ses: ses, onDone: onDone, open: 2}
-	p.mu.Lock()
 	for i, pair := range [2][2]net.Conn{{ses.client, ses.gw}, {ses.gw, ses.client}} {
-		d := &parkedDir{ps: ps, id: p.next, src: pair[0], dst: pair[1], p: p}
+		// IDs are never 0 (the wake eventfd's); a direction enters the
+		// dispatch map only when it first parks, so short sessions never
+		// take the parker's lock.
+		d := &parkedDir{ps: ps, id: p.nextID.Add(1), src: pair[0], dst: pair[1], p: p}
 		d.readFn, d.wrFn = d.readOnce, d.writeOnce
 		d.srcRC, d.dstRC = cRC, gRC
 		if i == 1 {
 			d.srcRC, d.dstRC = gRC, cRC
 		}
-		p.next++
 		ps.dirs[i] = d
-		p.dirs[d.id] = d
 	}
-	p.mu.Unlock()
 	ses.onAbort = func() { p.aborted(ps) }
 	// Both directions start active, but park after firstLinger without
 	// data rather than parkAfter: a short session (or the hello/reply
@@ -291,16 +289,19 @@ func (p *parker) run(d *parkedDir, linger time.Duration) {
 		}
 		p.finish(d, true)
 	default:
-		op := unix.EPOLL_CTL_ADD
-		if d.armed {
-			op = unix.EPOLL_CTL_MOD
+		op := unix.EPOLL_CTL_MOD
+		if !d.armed {
+			op = unix.EPOLL_CTL_ADD
+			p.mu.Lock()
+			p.dirs[d.id] = d // before the first arm: its event may come at once
+			p.mu.Unlock()
+			d.armed = true // in the map from now on; release removes it
 		}
 		if aerr := p.arm(d, op); aerr != nil {
 			// Closed meanwhile (abort or drain): the abort marked it done.
 			p.finish(d, true)
 			return
 		}
-		d.armed = true
 		p.finish(d, false)
 	}
 }
@@ -413,11 +414,13 @@ func (p *parker) aborted(ps *parkedSession) {
 }
 
 func (p *parker) release(ps *parkedSession) {
-	p.mu.Lock()
-	for _, d := range ps.dirs {
-		delete(p.dirs, d.id)
+	if ps.dirs[0].armed || ps.dirs[1].armed {
+		p.mu.Lock()
+		for _, d := range ps.dirs {
+			delete(p.dirs, d.id)
+		}
+		p.mu.Unlock()
 	}
-	p.mu.Unlock()
 	ps.ses.client.Close()
 	ps.ses.gw.Close()
 	ps.onDone(ps.dirs[0].bytes, ps.dirs[1].bytes)
