@@ -193,12 +193,15 @@ func (p *parker) loop() {
 }
 
 // park takes over a session whose hello was forwarded. It returns false
-// (and changes nothing) if the connections are not plain TCP.
-func (p *parker) park(ses *session, onDone func(up, down int64)) bool {
+// (and changes nothing) if the connections are not plain TCP. Otherwise
+// the client → gateway direction runs in a new goroutine and run is the
+// gateway → client direction's worker, for the caller's goroutine (saving a
+// goroutine per session).
+func (p *parker) park(ses *session, onDone func(up, down int64)) (run func(), ok bool) {
 	cRC, ok1 := rawConn(ses.client)
 	gRC, ok2 := rawConn(ses.gw)
 	if !ok1 || !ok2 {
-		return false
+		return nil, false
 	}
 	ps := &parkedSession{ses: ses, onDone: onDone, open: 2}
 	for i, pair := range [2][2]net.Conn{{ses.client, ses.gw}, {ses.gw, ses.client}} {
@@ -218,10 +221,8 @@ func (p *parker) park(ses *session, onDone func(up, down int64)) bool {
 	// data rather than parkAfter: a short session (or the hello/reply
 	// exchange of a long one) never touches the epoll set, and a session
 	// that goes quiet right after it gives its goroutines back at once.
-	for _, d := range ps.dirs {
-		go p.run(d, firstLinger)
-	}
-	return true
+	go p.run(ps.dirs[0], firstLinger)
+	return func() { p.run(ps.dirs[1], firstLinger) }, true
 }
 
 // firstLinger is how long a new session's directions wait for data in Go's

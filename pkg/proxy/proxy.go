@@ -352,7 +352,11 @@ func (ses *session) closeReason() string {
 }
 
 func (s *Server) handle(c net.Conn) {
-	if !s.handleConn(c) {
+	parked, run := s.handleConn(c)
+	if run != nil {
+		run() // a parked session's gateway → client worker, in this goroutine
+	}
+	if !parked {
 		s.connDone()
 	}
 }
@@ -365,19 +369,21 @@ func (s *Server) connDone() {
 	s.wg.Done()
 }
 
-// handleConn runs the handshake and the session. It returns true when the
-// session was parked: its end (and connDone) then comes from the parker.
-func (s *Server) handleConn(c net.Conn) (parked bool) {
+// handleConn runs the handshake and the session. It returns parked when the
+// session went to the parker: its end (and connDone) then comes from the
+// parker, and run, if set, is a worker for the caller to run (after the
+// handshake buffer went back to its pool).
+func (s *Server) handleConn(c net.Conn) (parked bool, run func()) {
 	start := time.Now()
 	id := s.nextID.Add(1)
 
 	if err := c.SetReadDeadline(start.Add(s.cfg.HandshakeTimeout)); err != nil {
 		s.handshakeFailed(c, id, reasonReadError, err)
-		return false
+		return false, nil
 	}
 	if err := readProxyHeader(c); err != nil {
 		s.handshakeFailed(c, id, headerReason(err), err)
-		return false
+		return false, nil
 	}
 	bufp := s.pool.Get().(*[]byte)
 	defer s.pool.Put(bufp)
@@ -394,11 +400,11 @@ func (s *Server) handleConn(c net.Conn) (parked bool) {
 	case errors.Is(err, proto.ErrNoKey) && proto.IsHTTP(buf[headroom:headroom+n]):
 		s.m.NoKey.WithLabelValues("reject").Inc()
 		s.handshakeFailed(c, id, keyReason(err), err)
-		return false
+		return false, nil
 	}
 	if err != nil {
 		s.handshakeFailed(c, id, keyReason(err), err)
-		return false
+		return false, nil
 	}
 	keyHash := ring.KeyHash(key)
 
@@ -424,7 +430,7 @@ func (s *Server) handleConn(c net.Conn) (parked bool) {
 			zap.String("key_hash", hashString(keyHash)), zap.String("reason", reason), zap.Error(err))
 	}
 	abort(c)
-	return false
+	return false, nil
 }
 
 // readKey reads until the extractor finds the key, within the handshake
@@ -493,7 +499,7 @@ func (s *Server) handshakeFailed(c net.Conn, id uint64, reason string, err error
 // serveSession writes the PROXY header and the first bytes to the gateway,
 // then splices until both directions end — in this goroutine, or, when the
 // parker takes the session, from the parker. It reports whether it parked.
-func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash uint64, buf []byte, n int, key []byte, res route.Result) bool {
+func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash uint64, buf []byte, n int, key []byte, res route.Result) (bool, func()) {
 	gw := res.Conn
 	if res.Attempts > 1 {
 		s.m.Failovers.WithLabelValues(res.Gateway.ID).Inc()
@@ -502,7 +508,7 @@ func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash ui
 	if !s.register(ses) {
 		s.m.Rejected.WithLabelValues("shutdown").Inc()
 		ses.abort("shutdown")
-		return false
+		return false, nil
 	}
 
 	// Header and hello leave in one write: the header is built in the
@@ -514,7 +520,7 @@ func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash ui
 			s.log.Error("cannot build PROXY v2 header", zap.Uint64("conn", id), zap.Error(err))
 			ses.abort("internal_error")
 			s.unregister(ses)
-			return false
+			return false, nil
 		}
 		copy(buf[headroom-len(hdr):], hdr)
 		out = buf[headroom-len(hdr) : headroom+n]
@@ -525,17 +531,19 @@ func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash ui
 		s.log.Debug("write to gateway failed", zap.Uint64("conn", id), zap.String("gateway", res.Gateway.ID), zap.Error(err))
 		ses.abort("gateway_write_error")
 		s.unregister(ses)
-		return false
+		return false, nil
 	}
 	end := func(up, down int64) {
 		s.endSession(ses, id, start, keyHash, int64(n), up, down)
 	}
-	if s.parker != nil && s.parker.park(ses, func(up, down int64) { end(up, down); s.connDone() }) {
-		return true
+	if s.parker != nil {
+		if run, ok := s.parker.park(ses, func(up, down int64) { end(up, down); s.connDone() }); ok {
+			return true, run
+		}
 	}
 	up, down := s.splice(ses)
 	end(up, down)
-	return false
+	return false, nil
 }
 
 // endSession records a finished session: metrics, the session-end log line,
