@@ -213,27 +213,7 @@ func TestBadInput(t *testing.T) {
 	}
 
 	// Good clients keep running through the whole test.
-	stop := make(chan struct{})
-	var goodRuns, goodErrs atomic.Int64
-	var wg sync.WaitGroup
-	for w := range 4 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := 0; ; i++ {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				if _, err := session(p.addr, "127.0.0.4", fmt.Sprintf("good-%d-%d", w, i)); err != nil {
-					goodErrs.Add(1)
-					t.Errorf("good client: %v", err)
-				}
-				goodRuns.Add(1)
-			}
-		}()
-	}
+	goodClients := startTraffic(t, 4, p.addr, "127.0.0.4", func(w, i int) string { return fmt.Sprintf("good-%d-%d", w, i) })
 
 	before := metrics(t, p)
 	want := map[string]float64{}
@@ -259,10 +239,9 @@ func TestBadInput(t *testing.T) {
 		}()
 	}
 	bwg.Wait()
-	close(stop)
-	wg.Wait()
-	if goodErrs.Load() > 0 || goodRuns.Load() == 0 {
-		t.Fatalf("good clients: %d runs, %d errors", goodRuns.Load(), goodErrs.Load())
+	goodClients.Stop()
+	if goodClients.failed.Load() > 0 || goodClients.served.Load() == 0 {
+		t.Fatalf("good clients: %d served, %d failed", goodClients.served.Load(), goodClients.failed.Load())
 	}
 	waitFor(t, 5*time.Second, "handshake failure counters", func() bool {
 		after := metrics(t, p)
@@ -279,7 +258,7 @@ func TestBadInput(t *testing.T) {
 			t.Errorf("%d debug log lines with reason %s, want %d", got, reason, int(n))
 		}
 	}
-	t.Logf("%d bad clients closed with zero bytes; %d good sessions meanwhile, none failed", len(tests), goodRuns.Load())
+	t.Logf("%d bad clients closed with zero bytes; %d good sessions meanwhile, none failed", len(tests), goodClients.served.Load())
 }
 
 // badClient sends b and reports what came back and how long until the proxy

@@ -20,6 +20,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -377,3 +378,43 @@ var sigterm = syscall.SIGTERM
 
 // isReset reports a connection reset by the peer.
 func isReset(err error) bool { return errors.Is(err, syscall.ECONNRESET) }
+
+// traffic is a set of clients running sessions in a loop in the background,
+// to show that something else happening meanwhile costs them nothing.
+type traffic struct {
+	stop           chan struct{}
+	wg             sync.WaitGroup
+	served, failed atomic.Int64
+}
+
+// startTraffic runs workers that each loop session(via, src, key(w, i))
+// until Stop; every failed session is reported as a test error.
+func startTraffic(t *testing.T, workers int, via, src string, key func(w, i int) string) *traffic {
+	tr := &traffic{stop: make(chan struct{})}
+	for w := range workers {
+		tr.wg.Add(1)
+		go func() {
+			defer tr.wg.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-tr.stop:
+					return
+				default:
+				}
+				if _, err := session(via, src, key(w, i)); err != nil {
+					tr.failed.Add(1)
+					t.Errorf("background client: %v", err)
+				} else {
+					tr.served.Add(1)
+				}
+			}
+		}()
+	}
+	return tr
+}
+
+// Stop ends the loops and waits for them.
+func (tr *traffic) Stop() {
+	close(tr.stop)
+	tr.wg.Wait()
+}

@@ -8,7 +8,6 @@ import (
 	"net"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
@@ -182,44 +181,22 @@ func TestRedisDiesMidRun(t *testing.T) {
 		return total
 	}
 	// Clients run continuously across the outage.
-	stop := make(chan struct{})
-	var served, failed atomic.Int64
-	var wg sync.WaitGroup
-	for w := range 8 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := 0; ; i++ {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				if _, err := session(e.lb.Bind, "127.0.0.2", keys[(w*31+i)%len(keys)]); err != nil {
-					failed.Add(1)
-					t.Errorf("client error while Redis is down or back: %v", err)
-				} else {
-					served.Add(1)
-				}
-			}
-		}()
-	}
-	waitFor(t, 10*time.Second, "traffic", func() bool { return served.Load() > 200 })
+	tr := startTraffic(t, 8, e.lb.Bind, "127.0.0.2", func(w, i int) string { return keys[(w*31+i)%len(keys)] })
+	waitFor(t, 10*time.Second, "traffic", func() bool { return tr.served.Load() > 200 })
 	e.redis.Kill()
 	errsAtKill := sum("tether_redis_errors_total")
 	waitFor(t, 10*time.Second, "ring fallback", func() bool {
 		return sum(`tether_routes_total{source="fallback"}`) > 100
 	})
-	fallbackServed := served.Load()
+	fallbackServed := tr.served.Load()
 	e.redis.Restart(t)
 	bindingBefore := sum(`tether_routes_total{source="binding"}`)
 	waitFor(t, 15*time.Second, "bindings in use again", func() bool {
 		return sum(`tether_routes_total{source="binding"}`) > bindingBefore+100
 	})
-	close(stop)
-	wg.Wait()
-	if failed.Load() > 0 {
-		t.Fatalf("%d client errors", failed.Load())
+	tr.Stop()
+	if tr.failed.Load() > 0 {
+		t.Fatalf("%d client errors", tr.failed.Load())
 	}
 	if sum("tether_redis_errors_total") <= errsAtKill {
 		t.Fatal("no Redis errors counted during the outage")
@@ -232,7 +209,7 @@ func TestRedisDiesMidRun(t *testing.T) {
 			t.Errorf("proxy logged the recovery %d times, want once", n)
 		}
 	}
-	t.Logf("Redis killed and restarted under load: %d sessions served, none failed (%d while it was down)", served.Load(), fallbackServed)
+	t.Logf("Redis killed and restarted under load: %d sessions served, none failed (%d while it was down)", tr.served.Load(), fallbackServed)
 }
 
 // TestUntrustedProxyHeader: a PROXY header from an address outside
