@@ -22,7 +22,7 @@ import (
 )
 
 type options struct {
-	bin, out, tmp  string
+	bin, tmp       string
 	quick          bool
 	rounds         int
 	bulkBytes      int64

@@ -273,21 +273,12 @@ func (p *parker) run(d *parkedDir, linger time.Duration) {
 
 	eof, err := p.serve(d, min(linger, p.parkAfter))
 	switch {
-	case err != nil:
-		var failed net.Conn
-		if errors.Is(err, unix.ECONNRESET) || errors.Is(err, unix.ETIMEDOUT) || errors.Is(err, unix.EHOSTUNREACH) {
-			failed = d.src
-		}
+	case err != nil || eof:
 		reason := "client_error"
 		if d == ps.dirs[1] {
 			reason = "gateway_error"
 		}
-		ps.ses.abortFrom(failed, reason) // marks every direction done via aborted
-		p.finish(d, true)
-	case eof:
-		if tc := rawTCP(d.dst); tc == nil || tc.CloseWrite() != nil {
-			ps.ses.abortFrom(nil, "gateway_error")
-		}
+		ps.ses.endDirection(d.dst, d.src, err, reason) // an abort marks every direction done
 		p.finish(d, true)
 	default:
 		op := unix.EPOLL_CTL_MOD

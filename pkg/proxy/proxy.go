@@ -609,19 +609,29 @@ func (s *Server) splice(ses *session) (up, down int64) {
 // also unblocks the other direction.
 func pipe(ses *session, dst, src net.Conn, reason string) int64 {
 	n, err := io.Copy(dst, src)
-	if err != nil {
-		var failed net.Conn
-		if errors.Is(err, syscall.ECONNRESET) || errors.Is(err, os.ErrDeadlineExceeded) {
-			failed = src // reads fail first; a write error aborts both with RST
-		}
-		ses.abortFrom(failed, reason)
-		return n
-	}
-	if tc := rawTCP(dst); tc != nil && tc.CloseWrite() == nil {
-		return n
-	}
-	ses.abort(reason)
+	ses.endDirection(dst, src, err, reason)
 	return n
+}
+
+// endDirection is what both data paths do when one direction stops: after
+// EOF (err nil) half-close dst, so the other direction keeps flowing; after
+// an error, or if the half-close fails, abort the session. A source that
+// itself broke (reset, timed out, unreachable) is just closed: a reset
+// there would tell nobody anything.
+func (ses *session) endDirection(dst, src net.Conn, err error, reason string) {
+	if err == nil {
+		if tc := rawTCP(dst); tc != nil && tc.CloseWrite() == nil {
+			return
+		}
+		ses.abort(reason)
+		return
+	}
+	var failed net.Conn
+	if errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.ETIMEDOUT) ||
+		errors.Is(err, syscall.EHOSTUNREACH) || errors.Is(err, os.ErrDeadlineExceeded) {
+		failed = src // reads fail first; a write error aborts both with RST
+	}
+	ses.abortFrom(failed, reason)
 }
 
 // abort closes c with RST (SO_LINGER 0) when it is TCP, so nothing lingers
