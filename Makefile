@@ -24,7 +24,7 @@ demo: build
 deps:
 	./scripts/deps.sh
 
-## test: lint, unit tests with -race, then end-to-end tests with real processes
+## test: lint (gofmt, vet, staticcheck), unit tests with -race, then end-to-end tests with real processes
 ## (real redis-server, haproxy and nginx, installed by deps when missing).
 test: deps lint test-unit test-e2e bench-smoke
 
@@ -39,6 +39,8 @@ lint:
 	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) vet -tags e2e ./test/e2e/
+	$(GO) run honnef.co/go/tools/cmd/staticcheck@v0.6.1 ./...
+	$(GO) run honnef.co/go/tools/cmd/staticcheck@v0.6.1 -tags e2e ./test/e2e/
 
 ## bench: tether vs HAProxy (forced splice) vs a direct connection, interleaved;
 ## several minutes; writes bench/results/<date>.md (see docs/BENCHMARKS.md).
