@@ -32,6 +32,7 @@ type parker struct {
 	wakefd    int // eventfd that stops the loop
 
 	parkedNow atomic.Int64 // directions waiting in the epoll set
+	pipesMade atomic.Int64 // pipes created; the pool should keep it flat
 
 	mu     sync.Mutex
 	dirs   map[uint64]*parkedDir // parked-at-least-once directions, by epoll ID
@@ -309,10 +310,15 @@ func (p *parker) run(d *parkedDir, linger time.Duration) {
 func (p *parker) serve(d *parkedDir, linger time.Duration) (eof bool, err error) {
 	defer func() {
 		if d.pipe != nil {
-			p.putPipe(d.pipe, err == nil)
+			// Every read is written out before the next one, so the
+			// pipe holds data only if a write failed: a reset client
+			// (most short sessions end that way) gives back an empty
+			// pipe for reuse.
+			p.putPipe(d.pipe, d.left == 0)
 			d.pipe = nil
 		}
 	}()
+	d.left = 0
 	d.deadline = time.Now().Add(linger)
 	if err := d.src.SetReadDeadline(d.deadline); err != nil {
 		return false, err
@@ -424,6 +430,7 @@ func (p *parker) getPipe() (*pipePair, error) {
 		return pp, nil
 	default:
 	}
+	p.pipesMade.Add(1)
 	var fds [2]int
 	if err := unix.Pipe2(fds[:], unix.O_NONBLOCK|unix.O_CLOEXEC); err != nil {
 		return nil, err

@@ -192,3 +192,22 @@ func TestParkedGatewayReset(t *testing.T) {
 	}
 	waitFor(t, func() bool { return h.srv.Active() == 0 && h.srv.parker.sessionDirs() == 0 })
 }
+
+// TestResetSessionsReusePipes: sessions that the client resets (how most
+// short sessions end) give their pipes back to the pool instead of
+// creating and closing a pipe each.
+func TestResetSessionsReusePipes(t *testing.T) {
+	gw := gateway(t, "gw-1", stub.ProxyRequire)
+	h := start(t, DefaultConfig(), ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
+	const sessions = 100
+	for range sessions {
+		c := openSession(t, h, "r")
+		c.SetLinger(0)
+		c.Close()
+		waitFor(t, func() bool { return h.srv.Active() == 0 })
+	}
+	// One session at a time uses at most one pipe per direction.
+	if made := h.srv.parker.pipesMade.Load(); made > 4 {
+		t.Fatalf("%d sessions created %d pipes; want them reused from the pool", sessions, made)
+	}
+}
