@@ -26,6 +26,8 @@ type Metrics struct {
 	ClusterMembers    prometheus.Gauge
 	RedisErrors       prometheus.Counter
 	NoKey             *prometheus.CounterVec
+	Parked            prometheus.Gauge
+	ParkErrors        prometheus.Counter
 }
 
 // ObserveRing sets the gateway gauges from the ring now in use: members
@@ -109,6 +111,14 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "tether_no_key_total",
 			Help: "Clients whose first bytes carried no key, by what --no-key did: reject (HTTP 400) or hash_source (routed by IP).",
 		}, []string{"action"}),
+		Parked: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "tether_parked_directions",
+			Help: "Session directions idle in tether's epoll set now, holding no goroutine and no pipe (two per fully idle session).",
+		}),
+		ParkErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tether_park_errors_total",
+			Help: "Idle sessions closed because epoll would not watch them (see fs.epoll.max_user_watches).",
+		}),
 		ClusterMembers: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "tether_cluster_members",
 			Help: "Alive gossip members this proxy knows, itself and other proxies included (0 without gossip).",
@@ -117,7 +127,8 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	if reg != nil {
 		reg.MustRegister(m.Accepted, m.Active, m.Closed, m.Rejected, m.HandshakeFailures,
 			m.HandshakeSeconds, m.Routes, m.RouteFailures, m.DialFailures, m.Failovers,
-			m.Bytes, m.SessionSeconds, m.Gateways, m.ClusterMembers, m.RedisErrors, m.NoKey)
+			m.Bytes, m.SessionSeconds, m.Gateways, m.ClusterMembers, m.RedisErrors, m.NoKey,
+			m.Parked, m.ParkErrors)
 	}
 	return m
 }

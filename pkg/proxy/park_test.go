@@ -10,8 +10,11 @@ import (
 	"io"
 	"net"
 	"runtime"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/tether-proxy/tether/internal/stub"
 	"github.com/tether-proxy/tether/pkg/ring"
@@ -63,6 +66,9 @@ func TestParkedSessionsHoldNoGoroutines(t *testing.T) {
 		conns = append(conns, openSession(t, h, "k"))
 	}
 	waitFor(t, func() bool { return h.srv.parker.parkedCount() == 400 })
+	if got := testutil.ToFloat64(h.srv.m.Parked); got != 400 {
+		t.Fatalf("tether_parked_directions = %v, want 400", got)
+	}
 	grown := runtime.NumGoroutine() - base
 	// 200 stub handler goroutines are expected; the proxy may add a few
 	// runtime helpers but nothing per session.
@@ -209,5 +215,137 @@ func TestResetSessionsReusePipes(t *testing.T) {
 	// One session at a time uses at most one pipe per direction.
 	if made := h.srv.parker.pipesMade.Load(); made > 4 {
 		t.Fatalf("%d sessions created %d pipes; want them reused from the pool", sessions, made)
+	}
+}
+
+// TestParkErrorClosesSession: a session that epoll refuses to watch is
+// closed (nothing would ever wake it), counted and logged, and leaves no
+// state behind.
+func TestParkErrorClosesSession(t *testing.T) {
+	gw := gateway(t, "gw-1", stub.ProxyRequire)
+	h := start(t, parkFast(), ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
+	// A broken epoll set: every arm fails from now on.
+	h.srv.parker.ep.Close()
+	<-h.srv.parker.loopDone
+	c := openSession(t, h, "pe")
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if _, err := c.Read(make([]byte, 1)); err == nil {
+		t.Fatal("a session that could not park stayed open")
+	}
+	waitFor(t, func() bool { return h.srv.Active() == 0 })
+	if got := testutil.ToFloat64(h.srv.m.ParkErrors); got < 1 {
+		t.Fatalf("tether_park_errors_total = %v", got)
+	}
+	if got := testutil.ToFloat64(h.srv.m.Parked); got != 0 {
+		t.Fatalf("tether_parked_directions = %v after the session ended", got)
+	}
+}
+
+// smallBufListener makes accepted client sockets' send buffers tiny, so a
+// client that stops reading fills them after a few KiB.
+type smallBufListener struct{ net.Listener }
+
+func (l smallBufListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if tc, ok := c.(*net.TCPConn); ok {
+		_ = tc.SetWriteBuffer(4096)
+	}
+	return c, err
+}
+
+// rawGateway accepts one connection on a fresh listener and hands it over.
+func rawGateway(t *testing.T) (addr string, conn <-chan *net.TCPConn) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	ch := make(chan *net.TCPConn, 1)
+	go func() {
+		if c, err := ln.Accept(); err == nil {
+			ch <- c.(*net.TCPConn)
+		}
+	}()
+	return ln.Addr().String(), ch
+}
+
+// TestParkedWakeInline: a message to a session parked for longer than
+// --park-after is moved by the epoll loop itself (no goroutine), both
+// ways, and the session parks again at once.
+func TestParkedWakeInline(t *testing.T) {
+	gw := gateway(t, "gw-1", stub.ProxyRequire)
+	h := start(t, parkFast(), ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
+	c := openParked(t, h, "inline", 0)
+	p := h.srv.parker
+	for i := range 5 {
+		time.Sleep(2 * p.parkAfter) // quiet for longer than parkAfter
+		msg := []byte{'m', byte('0' + i)}
+		if _, err := c.Write(msg); err != nil {
+			t.Fatal(err)
+		}
+		got := make([]byte, len(msg))
+		if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, msg) {
+			t.Fatalf("message %d: %q %v", i, got, err)
+		}
+		waitFor(t, func() bool { return p.parkedCount() == 2 })
+	}
+	// Each message woke both directions; all but the first few (while
+	// the session was younger than parkAfter) were served inline.
+	if n := p.wakesInline.Load(); n < 6 {
+		t.Fatalf("%d wakeups served inline, want most of 10", n)
+	}
+}
+
+// TestParkedWakeSlowClient: when a parked session's client has stopped
+// reading, the loop's inline move cannot write everything; a worker takes
+// over the leftover bytes and nothing is lost or reordered.
+func TestParkedWakeSlowClient(t *testing.T) {
+	gwAddr, accepted := rawGateway(t)
+	cfg := parkFast()
+	cfg.ProxyProtocolOut = false
+	h := startWrapped(t, cfg, func(ln net.Listener, _ *Metrics) net.Listener { return smallBufListener{ln} },
+		ring.Member{ID: "raw", Addr: gwAddr, Weight: 1})
+	d := net.Dialer{Control: func(_, _ string, rc syscall.RawConn) error {
+		var serr error
+		err := rc.Control(func(fd uintptr) { serr = syscall.SetsockoptInt(int(fd), syscall.SOL_SOCKET, syscall.SO_RCVBUF, 4096) })
+		return errors.Join(err, serr)
+	}}
+	conn, err := d.Dial("tcp", h.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := conn.(*net.TCPConn)
+	defer c.Close()
+	c.Write(hello(t, "slow", ""))
+	g := <-accepted
+	defer g.Close()
+	if _, err := io.ReadFull(g, make([]byte, len(hello(t, "slow", "")))); err != nil {
+		t.Fatal(err)
+	}
+	p := h.srv.parker
+	waitFor(t, func() bool { return p.parkedCount() == 2 })
+	// 20 chunks of 8 KiB, each after the session was quiet for longer
+	// than parkAfter, to a client that reads nothing until the end.
+	const chunks, size = 20, 8 << 10
+	var want []byte
+	for i := range chunks {
+		time.Sleep(2 * p.parkAfter)
+		chunk := bytes.Repeat([]byte{byte('a' + i)}, size)
+		want = append(want, chunk...)
+		if _, err := g.Write(chunk); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	got := make([]byte, len(want))
+	if _, err := io.ReadFull(c, got); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(got, want) {
+		t.Fatal("bytes lost or reordered")
+	}
+	if p.wakesInline.Load() == 0 || p.wakesHandedOff.Load() == 0 {
+		t.Fatalf("inline %d, handed off %d: want both paths taken", p.wakesInline.Load(), p.wakesHandedOff.Load())
 	}
 }

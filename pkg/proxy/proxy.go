@@ -166,7 +166,7 @@ func New(cfg Config) (*Server, error) {
 			cfg.ParkAfter = DefaultParkAfter
 			s.cfg.ParkAfter = DefaultParkAfter
 		}
-		p, err := newParker(s.log, cfg.ParkAfter)
+		p, err := newParker(s.log, s.m, cfg.ParkAfter)
 		if err != nil {
 			return nil, fmt.Errorf("proxy: park: %w", err)
 		}
@@ -352,11 +352,7 @@ func (ses *session) closeReason() string {
 }
 
 func (s *Server) handle(c net.Conn) {
-	parked, run := s.handleConn(c)
-	if run != nil {
-		run() // a parked session's gateway → client worker, in this goroutine
-	}
-	if !parked {
+	if !s.handleConn(c) {
 		s.connDone()
 	}
 }
@@ -371,19 +367,18 @@ func (s *Server) connDone() {
 
 // handleConn runs the handshake and the session. It returns parked when the
 // session went to the parker: its end (and connDone) then comes from the
-// parker, and run, if set, is a worker for the caller to run (after the
-// handshake buffer went back to its pool).
-func (s *Server) handleConn(c net.Conn) (parked bool, run func()) {
+// parker.
+func (s *Server) handleConn(c net.Conn) (parked bool) {
 	start := time.Now()
 	id := s.nextID.Add(1)
 
 	if err := c.SetReadDeadline(start.Add(s.cfg.HandshakeTimeout)); err != nil {
 		s.handshakeFailed(c, id, reasonReadError, err)
-		return false, nil
+		return false
 	}
 	if err := readProxyHeader(c); err != nil {
 		s.handshakeFailed(c, id, headerReason(err), err)
-		return false, nil
+		return false
 	}
 	bufp := s.pool.Get().(*[]byte)
 	defer s.pool.Put(bufp)
@@ -400,11 +395,11 @@ func (s *Server) handleConn(c net.Conn) (parked bool, run func()) {
 	case errors.Is(err, proto.ErrNoKey) && proto.IsHTTP(buf[headroom:headroom+n]):
 		s.m.NoKey.WithLabelValues("reject").Inc()
 		s.handshakeFailed(c, id, keyReason(err), err)
-		return false, nil
+		return false
 	}
 	if err != nil {
 		s.handshakeFailed(c, id, keyReason(err), err)
-		return false, nil
+		return false
 	}
 	keyHash := ring.KeyHash(key)
 
@@ -430,7 +425,7 @@ func (s *Server) handleConn(c net.Conn) (parked bool, run func()) {
 			zap.String("key_hash", hashString(keyHash)), zap.String("reason", reason), zap.Error(err))
 	}
 	abort(c)
-	return false, nil
+	return false
 }
 
 // readKey reads until the extractor finds the key, within the handshake
@@ -499,7 +494,7 @@ func (s *Server) handshakeFailed(c net.Conn, id uint64, reason string, err error
 // serveSession writes the PROXY header and the first bytes to the gateway,
 // then splices until both directions end — in this goroutine, or, when the
 // parker takes the session, from the parker. It reports whether it parked.
-func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash uint64, buf []byte, n int, key []byte, res route.Result) (bool, func()) {
+func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash uint64, buf []byte, n int, key []byte, res route.Result) bool {
 	gw := res.Conn
 	if res.Attempts > 1 {
 		s.m.Failovers.WithLabelValues(res.Gateway.ID).Inc()
@@ -508,7 +503,7 @@ func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash ui
 	if !s.register(ses) {
 		s.m.Rejected.WithLabelValues("shutdown").Inc()
 		ses.abort("shutdown")
-		return false, nil
+		return false
 	}
 
 	// Header and hello leave in one write: the header is built in the
@@ -520,7 +515,7 @@ func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash ui
 			s.log.Error("cannot build PROXY v2 header", zap.Uint64("conn", id), zap.Error(err))
 			ses.abort("internal_error")
 			s.unregister(ses)
-			return false, nil
+			return false
 		}
 		copy(buf[headroom-len(hdr):], hdr)
 		out = buf[headroom-len(hdr) : headroom+n]
@@ -531,19 +526,19 @@ func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash ui
 		s.log.Debug("write to gateway failed", zap.Uint64("conn", id), zap.String("gateway", res.Gateway.ID), zap.Error(err))
 		ses.abort("gateway_write_error")
 		s.unregister(ses)
-		return false, nil
+		return false
 	}
 	end := func(up, down int64) {
 		s.endSession(ses, id, start, keyHash, int64(n), up, down)
 	}
 	if s.parker != nil {
-		if run, ok := s.parker.park(ses, func(up, down int64) { end(up, down); s.connDone() }); ok {
-			return true, run
+		if s.parker.park(ses, func(up, down int64) { end(up, down); s.connDone() }) {
+			return true
 		}
 	}
 	up, down := s.splice(ses)
 	end(up, down)
-	return false, nil
+	return false
 }
 
 // endSession records a finished session: metrics, the session-end log line,
