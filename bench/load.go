@@ -198,12 +198,40 @@ func idleCost(addr string, pid, n int, settle time.Duration, checkAll bool) (rss
 	if err != nil {
 		return 0, 0, err
 	}
-	conns := make([]*net.TCPConn, 0, n)
+	conns, err := openMany(addr, n)
 	defer func() {
 		for _, c := range conns {
 			reset(c)
 		}
 	}()
+	if err != nil {
+		return 0, 0, err
+	}
+	time.Sleep(settle) // let the process reach its idle state (goroutines parked, GC run)
+	after, err := statsOf(pid)
+	if err != nil {
+		return 0, 0, err
+	}
+	for i, c := range conns {
+		if i%97 != 0 && !checkAll {
+			continue
+		}
+		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Write([]byte("ping")); err != nil {
+			return 0, 0, err
+		}
+		buf := make([]byte, 4)
+		if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "ping" {
+			return 0, 0, errors.Join(errors.New("idle session stopped echoing"), err)
+		}
+	}
+	return float64(after.rss-before.rss) / float64(n), float64(after.fds-before.fds) / float64(n), nil
+}
+
+// openMany opens n sessions through addr from 32 goroutines, the way a
+// reconnect wave arrives, and returns those that opened.
+func openMany(addr string, n int) ([]*net.TCPConn, error) {
+	conns := make([]*net.TCPConn, 0, n)
 	var mu sync.Mutex
 	var wg sync.WaitGroup
 	var openErr atomic.Value
@@ -230,25 +258,39 @@ func idleCost(addr string, pid, n int, settle time.Duration, checkAll bool) (rss
 	close(next)
 	wg.Wait()
 	if e := openErr.Load(); e != nil {
-		return 0, 0, fmt.Errorf("opened %d of %d idle sessions: %v", len(conns), n, e)
+		return conns, fmt.Errorf("opened %d of %d idle sessions: %v", len(conns), n, e)
 	}
-	time.Sleep(settle) // let the process reach its idle state (goroutines parked, GC run)
-	after, err := statsOf(pid)
+	return conns, nil
+}
+
+// wakeLatency opens n sessions, leaves them idle for idle (past tether's
+// --park-after, so they are parked), then sends one 4-byte message on
+// each in turn and returns the round trips: the latency of a push to a
+// quiet session.
+func wakeLatency(addr string, n int, idle time.Duration) ([]time.Duration, error) {
+	conns, err := openMany(addr, n)
+	defer func() {
+		for _, c := range conns {
+			reset(c)
+		}
+	}()
 	if err != nil {
-		return 0, 0, err
+		return nil, err
 	}
-	for i, c := range conns {
-		if i%97 != 0 && !checkAll {
-			continue
-		}
+	time.Sleep(idle)
+	out := make([]time.Duration, 0, n)
+	buf := make([]byte, 4)
+	for _, c := range conns {
 		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-		if _, err := c.Write([]byte("ping")); err != nil {
-			return 0, 0, err
+		t0 := time.Now()
+		if _, err := c.Write([]byte("wake")); err != nil {
+			return nil, err
 		}
-		buf := make([]byte, 4)
-		if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "ping" {
-			return 0, 0, errors.Join(errors.New("idle session stopped echoing"), err)
+		if _, err := io.ReadFull(c, buf); err != nil || string(buf) != "wake" {
+			return nil, errors.Join(errors.New("parked session did not echo"), err)
 		}
+		out = append(out, time.Since(t0))
 	}
-	return float64(after.rss-before.rss) / float64(n), float64(after.fds-before.fds) / float64(n), nil
+	sort.Slice(out, func(i, j int) bool { return out[i] < out[j] })
+	return out, nil
 }

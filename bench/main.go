@@ -11,7 +11,6 @@ package main
 import (
 	"flag"
 	"fmt"
-	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -31,6 +30,8 @@ type options struct {
 	idleSizes      []int
 	idleLimit      int
 	idleHold       time.Duration
+	wakeSessions   int
+	wakeIdle       time.Duration
 	skipIdle, save bool
 }
 
@@ -47,21 +48,24 @@ func main() {
 	fs.BoolVar(&o.skipIdle, "skip-idle", false, "skip the idle-session cost runs")
 	fs.DurationVar(&o.idleHold, "idle-hold", 60*time.Second, "how long tether holds the largest idle size before every session must echo")
 	fs.BoolVar(&o.save, "save", true, "write bench/results/<date>.md")
-	load := fs.String("load", "", "only generate load against --addr for profiling: connrate, bulk or idle (3000 sessions held for --for)")
+	load := fs.String("load", "", "only generate load against --addr for profiling: connrate, bulk or idle (--sessions held for --for)")
 	addr := fs.String("addr", "", "target HOST:PORT for --load")
 	loadFor := fs.Duration("for", 20*time.Second, "how long --load runs")
+	loadSessions := fs.Int("sessions", 3000, "idle sessions --load idle opens (from 32 goroutines) and holds")
 	_ = fs.Parse(os.Args[1:])
 	if *load != "" {
-		if err := loadOnly(*load, *addr, *loadFor); err != nil {
+		if err := loadOnly(*load, *addr, *loadFor, *loadSessions); err != nil {
 			fatal(err)
 		}
 		return
 	}
 	o.bulkBytes = int64(bulkMiB) << 20
+	o.wakeSessions, o.wakeIdle = 500, 1500*time.Millisecond
 	o.idleSizes = []int{1000, 3000}
 	o.idleLimit = 20000
 	if o.quick {
 		o.rounds, o.bulkBytes, o.rateFor, o.latMsgs, o.idleSizes, o.save = 1, 8<<20, 300*time.Millisecond, 200, []int{100}, false
+		o.wakeSessions = 50
 	}
 	tmp, err := os.MkdirTemp("", "tether-bench")
 	if err != nil {
@@ -85,26 +89,24 @@ func main() {
 
 // loadOnly drives one kind of load at addr, for profiling a running proxy
 // (proxy --admin ... --pprof; go tool pprof http://ADMIN/debug/pprof/profile).
-func loadOnly(kind, addr string, d time.Duration) error {
+func loadOnly(kind, addr string, d time.Duration, sessions int) error {
 	switch kind {
 	case "connrate":
 		v, err := connRate(addr, 32, d, 1<<40)
 		fmt.Printf("%.0f connections/s\n", v)
 		return err
 	case "idle":
-		var conns []*net.TCPConn
-		for i := range 3000 {
-			c, err := open(addr, sources[i%len(sources)], fmt.Sprintf("idle-%d", i))
-			if err != nil {
-				return err
+		conns, err := openMany(addr, sessions)
+		defer func() {
+			for _, c := range conns {
+				reset(c)
 			}
-			conns = append(conns, c)
+		}()
+		if err != nil {
+			return err
 		}
 		fmt.Printf("holding %d idle sessions for %v\n", len(conns), d)
 		time.Sleep(d)
-		for _, c := range conns {
-			reset(c)
-		}
 		return nil
 	case "bulk":
 		deadline := time.Now().Add(d)
@@ -256,7 +258,7 @@ func run(o options) (string, error) {
 		return "", err
 	}
 	names := []string{"direct", "tether", "tether+v2", "tether-nopark", "haproxy"}
-	fmt.Fprintf(&b, "Targets: `direct` (client → echo gateway), `tether` (PROXY out off), `tether+v2` (PROXY v2 header with the key TLV), `tether-nopark` (`--no-park`: a goroutine and splice pipe per direction, the data path before issue 8), `haproxy` (HAProxy %s, mode tcp, `option splice-request` + `option splice-response`, tcp-smart-accept/connect, no logging). tether runs at `--log-level warn` (no per-session log line) and `--client-keepalive 0`, like HAProxy without logs and without `option clitcpka`. Each metric runs %d rounds, targets in alternating order; the figure is the median.\n\n", haproxyVersion(), o.rounds)
+	fmt.Fprintf(&b, "Targets: `direct` (client → echo gateway), `tether` (PROXY out off), `tether+v2` (PROXY v2 header with the key TLV), `tether-nopark` (`--no-park`: a goroutine and splice pipe per direction, the data path before issue 8), `haproxy` (HAProxy %s, mode tcp, `option splice-request` + `option splice-response`, tcp-smart-accept/connect, no logging). tether runs at `--log-level warn` (no per-session log line) and `--client-keepalive 0`, like HAProxy without logs and without `option clitcpka`. Each metric runs %d rounds, targets in alternating order; the figure is the median. \"First message after idle\": %d sessions sit idle %v (tether parks them after its default --park-after 1s), then each gets one 4-byte round trip in turn — a push to a quiet session.\n\n", haproxyVersion(), o.rounds, o.wakeSessions, o.wakeIdle)
 	fmt.Fprintf(&b, "| metric | %s | tether / HAProxy | tether / direct |\n|---|%s---|---|\n", strings.Join(names, " | "), strings.Repeat("---|", len(names)))
 
 	row := func(label string, res map[string][]float64, format func(float64) string, higherBetter bool) {
@@ -326,6 +328,22 @@ func run(o options) (string, error) {
 		}
 		row("echo latency "+p.label, res, func(v float64) string { return time.Duration(v).Round(time.Microsecond).String() }, false)
 	}
+	progress("wake latency: %d sessions idle %v (parked), then one round trip each", o.wakeSessions, o.wakeIdle)
+	wake := map[string][]float64{}
+	wake99 := map[string][]float64{}
+	if _, err := rounds(e.targets, o.rounds, func(t target) (float64, error) {
+		r, err := wakeLatency(t.addr, o.wakeSessions, o.wakeIdle)
+		if err == nil {
+			wake[t.name] = append(wake[t.name], float64(percentile(r, 0.50)))
+			wake99[t.name] = append(wake99[t.name], float64(percentile(r, 0.99)))
+		}
+		return 0, err
+	}); err != nil {
+		return "", err
+	}
+	us := func(v float64) string { return time.Duration(v).Round(time.Microsecond).String() }
+	row("first message after idle, p50", wake, us, false)
+	row("first message after idle, p99", wake99, us, false)
 	gib := func(n string) float64 { return cpu[n].Seconds() / (float64(moved[n]) / (1 << 30)) }
 	fmt.Fprintf(&b, "| CPU seconds per GiB moved (bulk runs) | – | %.3f | %.3f | %.3f | %.3f | %.2f (lower is better) | – |\n\n",
 		gib("tether"), gib("tether+v2"), gib("tether-nopark"), gib("haproxy"), gib("tether")/gib("haproxy"))
