@@ -18,17 +18,18 @@ import (
 // parker holds spliced sessions while they are idle without a goroutine or
 // a pipe. Each direction has a worker goroutine while it is active: it
 // moves what arrives with splice(2) through a pooled pipe (taken only while
-// bytes are in it) and waits for more in Go's poller. After parkAfter
-// without data the worker exits and the direction's source socket is armed
-// in the parker's own epoll set (one-shot); the next byte, EOF or error
-// starts a new worker. Go's io.Copy splice path instead keeps a
-// goroutine and a pipe (two descriptors) per direction blocked for the
-// session's whole life; on a fleet of mostly idle mobile sessions that is
-// most of the cost (docs/BENCHMARKS.md).
+// bytes are in it) and waits for more in Go's poller. After a quiet spell
+// the worker exits and the direction's source socket is armed in the
+// parker's own epoll set (one-shot); the next byte, EOF or error wakes it.
+// Go's io.Copy splice path instead keeps a goroutine and a pipe (two
+// descriptors) per direction blocked for the session's whole life; on a
+// fleet of mostly idle mobile sessions that is most of the cost
+// (docs/BENCHMARKS.md).
 type parker struct {
 	log       *zap.Logger
 	m         *Metrics
 	parkAfter time.Duration
+	onEnd     func(ses *session, up, down int64) // a session ended; both connections are closed
 	epfd      int
 	ep        *os.File // epfd in Go's poller: parked wakeups need no thread of their own
 
@@ -39,13 +40,19 @@ type parker struct {
 	// reading (for tests).
 	wakesInline, wakesHandedOff atomic.Int64
 
-	mu     sync.Mutex
-	dirs   map[uint64]*parkedDir // parked-at-least-once directions, by epoll ID
-	nextID atomic.Uint64
-	pipes  chan *pipePair // free pipes
+	// Directions that were armed at least once, by slot; the epoll event
+	// carries the slot and a generation, so an event that raced the end
+	// of its session never reaches the direction that reuses the slot.
+	mu      sync.Mutex
+	slots   []*parkedDir
+	free    []uint32
+	nextGen uint32
+	inSlots int
 
-	closeOnce sync.Once
-	loopDone  chan struct{}
+	pipes   chan *pipePair // free pipes
+	movers  sync.Pool      // *mover
+	closeMu sync.Once
+	done    chan struct{} // closed when the loop has returned
 }
 
 // maxSplice is the most one splice call moves; pipes are sized to it.
@@ -56,61 +63,87 @@ const pipePool = 64
 
 type pipePair struct{ r, w int }
 
-// parkedSession tracks the two directions of one session.
+// parkedSession is the parker's state of one session. It is one
+// allocation, directions included, and holds nothing while the session is
+// idle but what it takes to wake it.
 type parkedSession struct {
-	ses    *session
-	onDone func(up, down int64)
-	dirs   [2]*parkedDir
-	start  time.Time // when the parker took the session over
+	p   *parker
+	ses *session
 
 	mu       sync.Mutex
-	open     int  // directions not finished
-	running  int  // workers moving data now
-	finished bool // onDone called
+	open     int8 // directions not finished
+	running  int8 // workers (or the loop) moving data now
+	finished bool // onEnd called
+
+	dirs [2]parkedDir
 }
 
-// parkedDir is one direction: bytes from src to dst.
+// parkedDir is one direction of a session: bytes from src to dst.
 type parkedDir struct {
-	ps       *parkedSession
-	id       uint64
-	src, dst net.Conn
-	srcRC    syscall.RawConn
-	dstRC    syscall.RawConn
-	done     bool  // EOF or error seen; guarded by ps.mu
-	parked   bool  // waiting in the epoll set; guarded by ps.mu
-	bytes    int64 // moved so far; only the running worker touches it
-	armed    bool  // in the dispatch map and the epoll set; only the running worker touches it
-	eof      bool  // the source's EOF was read (by the loop) but not yet acted on
-	parkedAt time.Time
+	ps           *parkedSession
+	src, dst     net.Conn
+	srcRC, dstRC syscall.RawConn
+	bytes        int64  // moved so far; only whoever claimed the direction touches it
+	parkedAt     int64  // when it last parked, UnixNano
+	mv           *mover // while claimed: the move in progress (nil while parked)
+	slot, gen    uint32 // its place in parker.slots once armed (slot > 0)
+	done         bool   // EOF or error seen; guarded by ps.mu
+	parked       bool   // waiting in the epoll set; guarded by ps.mu
+}
 
-	// State of the running worker's current read and write, kept here
-	// (not in closures) so the callbacks handed to RawConn allocate
-	// nothing per message.
-	p            *parker
+// mover is the scratch state of one direction's move while it is claimed;
+// pooled, so a parked direction carries none of it and the callbacks handed
+// to RawConn are bound once, not per message.
+type mover struct {
+	d            *parkedDir
 	pipe         *pipePair
-	n, left      int64
-	rerr, perr   error
-	deadline     time.Time
+	n, left      int64 // read into the pipe; still to write out of it
+	rerr, perr   error // last splice error; pipe error
+	eof          bool  // the loop read the source's EOF but did not act on it
 	readFn, wrFn func(fd uintptr) bool
+}
+
+func (p *parker) getMover(d *parkedDir) *mover {
+	mv, _ := p.movers.Get().(*mover)
+	if mv == nil {
+		mv = &mover{}
+		mv.readFn, mv.wrFn = mv.readOnce, mv.writeOnce
+	}
+	mv.d = d
+	d.mv = mv
+	return mv
+}
+
+// putMover returns the direction's mover with its pipe: to the pool if the
+// pipe is empty, closed if bytes may be left in it (a failed write).
+func (p *parker) putMover(d *parkedDir) {
+	mv := d.mv
+	if mv.pipe != nil {
+		p.putPipe(mv.pipe, mv.left == 0)
+	}
+	*mv = mover{readFn: mv.readFn, wrFn: mv.wrFn}
+	d.mv = nil
+	p.movers.Put(mv)
 }
 
 // readOnce is the RawConn.Read callback: splice what the socket has into
 // the pipe; on would-block give the pipe back and let Go's poller wait.
-func (d *parkedDir) readOnce(fd uintptr) bool {
-	if d.pipe == nil {
-		if d.pipe, d.perr = d.p.getPipe(); d.perr != nil {
+func (mv *mover) readOnce(fd uintptr) bool {
+	p := mv.d.ps.p
+	if mv.pipe == nil {
+		if mv.pipe, mv.perr = p.getPipe(); mv.perr != nil {
 			return true
 		}
 	}
 	for {
-		d.n, d.rerr = unix.Splice(int(fd), nil, d.pipe.w, nil, maxSplice, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
-		if !errors.Is(d.rerr, unix.EINTR) {
+		mv.n, mv.rerr = unix.Splice(int(fd), nil, mv.pipe.w, nil, maxSplice, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+		if !errors.Is(mv.rerr, unix.EINTR) {
 			break
 		}
 	}
-	if errors.Is(d.rerr, unix.EAGAIN) {
-		d.p.putPipe(d.pipe, true) // empty: nothing was read
-		d.pipe = nil
+	if errors.Is(mv.rerr, unix.EAGAIN) {
+		p.putPipe(mv.pipe, true) // empty: nothing was read
+		mv.pipe = nil
 		return false // wait for data, EOF or the deadline
 	}
 	return true
@@ -118,22 +151,22 @@ func (d *parkedDir) readOnce(fd uintptr) bool {
 
 // writeOnce is the RawConn.Write callback: move pipe bytes to the socket;
 // on would-block let Go's poller wait for the peer to drain.
-func (d *parkedDir) writeOnce(fd uintptr) bool {
+func (mv *mover) writeOnce(fd uintptr) bool {
 	var m int64
 	for {
-		m, d.rerr = unix.Splice(d.pipe.r, nil, int(fd), nil, int(d.left), unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
-		if !errors.Is(d.rerr, unix.EINTR) {
+		m, mv.rerr = unix.Splice(mv.pipe.r, nil, int(fd), nil, int(mv.left), unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+		if !errors.Is(mv.rerr, unix.EINTR) {
 			break
 		}
 	}
-	if d.rerr == nil {
-		d.left -= m
-		d.bytes += m
+	if mv.rerr == nil {
+		mv.left -= m
+		mv.d.bytes += m
 	}
-	return !errors.Is(d.rerr, unix.EAGAIN)
+	return !errors.Is(mv.rerr, unix.EAGAIN)
 }
 
-func newParker(log *zap.Logger, m *Metrics, parkAfter time.Duration) (*parker, error) {
+func newParker(log *zap.Logger, m *Metrics, parkAfter time.Duration, onEnd func(*session, int64, int64)) (*parker, error) {
 	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
 		return nil, err
@@ -152,8 +185,9 @@ func newParker(log *zap.Logger, m *Metrics, parkAfter time.Duration) (*parker, e
 		ep.Close()
 		return nil, err
 	}
-	p := &parker{log: log, m: m, parkAfter: parkAfter, epfd: epfd, ep: ep, dirs: map[uint64]*parkedDir{},
-		pipes: make(chan *pipePair, pipePool), loopDone: make(chan struct{})}
+	p := &parker{log: log, m: m, parkAfter: parkAfter, onEnd: onEnd, epfd: epfd, ep: ep,
+		slots: make([]*parkedDir, 1), // slot 0 means "never armed"
+		pipes: make(chan *pipePair, pipePool), done: make(chan struct{})}
 	go p.loop(rc)
 	return p, nil
 }
@@ -161,9 +195,9 @@ func newParker(log *zap.Logger, m *Metrics, parkAfter time.Duration) (*parker, e
 // close stops the event loop; sessions still parked must have been
 // aborted first (Server.Shutdown does).
 func (p *parker) close() {
-	p.closeOnce.Do(func() {
+	p.closeMu.Do(func() {
 		p.ep.Close() // wakes the loop with an error; the descriptor closes once it is out
-		<-p.loopDone
+		<-p.done
 		for {
 			select {
 			case pp := <-p.pipes:
@@ -176,15 +210,14 @@ func (p *parker) close() {
 }
 
 // loop waits in Go's poller until the epoll set has events, then takes
-// them all without blocking and starts a worker for each.
+// them all without blocking and wakes each direction.
 func (p *parker) loop(rc syscall.RawConn) {
-	defer close(p.loopDone)
+	defer close(p.done)
 	events := make([]unix.EpollEvent, 256)
 	var werr error
 	drain := func(fd uintptr) bool {
 		for {
 			n, err := unix.EpollWait(int(fd), events, 0)
-			now := time.Now()
 			if err != nil {
 				if errors.Is(err, unix.EINTR) {
 					continue
@@ -192,12 +225,9 @@ func (p *parker) loop(rc syscall.RawConn) {
 				werr = err
 				return true
 			}
+			now := time.Now().UnixNano()
 			for _, ev := range events[:n] {
-				id := uint64(uint32(ev.Fd)) | uint64(uint32(ev.Pad))<<32
-				p.mu.Lock()
-				d := p.dirs[id]
-				p.mu.Unlock()
-				if d != nil {
+				if d := p.lookup(uint32(ev.Fd), uint32(ev.Pad)); d != nil {
 					p.wake(d, ev.Events, now)
 				}
 			}
@@ -217,43 +247,44 @@ func (p *parker) loop(rc syscall.RawConn) {
 	}
 }
 
+func (p *parker) lookup(slot, gen uint32) *parkedDir {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if int(slot) < len(p.slots) {
+		if d := p.slots[slot]; d != nil && d.gen == gen {
+			return d
+		}
+	}
+	return nil
+}
+
 // park takes over a session whose hello was forwarded. It returns false
 // (and changes nothing) if the connections are not plain TCP; otherwise
-// the session belongs to the parker, which calls onDone when it ends.
-func (p *parker) park(ses *session, onDone func(up, down int64)) bool {
+// the session belongs to the parker, which calls onEnd when it ends.
+func (p *parker) park(ses *session) bool {
 	cRC, ok1 := rawConn(ses.client)
 	gRC, ok2 := rawConn(ses.gw)
 	if !ok1 || !ok2 {
 		return false
 	}
-	ps := &parkedSession{ses: ses, onDone: onDone, open: 2, start: time.Now()}
-	for i, pair := range [2][2]net.Conn{{ses.client, ses.gw}, {ses.gw, ses.client}} {
-		// IDs are never 0 (the wake eventfd's); a direction enters the
-		// dispatch map only when it first parks, so short sessions never
-		// take the parker's lock.
-		d := &parkedDir{ps: ps, id: p.nextID.Add(1), src: pair[0], dst: pair[1], p: p}
-		d.readFn, d.wrFn = d.readOnce, d.writeOnce
-		d.srcRC, d.dstRC = cRC, gRC
-		if i == 1 {
-			d.srcRC, d.dstRC = gRC, cRC
-		}
-		ps.dirs[i] = d
-	}
-	ses.onAbort = func() { p.aborted(ps) }
+	ps := &parkedSession{p: p, ses: ses, open: 2}
+	ps.dirs[0] = parkedDir{ps: ps, src: ses.client, dst: ses.gw, srcRC: cRC, dstRC: gRC}
+	ps.dirs[1] = parkedDir{ps: ps, src: ses.gw, dst: ses.client, srcRC: gRC, dstRC: cRC}
+	ses.parked = ps
 	// Each direction starts in a fresh goroutine (the handler's, whose
-	// stack grew during the handshake and dial, ends now) and waits
-	// firstLinger in Go's poller before parking: a short session or the
-	// hello/reply exchange of a long one never touches the epoll set, and
-	// a reconnect storm holds few goroutine stacks at a time.
-	go p.run(ps.dirs[0])
-	go p.run(ps.dirs[1])
+	// stack grew during the handshake and dial, ends now) and waits in Go's
+	// poller before parking: a short session or the hello/reply exchange
+	// of a long one never touches the epoll set, and a reconnect storm
+	// holds few goroutine stacks at a time.
+	go p.run(&ps.dirs[0])
+	go p.run(&ps.dirs[1])
 	return true
 }
 
-// firstLinger is how long a new session's directions wait for data in Go's
-// poller before parking (parkAfter, if shorter). Parking a direction
-// outright costs a connection-rate benchmark about 7% (an epoll_ctl and a
-// wakeup through the epoll set for the close that follows).
+// firstLinger is the shortest wait in Go's poller before a direction parks
+// (parkAfter, if shorter). Parking a new session's directions outright
+// costs a connection-rate benchmark about 7% (an epoll_ctl and a wakeup
+// through the epoll set for the close that follows).
 const firstLinger = 5 * time.Millisecond
 
 // rawConn returns the syscall.RawConn of a TCP connection (also under a
@@ -274,8 +305,8 @@ func rawConn(c net.Conn) (syscall.RawConn, bool) {
 func (p *parker) arm(d *parkedDir, op int) error {
 	ev := unix.EpollEvent{
 		Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT,
-		Fd:     int32(uint32(d.id)),
-		Pad:    int32(uint32(d.id >> 32)),
+		Fd:     int32(d.slot),
+		Pad:    int32(d.gen),
 	}
 	var err error
 	cerr := d.srcRC.Control(func(fd uintptr) { err = unix.EpollCtl(p.epfd, op, int(fd), &ev) })
@@ -283,19 +314,22 @@ func (p *parker) arm(d *parkedDir, op int) error {
 }
 
 // claim takes a direction out of the parked state for a worker (or the
-// loop's inline move) and counts it running; false if the session is over.
+// loop's inline move), counts it running and gives it a mover; false if
+// the session is over.
 func (p *parker) claim(d *parkedDir) bool {
 	ps := d.ps
 	ps.mu.Lock()
-	defer ps.mu.Unlock()
 	if d.parked {
 		d.parked = false
 		p.parkedDelta(-1)
 	}
 	if d.done || ps.finished {
+		ps.mu.Unlock()
 		return false
 	}
 	ps.running++
+	ps.mu.Unlock()
+	p.getMover(d)
 	return true
 }
 
@@ -311,6 +345,7 @@ func (p *parker) run(d *parkedDir) {
 // parks it, or ends it at EOF or on error. The direction is claimed.
 func (p *parker) work(d *parkedDir) {
 	eof, err := p.serve(d)
+	p.putMover(d)
 	if err != nil || eof {
 		d.ps.ses.endDirection(d.dst, d.src, err, d.reason()) // an abort marks every direction done
 		p.finish(d, true)
@@ -322,7 +357,7 @@ func (p *parker) work(d *parkedDir) {
 
 // reason labels a session that ends because this direction failed.
 func (d *parkedDir) reason() string {
-	if d == d.ps.dirs[1] {
+	if d == &d.ps.dirs[1] {
 		return "gateway_error"
 	}
 	return "client_error"
@@ -335,32 +370,31 @@ const inlineMax = 64 << 10
 // wake handles a readiness event of a parked direction, in the loop's
 // goroutine. A direction quiet for parkAfter that brings a small message
 // (a heartbeat, a push) is served right here: two non-blocking splices and
-// a re-arm, no goroutine, which is what keeps the first message after a
-// long idle as fast as on an unparked session. Everything else — a
-// chatty or streaming direction, EOF, a hangup, a destination that cannot
-// take the bytes now — goes to a worker goroutine, so the loop never
-// blocks and busy sessions keep their own goroutines.
-func (p *parker) wake(d *parkedDir, events uint32, now time.Time) {
+// a re-arm, no goroutine, which keeps the first message after a long idle
+// nearly as fast as on an unparked session. Everything else — a chatty or
+// streaming direction, EOF, a hangup, a destination that cannot take the
+// bytes now — goes to a worker goroutine, so the loop never blocks and
+// busy sessions keep their own goroutines.
+func (p *parker) wake(d *parkedDir, events uint32, now int64) {
 	if !p.claim(d) {
 		return
 	}
 	if events&unix.EPOLLIN == 0 || events&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 ||
-		now.Sub(d.parkedAt) < p.parkAfter {
+		time.Duration(now-d.parkedAt) < p.parkAfter {
 		go p.work(d)
 		return
 	}
-	n, err := p.moveOnce(d)
+	mv := d.mv
+	err := p.moveOnce(d)
 	switch {
 	case err != nil:
-		p.putPipe(d.pipe, d.left == 0)
-		d.pipe = nil
+		p.putMover(d)
 		d.ps.ses.endDirection(d.dst, d.src, err, d.reason())
 		p.finish(d, true)
-	case d.left == 0 && !d.eof && n < inlineMax:
+	case mv.left == 0 && !mv.eof && mv.n < inlineMax:
 		// Moved (or, if the event raced a read, found nothing): park again.
 		p.wakesInline.Add(1)
-		p.putPipe(d.pipe, true)
-		d.pipe = nil
+		p.putMover(d)
 		p.sleep(d)
 		p.finish(d, false)
 	default:
@@ -372,63 +406,61 @@ func (p *parker) wake(d *parkedDir, events uint32, now time.Time) {
 }
 
 // moveOnce is the loop's non-blocking move: one splice from the source
-// into a pipe and as much of it to the destination as it takes now. It
-// returns the bytes read (0 with d.eof set at EOF; 0 if nothing was
-// there); bytes the destination did not take stay in d.pipe (d.left).
-func (p *parker) moveOnce(d *parkedDir) (int64, error) {
+// into a pipe and as much of it to the destination as it takes now. The
+// mover records what was read (mv.n, 0 if nothing was there), an EOF
+// (mv.eof), and what the destination did not take (mv.left, in mv.pipe).
+func (p *parker) moveOnce(d *parkedDir) error {
+	mv := d.mv
 	var err error
-	if d.pipe, err = p.getPipe(); err != nil {
-		return 0, err
+	if mv.pipe, err = p.getPipe(); err != nil {
+		return err
 	}
-	d.n, d.rerr = 0, nil
 	if cerr := d.srcRC.Control(func(fd uintptr) {
 		for {
-			d.n, d.rerr = unix.Splice(int(fd), nil, d.pipe.w, nil, maxSplice, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
-			if !errors.Is(d.rerr, unix.EINTR) {
+			mv.n, mv.rerr = unix.Splice(int(fd), nil, mv.pipe.w, nil, maxSplice, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+			if !errors.Is(mv.rerr, unix.EINTR) {
 				return
 			}
 		}
 	}); cerr != nil {
-		return 0, cerr
+		return cerr
 	}
 	switch {
-	case errors.Is(d.rerr, unix.EAGAIN):
-		return 0, nil
-	case d.rerr != nil:
-		return 0, d.rerr
-	case d.n == 0:
-		d.eof = true
-		return 0, nil
+	case errors.Is(mv.rerr, unix.EAGAIN):
+		mv.n = 0
+		return nil
+	case mv.rerr != nil:
+		return mv.rerr
+	case mv.n == 0:
+		mv.eof = true
+		return nil
 	}
-	d.left = d.n
+	mv.left = mv.n
 	if cerr := d.dstRC.Control(func(fd uintptr) {
 		// Until it is all out, the socket is full (EAGAIN) or fails.
-		for d.left > 0 && d.writeOnce(fd) && d.rerr == nil {
+		for mv.left > 0 && mv.writeOnce(fd) && mv.rerr == nil {
 		}
 	}); cerr != nil {
-		return d.n, cerr
+		return cerr
 	}
-	if d.rerr != nil && !errors.Is(d.rerr, unix.EAGAIN) {
-		return d.n, d.rerr
+	if mv.rerr != nil && !errors.Is(mv.rerr, unix.EAGAIN) {
+		return mv.rerr
 	}
-	return d.n, nil
+	return nil
 }
 
 // sleep parks a direction whose worker is about to end: it is marked parked
-// and armed for one readiness event, which starts the next worker (maybe
-// before this one has returned). If epoll refuses the socket the session
-// is aborted, since nothing would ever wake the direction.
+// and armed for one readiness event, which wakes it again (maybe before
+// this worker has returned). If epoll refuses the socket the session is
+// aborted, since nothing would ever wake the direction.
 func (p *parker) sleep(d *parkedDir) {
 	ps := d.ps
 	op := unix.EPOLL_CTL_MOD
-	if !d.armed {
+	if d.slot == 0 {
 		op = unix.EPOLL_CTL_ADD
-		p.mu.Lock()
-		p.dirs[d.id] = d // before the first arm: its event may come at once
-		p.mu.Unlock()
-		d.armed = true // in the map from now on; release removes it
+		p.addSlot(d) // before the first arm: its event may come at once
 	}
-	d.parkedAt = time.Now()
+	d.parkedAt = time.Now().UnixNano()
 	ps.mu.Lock()
 	d.parked = true
 	p.parkedDelta(1)
@@ -445,6 +477,22 @@ func (p *parker) sleep(d *parkedDir) {
 	}
 }
 
+func (p *parker) addSlot(d *parkedDir) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.nextGen++
+	d.gen = p.nextGen
+	if n := len(p.free); n > 0 {
+		d.slot = p.free[n-1]
+		p.free = p.free[:n-1]
+		p.slots[d.slot] = d
+	} else {
+		d.slot = uint32(len(p.slots))
+		p.slots = append(p.slots, d)
+	}
+	p.inSlots++
+}
+
 // serve moves data while the direction is active and returns when it has
 // been idle for its wait (eof and err nil: park it), at EOF, or on error.
 // It first finishes what the loop's inline move left: an EOF it read, or
@@ -456,27 +504,17 @@ func (p *parker) sleep(d *parkedDir) {
 // by a read deadline. That is the same three system calls per message as
 // io.Copy's splice path, without holding a pipe while waiting.
 func (p *parker) serve(d *parkedDir) (eof bool, err error) {
-	defer func() {
-		if d.pipe != nil {
-			// Every read is written out before the next one, so the
-			// pipe holds data only if a write failed: a reset client
-			// (most short sessions end that way) gives back an empty
-			// pipe for reuse.
-			p.putPipe(d.pipe, d.left == 0)
-			d.pipe = nil
-		}
-	}()
-	if d.eof {
-		d.eof = false
+	mv := d.mv
+	if mv.eof {
 		return true, nil
 	}
-	if err := p.flush(d); err != nil {
+	if err := p.flush(mv); err != nil {
 		return false, err
 	}
 	now := time.Now()
 	wait := p.waitFor(d.ps, now)
-	d.deadline = now.Add(wait)
-	if err := d.src.SetReadDeadline(d.deadline); err != nil {
+	deadline := now.Add(wait)
+	if err := d.src.SetReadDeadline(deadline); err != nil {
 		return false, err
 	}
 	for moved := false; ; moved = true {
@@ -484,46 +522,45 @@ func (p *parker) serve(d *parkedDir) (eof bool, err error) {
 		// of the wait is used up: one timer update per wait/2, not one
 		// per message.
 		if moved {
-			now = time.Now()
-		}
-		if moved && d.deadline.Sub(now) < wait/2 {
-			wait = p.waitFor(d.ps, now)
-			d.deadline = now.Add(wait)
-			if err := d.src.SetReadDeadline(d.deadline); err != nil {
-				return false, err
+			if now = time.Now(); deadline.Sub(now) < wait/2 {
+				wait = p.waitFor(d.ps, now)
+				deadline = now.Add(wait)
+				if err := d.src.SetReadDeadline(deadline); err != nil {
+					return false, err
+				}
 			}
 		}
-		d.n, d.rerr, d.perr = 0, nil, nil
-		err := d.srcRC.Read(d.readFn)
+		mv.n, mv.rerr, mv.perr = 0, nil, nil
+		err := d.srcRC.Read(mv.readFn)
 		switch {
 		case errors.Is(err, os.ErrDeadlineExceeded):
 			return false, d.src.SetReadDeadline(time.Time{}) // idle: park
 		case err != nil:
 			return false, err
-		case d.perr != nil:
-			return false, d.perr
-		case d.rerr != nil:
-			return false, d.rerr
-		case d.n == 0:
+		case mv.perr != nil:
+			return false, mv.perr
+		case mv.rerr != nil:
+			return false, mv.rerr
+		case mv.n == 0:
 			return true, nil
 		}
-		d.left = d.n
-		if err := p.flush(d); err != nil {
+		mv.left = mv.n
+		if err := p.flush(mv); err != nil {
 			return false, err
 		}
 	}
 }
 
-// flush writes the d.left bytes waiting in d.pipe, waiting in Go's poller
-// while the destination is full.
-func (p *parker) flush(d *parkedDir) error {
-	for d.left > 0 {
-		d.rerr = nil
-		if err := d.dstRC.Write(d.wrFn); err != nil {
+// flush writes the mv.left bytes waiting in mv.pipe, waiting in Go's
+// poller while the destination is full.
+func (p *parker) flush(mv *mover) error {
+	for mv.left > 0 {
+		mv.rerr = nil
+		if err := mv.d.dstRC.Write(mv.wrFn); err != nil {
 			return err
 		}
-		if d.rerr != nil {
-			return d.rerr
+		if mv.rerr != nil {
+			return mv.rerr
 		}
 	}
 	return nil
@@ -536,7 +573,7 @@ func (p *parker) flush(d *parkedDir) error {
 // stacks), while a chatty session soon waits the full parkAfter between
 // messages instead of parking after each.
 func (p *parker) waitFor(ps *parkedSession, now time.Time) time.Duration {
-	return min(p.parkAfter, max(firstLinger, now.Sub(ps.start)))
+	return min(p.parkAfter, max(firstLinger, now.Sub(ps.ses.start)))
 }
 
 // finish ends a worker's turn; done marks its direction finished (a
@@ -570,9 +607,11 @@ func (ps *parkedSession) endedLocked() bool {
 // aborted runs after the session's connections were closed by an abort:
 // directions parked in epoll will never fire again (closing a descriptor
 // removes it from the set), so they are finished here.
-func (p *parker) aborted(ps *parkedSession) {
+func (ps *parkedSession) aborted() {
+	p := ps.p
 	ps.mu.Lock()
-	for _, d := range ps.dirs {
+	for i := range ps.dirs {
+		d := &ps.dirs[i]
 		if d.parked {
 			d.parked = false
 			p.parkedDelta(-1)
@@ -590,16 +629,20 @@ func (p *parker) aborted(ps *parkedSession) {
 }
 
 func (p *parker) release(ps *parkedSession) {
-	if ps.dirs[0].armed || ps.dirs[1].armed {
+	if ps.dirs[0].slot != 0 || ps.dirs[1].slot != 0 {
 		p.mu.Lock()
-		for _, d := range ps.dirs {
-			delete(p.dirs, d.id)
+		for i := range ps.dirs {
+			if d := &ps.dirs[i]; d.slot != 0 {
+				p.slots[d.slot] = nil
+				p.free = append(p.free, d.slot)
+				p.inSlots--
+			}
 		}
 		p.mu.Unlock()
 	}
 	ps.ses.client.Close()
 	ps.ses.gw.Close()
-	ps.onDone(ps.dirs[0].bytes, ps.dirs[1].bytes)
+	p.onEnd(ps.ses, ps.dirs[0].bytes, ps.dirs[1].bytes)
 }
 
 func (p *parker) getPipe() (*pipePair, error) {
@@ -646,9 +689,10 @@ func (p *parker) parkedDelta(d int64) {
 // parkedCount is the number of directions parked in the epoll set now.
 func (p *parker) parkedCount() int { return int(p.parkedNow.Load()) }
 
-// sessionDirs is the number of directions of live sessions (for tests).
+// sessionDirs is the number of directions of live sessions that were armed
+// at least once (for tests).
 func (p *parker) sessionDirs() int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return len(p.dirs)
+	return p.inSlots
 }

@@ -11,7 +11,9 @@ import (
 // parker is Linux-only; elsewhere sessions use one goroutine per direction.
 type parker struct{}
 
-func newParker(*zap.Logger, *Metrics, time.Duration) (*parker, error) { return nil, nil }
-func (p *parker) park(*session, func(up, down int64)) bool            { return false }
-func (p *parker) close()                                              {}
-func (p *parker) parkedCount() int                                    { return 0 }
+func newParker(*zap.Logger, *Metrics, time.Duration, func(*session, int64, int64)) (*parker, error) {
+	return nil, nil
+}
+func (p *parker) park(*session) bool { return false }
+func (p *parker) close()             {}
+func (p *parker) parkedCount() int   { return 0 }

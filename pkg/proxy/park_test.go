@@ -226,7 +226,7 @@ func TestParkErrorClosesSession(t *testing.T) {
 	h := start(t, parkFast(), ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
 	// A broken epoll set: every arm fails from now on.
 	h.srv.parker.ep.Close()
-	<-h.srv.parker.loopDone
+	<-h.srv.parker.done
 	c := openSession(t, h, "pe")
 	c.SetReadDeadline(time.Now().Add(10 * time.Second))
 	if _, err := c.Read(make([]byte, 1)); err == nil {

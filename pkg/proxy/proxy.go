@@ -166,7 +166,7 @@ func New(cfg Config) (*Server, error) {
 			cfg.ParkAfter = DefaultParkAfter
 			s.cfg.ParkAfter = DefaultParkAfter
 		}
-		p, err := newParker(s.log, s.m, cfg.ParkAfter)
+		p, err := newParker(s.log, s.m, cfg.ParkAfter, s.parkedEnd)
 		if err != nil {
 			return nil, fmt.Errorf("proxy: park: %w", err)
 		}
@@ -308,12 +308,19 @@ func (s *Server) SessionsByGateway() map[string]int {
 type session struct {
 	client, gw net.Conn
 	gwID       string
-	// onAbort, when set (by the parker), runs after an abort closed the
-	// connections, so a parked session learns it is over.
-	onAbort func()
-	once    sync.Once
-	reason  string // why the session was aborted; set once
+	id         uint64    // for logs
+	start      time.Time // accepted
+	keyHash    uint64    // for logs: raw keys are never logged
+	hello      int64     // bytes forwarded before splicing
+	// parked, when set (by the parker), learns of an abort after it
+	// closed the connections, so a parked session knows it is over.
+	parked aborter
+	once   sync.Once
+	reason string // why the session was aborted; set once
 }
+
+// aborter is told that its session was aborted.
+type aborter interface{ aborted() }
 
 // abort closes both sides with RST so both peers learn the session ended
 // abnormally, and unblocks both copy directions.
@@ -339,8 +346,8 @@ func (ses *session) abortFrom(failed net.Conn, reason string) {
 			}
 		}
 	})
-	if aborted && ses.onAbort != nil {
-		ses.onAbort()
+	if aborted && ses.parked != nil {
+		ses.parked.aborted()
 	}
 }
 
@@ -499,7 +506,7 @@ func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash ui
 	if res.Attempts > 1 {
 		s.m.Failovers.WithLabelValues(res.Gateway.ID).Inc()
 	}
-	ses := &session{client: c, gw: gw, gwID: res.Gateway.ID}
+	ses := &session{client: c, gw: gw, gwID: res.Gateway.ID, id: id, start: start, keyHash: keyHash, hello: int64(n)}
 	if !s.register(ses) {
 		s.m.Rejected.WithLabelValues("shutdown").Inc()
 		ses.abort("shutdown")
@@ -528,26 +535,28 @@ func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash ui
 		s.unregister(ses)
 		return false
 	}
-	end := func(up, down int64) {
-		s.endSession(ses, id, start, keyHash, int64(n), up, down)
-	}
-	if s.parker != nil {
-		if s.parker.park(ses, func(up, down int64) { end(up, down); s.connDone() }) {
-			return true
-		}
+	if s.parker != nil && s.parker.park(ses) {
+		return true
 	}
 	up, down := s.splice(ses)
-	end(up, down)
+	s.endSession(ses, up, down)
 	return false
 }
 
+// parkedEnd is the end of a session the parker held.
+func (s *Server) parkedEnd(ses *session, up, down int64) {
+	s.endSession(ses, up, down)
+	s.connDone()
+}
+
 // endSession records a finished session: metrics, the session-end log line,
-// and removal from the drain set. hello is the bytes already forwarded
-// before splicing.
-func (s *Server) endSession(ses *session, id uint64, start time.Time, keyHash uint64, hello, up, down int64) {
+// and removal from the drain set. up and down are the bytes spliced after
+// the hello.
+func (s *Server) endSession(ses *session, up, down int64) {
 	s.unregister(ses)
 	reason := ses.closeReason()
-	d := time.Since(start)
+	d := time.Since(ses.start)
+	id, keyHash, hello := ses.id, ses.keyHash, ses.hello
 	s.m.Bytes.WithLabelValues("client_to_gateway").Add(float64(up + hello))
 	s.m.Bytes.WithLabelValues("gateway_to_client").Add(float64(down))
 	s.m.SessionSeconds.Observe(d.Seconds())
