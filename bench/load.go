@@ -52,9 +52,9 @@ func reset(c *net.TCPConn) {
 }
 
 // bulk moves total bytes each way over n concurrent streams (every stream
-// writes its share and reads the echo back) and returns bytes per second
-// in one direction.
-func bulk(addr string, n int, total int64) (float64, error) {
+// writes its share and reads the echo back), after the opened sessions sat
+// idle for idle, and returns bytes per second in one direction.
+func bulk(addr string, n int, total int64, idle time.Duration) (float64, error) {
 	per := total / int64(n)
 	conns := make([]*net.TCPConn, n)
 	for i := range conns {
@@ -65,6 +65,7 @@ func bulk(addr string, n int, total int64) (float64, error) {
 		defer c.Close()
 		conns[i] = c
 	}
+	time.Sleep(idle) // > --park-after: tether has parked the sessions
 	var wg sync.WaitGroup
 	errs := make(chan error, 2*n)
 	start := time.Now()

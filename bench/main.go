@@ -51,10 +51,11 @@ func main() {
 	load := fs.String("load", "", "only generate load against --addr for profiling: connrate, bulk or idle (--sessions held for --for)")
 	addr := fs.String("addr", "", "target HOST:PORT for --load")
 	loadFor := fs.Duration("for", 20*time.Second, "how long --load runs")
+	loadStreams := fs.Int("streams", 8, "concurrent streams of --load bulk")
 	loadSessions := fs.Int("sessions", 3000, "idle sessions --load idle opens (from 32 goroutines) and holds")
 	_ = fs.Parse(os.Args[1:])
 	if *load != "" {
-		if err := loadOnly(*load, *addr, *loadFor, *loadSessions); err != nil {
+		if err := loadOnly(*load, *addr, *loadFor, *loadSessions, *loadStreams); err != nil {
 			fatal(err)
 		}
 		return
@@ -89,7 +90,7 @@ func main() {
 
 // loadOnly drives one kind of load at addr, for profiling a running proxy
 // (proxy --admin ... --pprof; go tool pprof http://ADMIN/debug/pprof/profile).
-func loadOnly(kind, addr string, d time.Duration, sessions int) error {
+func loadOnly(kind, addr string, d time.Duration, sessions, streams int) error {
 	switch kind {
 	case "connrate":
 		v, err := connRate(addr, 32, d, 1<<40)
@@ -111,7 +112,7 @@ func loadOnly(kind, addr string, d time.Duration, sessions int) error {
 	case "bulk":
 		deadline := time.Now().Add(d)
 		for time.Now().Before(deadline) {
-			v, err := bulk(addr, 8, 256<<20)
+			v, err := bulk(addr, streams, 256<<20, 0)
 			if err != nil {
 				return err
 			}
@@ -277,14 +278,18 @@ func run(o options) (string, error) {
 
 	cpu := map[string]time.Duration{}
 	moved := map[string]int64{}
-	for _, streams := range []int{8, 64} {
-		progress("bulk throughput, %d streams, %d MiB each way per run", streams, o.bulkBytes>>20)
+	for _, run := range []struct {
+		streams int
+		idle    time.Duration
+	}{{8, 0}, {64, 0}, {8, o.wakeIdle}} {
+		streams := run.streams
+		progress("bulk throughput, %d streams, %d MiB each way per run, sessions idle %v first", streams, o.bulkBytes>>20, run.idle)
 		res, err := rounds(e.targets, o.rounds, func(t target) (float64, error) {
 			var before procStats
 			if t.p != nil {
 				before, _ = statsOf(t.p.cmd.Process.Pid)
 			}
-			v, err := bulk(t.addr, streams, o.bulkBytes)
+			v, err := bulk(t.addr, streams, o.bulkBytes, run.idle)
 			if t.p != nil {
 				after, _ := statsOf(t.p.cmd.Process.Pid)
 				cpu[t.name] += after.cpu - before.cpu
@@ -295,7 +300,11 @@ func run(o options) (string, error) {
 		if err != nil {
 			return "", err
 		}
-		row(fmt.Sprintf("bulk echo, %d streams (each way)", streams), res, mib, true)
+		label := fmt.Sprintf("bulk echo, %d streams (each way)", streams)
+		if run.idle > 0 {
+			label = fmt.Sprintf("bulk echo, %d streams, sessions idle %v first (each way)", streams, run.idle)
+		}
+		row(label, res, mib, true)
 	}
 
 	progress("new connections per second (hello + reply + reset, 32 workers, %v per run)", o.rateFor)

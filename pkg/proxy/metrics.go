@@ -28,6 +28,7 @@ type Metrics struct {
 	NoKey             *prometheus.CounterVec
 	Parked            prometheus.Gauge
 	ParkErrors        prometheus.Counter
+	Wakeups           *prometheus.CounterVec
 }
 
 // ObserveRing sets the gateway gauges from the ring now in use: members
@@ -115,6 +116,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "tether_parked_directions",
 			Help: "Session directions idle in tether's epoll set now, holding no goroutine and no pipe (two per fully idle session).",
 		}),
+		Wakeups: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_park_wakeups_total",
+			Help: "Parked session directions woken by data, EOF or an error, by who served them: inline (the epoll loop moved a small message and re-parked) or worker (a goroutine took over).",
+		}, []string{"path"}),
 		ParkErrors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "tether_park_errors_total",
 			Help: "Idle sessions closed because epoll would not watch them (see fs.epoll.max_user_watches).",
@@ -128,7 +133,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		reg.MustRegister(m.Accepted, m.Active, m.Closed, m.Rejected, m.HandshakeFailures,
 			m.HandshakeSeconds, m.Routes, m.RouteFailures, m.DialFailures, m.Failovers,
 			m.Bytes, m.SessionSeconds, m.Gateways, m.ClusterMembers, m.RedisErrors, m.NoKey,
-			m.Parked, m.ParkErrors)
+			m.Parked, m.ParkErrors, m.Wakeups)
 	}
 	return m
 }

@@ -11,6 +11,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
 )
@@ -36,9 +37,8 @@ type parker struct {
 	parkedNow atomic.Int64 // directions waiting in the epoll set
 	pipesMade atomic.Int64 // pipes created; the pool should keep it flat
 
-	// Wakeups served in the loop, and those it handed to a worker after
-	// reading (for tests).
-	wakesInline, wakesHandedOff atomic.Int64
+	// Wakeups served in the loop, and those handed to a worker.
+	wakesInline, wakesWorker prometheus.Counter
 
 	// Directions that were armed at least once, by slot; the epoll event
 	// carries the slot and a generation, so an event that raced the end
@@ -186,6 +186,7 @@ func newParker(log *zap.Logger, m *Metrics, parkAfter time.Duration, onEnd func(
 		return nil, err
 	}
 	p := &parker{log: log, m: m, parkAfter: parkAfter, onEnd: onEnd, epfd: epfd, ep: ep,
+		wakesInline: m.Wakeups.WithLabelValues("inline"), wakesWorker: m.Wakeups.WithLabelValues("worker"),
 		slots: make([]*parkedDir, 1), // slot 0 means "never armed"
 		pipes: make(chan *pipePair, pipePool), done: make(chan struct{})}
 	go p.loop(rc)
@@ -381,6 +382,7 @@ func (p *parker) wake(d *parkedDir, events uint32, now int64) {
 	}
 	if events&unix.EPOLLIN == 0 || events&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 ||
 		time.Duration(now-d.parkedAt) < p.parkAfter {
+		p.wakesWorker.Inc()
 		go p.work(d)
 		return
 	}
@@ -393,14 +395,14 @@ func (p *parker) wake(d *parkedDir, events uint32, now int64) {
 		p.finish(d, true)
 	case mv.left == 0 && !mv.eof && mv.n < inlineMax:
 		// Moved (or, if the event raced a read, found nothing): park again.
-		p.wakesInline.Add(1)
+		p.wakesInline.Inc()
 		p.putMover(d)
 		p.sleep(d)
 		p.finish(d, false)
 	default:
 		// EOF, a stream, or a destination that is full: the worker
 		// flushes what is left and carries on.
-		p.wakesHandedOff.Add(1)
+		p.wakesWorker.Inc()
 		go p.work(d)
 	}
 }

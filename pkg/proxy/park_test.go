@@ -292,8 +292,8 @@ func TestParkedWakeInline(t *testing.T) {
 	}
 	// Each message woke both directions; all but the first few (while
 	// the session was younger than parkAfter) were served inline.
-	if n := p.wakesInline.Load(); n < 6 {
-		t.Fatalf("%d wakeups served inline, want most of 10", n)
+	if n := testutil.ToFloat64(p.wakesInline); n < 6 {
+		t.Fatalf("%v wakeups served inline, want most of 10", n)
 	}
 }
 
@@ -345,7 +345,7 @@ func TestParkedWakeSlowClient(t *testing.T) {
 	if !bytes.Equal(got, want) {
 		t.Fatal("bytes lost or reordered")
 	}
-	if p.wakesInline.Load() == 0 || p.wakesHandedOff.Load() == 0 {
-		t.Fatalf("inline %d, handed off %d: want both paths taken", p.wakesInline.Load(), p.wakesHandedOff.Load())
+	if in, w := testutil.ToFloat64(p.wakesInline), testutil.ToFloat64(p.wakesWorker); in == 0 || w == 0 {
+		t.Fatalf("inline %v, worker %v: want both paths taken", in, w)
 	}
 }
