@@ -259,28 +259,33 @@ func (p *parker) lookup(slot, gen uint32) *parkedDir {
 	return nil
 }
 
-// park takes over a session whose hello was forwarded. It returns false
+// park takes over a session whose hello was forwarded. It returns nil
 // (and changes nothing) if the connections are not plain TCP; otherwise
-// the session belongs to the parker, which calls onEnd when it ends.
-func (p *parker) park(ses *session) bool {
+// the session belongs to the parker, which calls onEnd when it ends, and
+// the caller must run its client → gateway direction with runClient.
+func (p *parker) park(ses *session) *parkedSession {
 	cRC, ok1 := rawConn(ses.client)
 	gRC, ok2 := rawConn(ses.gw)
 	if !ok1 || !ok2 {
-		return false
+		return nil
 	}
 	ps := &parkedSession{p: p, ses: ses, open: 2}
 	ps.dirs[0] = parkedDir{ps: ps, src: ses.client, dst: ses.gw, srcRC: cRC, dstRC: gRC}
 	ps.dirs[1] = parkedDir{ps: ps, src: ses.gw, dst: ses.client, srcRC: gRC, dstRC: cRC}
 	ses.parked = ps
-	// Each direction starts in a fresh goroutine (the handler's, whose
-	// stack grew during the handshake and dial, ends now) and waits in Go's
-	// poller before parking: a short session or the hello/reply exchange
-	// of a long one never touches the epoll set, and a reconnect storm
-	// holds few goroutine stacks at a time.
-	go p.run(&ps.dirs[0])
+	// Both directions wait in Go's poller before parking, so a short
+	// session or the hello/reply exchange of a long one never touches the
+	// epoll set. The gateway → client one gets a fresh goroutine; the
+	// client → gateway one runs in the handler's (runClient), whose large
+	// stack is then held only for the first, short wait: a reconnect storm
+	// keeps few stacks alive at a time.
 	go p.run(&ps.dirs[1])
-	return true
+	return ps
 }
+
+// runClient runs a parked session's client → gateway direction until it
+// parks or ends, in the caller's goroutine.
+func (p *parker) runClient(ps *parkedSession) { p.run(&ps.dirs[0]) }
 
 // firstLinger is the shortest wait in Go's poller before a direction parks
 // (parkAfter, if shorter). Parking a new session's directions outright

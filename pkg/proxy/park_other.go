@@ -11,9 +11,13 @@ import (
 // parker is Linux-only; elsewhere sessions use one goroutine per direction.
 type parker struct{}
 
+// parkedSession is the parker's state of a session; never created here.
+type parkedSession struct{}
+
 func newParker(*zap.Logger, *Metrics, time.Duration, func(*session, int64, int64)) (*parker, error) {
 	return nil, nil
 }
-func (p *parker) park(*session) bool { return false }
-func (p *parker) close()             {}
-func (p *parker) parkedCount() int   { return 0 }
+func (p *parker) park(*session) *parkedSession { return nil }
+func (p *parker) runClient(*parkedSession)     {}
+func (p *parker) close()                       {}
+func (p *parker) parkedCount() int             { return 0 }

@@ -3,8 +3,10 @@
 //
 // The data path follows DESIGN §5: the first bytes land in a pooled buffer,
 // the PROXY v2 header and those bytes go to the gateway in one write, and
-// then io.Copy runs between the raw TCP connections in each direction so
-// Linux splices in the kernel. Each direction half-closes on its own.
+// then each direction moves with splice(2) in the kernel and half-closes
+// on its own. On Linux the parker does the splicing and holds idle
+// sessions without goroutines or pipes (docs/design.md); with --no-park, or
+// elsewhere, io.Copy between the raw TCP connections splices instead.
 package proxy
 
 import (
@@ -359,9 +361,14 @@ func (ses *session) closeReason() string {
 }
 
 func (s *Server) handle(c net.Conn) {
-	if !s.handleConn(c) {
-		s.connDone()
+	if ps := s.handleConn(c); ps != nil {
+		// The client → gateway worker runs in this goroutine, once the
+		// handshake buffer went back to its pool: one goroutine fewer
+		// per session.
+		s.parker.runClient(ps)
+		return
 	}
+	s.connDone()
 }
 
 // connDone is the bookkeeping of a client connection that ended.
@@ -372,20 +379,20 @@ func (s *Server) connDone() {
 	s.wg.Done()
 }
 
-// handleConn runs the handshake and the session. It returns parked when the
-// session went to the parker: its end (and connDone) then comes from the
-// parker.
-func (s *Server) handleConn(c net.Conn) (parked bool) {
+// handleConn runs the handshake and the session. It returns the parker's
+// session when the session went to the parker: its end (and connDone) then
+// comes from the parker.
+func (s *Server) handleConn(c net.Conn) *parkedSession {
 	start := time.Now()
 	id := s.nextID.Add(1)
 
 	if err := c.SetReadDeadline(start.Add(s.cfg.HandshakeTimeout)); err != nil {
 		s.handshakeFailed(c, id, reasonReadError, err)
-		return false
+		return nil
 	}
 	if err := readProxyHeader(c); err != nil {
 		s.handshakeFailed(c, id, headerReason(err), err)
-		return false
+		return nil
 	}
 	bufp := s.pool.Get().(*[]byte)
 	defer s.pool.Put(bufp)
@@ -402,11 +409,11 @@ func (s *Server) handleConn(c net.Conn) (parked bool) {
 	case errors.Is(err, proto.ErrNoKey) && proto.IsHTTP(buf[headroom:headroom+n]):
 		s.m.NoKey.WithLabelValues("reject").Inc()
 		s.handshakeFailed(c, id, keyReason(err), err)
-		return false
+		return nil
 	}
 	if err != nil {
 		s.handshakeFailed(c, id, keyReason(err), err)
-		return false
+		return nil
 	}
 	keyHash := ring.KeyHash(key)
 
@@ -432,7 +439,7 @@ func (s *Server) handleConn(c net.Conn) (parked bool) {
 			zap.String("key_hash", hashString(keyHash)), zap.String("reason", reason), zap.Error(err))
 	}
 	abort(c)
-	return false
+	return nil
 }
 
 // readKey reads until the extractor finds the key, within the handshake
@@ -501,7 +508,7 @@ func (s *Server) handshakeFailed(c net.Conn, id uint64, reason string, err error
 // serveSession writes the PROXY header and the first bytes to the gateway,
 // then splices until both directions end — in this goroutine, or, when the
 // parker takes the session, from the parker. It reports whether it parked.
-func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash uint64, buf []byte, n int, key []byte, res route.Result) bool {
+func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash uint64, buf []byte, n int, key []byte, res route.Result) *parkedSession {
 	gw := res.Conn
 	if res.Attempts > 1 {
 		s.m.Failovers.WithLabelValues(res.Gateway.ID).Inc()
@@ -510,7 +517,7 @@ func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash ui
 	if !s.register(ses) {
 		s.m.Rejected.WithLabelValues("shutdown").Inc()
 		ses.abort("shutdown")
-		return false
+		return nil
 	}
 
 	// Header and hello leave in one write: the header is built in the
@@ -522,7 +529,7 @@ func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash ui
 			s.log.Error("cannot build PROXY v2 header", zap.Uint64("conn", id), zap.Error(err))
 			ses.abort("internal_error")
 			s.unregister(ses)
-			return false
+			return nil
 		}
 		copy(buf[headroom-len(hdr):], hdr)
 		out = buf[headroom-len(hdr) : headroom+n]
@@ -533,14 +540,16 @@ func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash ui
 		s.log.Debug("write to gateway failed", zap.Uint64("conn", id), zap.String("gateway", res.Gateway.ID), zap.Error(err))
 		ses.abort("gateway_write_error")
 		s.unregister(ses)
-		return false
+		return nil
 	}
-	if s.parker != nil && s.parker.park(ses) {
-		return true
+	if s.parker != nil {
+		if ps := s.parker.park(ses); ps != nil {
+			return ps
+		}
 	}
 	up, down := s.splice(ses)
 	s.endSession(ses, up, down)
-	return false
+	return nil
 }
 
 // parkedEnd is the end of a session the parker held.
