@@ -50,6 +50,11 @@ type parker struct {
 	inSlots int
 
 	pipes   chan *pipePair // free pipes
+	// The pool is emptied once no move has taken a pipe for parkAfter, so
+	// an idle proxy holds none: pipeGets counts takes, trimArmed says a
+	// trim is scheduled.
+	pipeGets  atomic.Int64
+	trimArmed atomic.Bool
 	movers  sync.Pool      // *mover
 	closeMu sync.Once
 	done    chan struct{} // closed when the loop has returned
@@ -58,7 +63,8 @@ type parker struct {
 // maxSplice is the most one splice call moves; pipes are sized to it.
 const maxSplice = 1 << 20
 
-// pipePool bounds the free pipes kept; pipes exist only while data moves.
+// pipePool bounds the free pipes kept; pipes exist only while data moves
+// (the pool is emptied when moves stop: trim).
 const pipePool = 64
 
 type pipePair struct{ r, w int }
@@ -653,6 +659,7 @@ func (p *parker) release(ps *parkedSession) {
 }
 
 func (p *parker) getPipe() (*pipePair, error) {
+	p.pipeGets.Add(1)
 	select {
 	case pp := <-p.pipes:
 		return pp, nil
@@ -675,12 +682,45 @@ func (p *parker) putPipe(pp *pipePair, empty bool) {
 	if empty {
 		select {
 		case p.pipes <- pp:
+			p.armTrim()
 			return
 		default:
 		}
 	}
 	closePipe(pp)
 }
+
+// armTrim schedules a trim of the pipe pool unless one is scheduled.
+func (p *parker) armTrim() {
+	if !p.trimArmed.Swap(true) {
+		gets := p.pipeGets.Load()
+		time.AfterFunc(p.parkAfter, func() { p.trim(gets) })
+	}
+}
+
+// trim closes the pooled pipes if none was taken since the trim was
+// scheduled (gets then); otherwise it looks again after parkAfter.
+func (p *parker) trim(gets int64) {
+	if now := p.pipeGets.Load(); now != gets {
+		time.AfterFunc(p.parkAfter, func() { p.trim(now) })
+		return
+	}
+	p.trimArmed.Store(false)
+	for {
+		select {
+		case pp := <-p.pipes:
+			closePipe(pp)
+		default:
+			if len(p.pipes) > 0 {
+				p.armTrim() // a pipe came back meanwhile
+			}
+			return
+		}
+	}
+}
+
+// pooledPipes is the number of free pipes kept now (for tests).
+func (p *parker) pooledPipes() int { return len(p.pipes) }
 
 func closePipe(pp *pipePair) {
 	unix.Close(pp.r)

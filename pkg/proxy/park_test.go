@@ -218,6 +218,27 @@ func TestResetSessionsReusePipes(t *testing.T) {
 	}
 }
 
+// TestIdlePipesTrimmed: once data stops moving, the pooled pipes are closed,
+// so idle sessions cost their two sockets and nothing more.
+func TestIdlePipesTrimmed(t *testing.T) {
+	gw := gateway(t, "gw-1", stub.ProxyRequire)
+	h := start(t, parkFast(), ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
+	var conns []*net.TCPConn
+	for range 20 {
+		conns = append(conns, openSession(t, h, "t"))
+	}
+	if h.srv.parker.pipesMade.Load() == 0 {
+		t.Fatal("no pipe was used to move data")
+	}
+	waitFor(t, func() bool { return h.srv.parker.parkedCount() == 40 && h.srv.parker.pooledPipes() == 0 })
+	// Parked sessions still move data, taking pipes again.
+	c := conns[0]
+	c.Write([]byte("hi"))
+	if _, err := io.ReadFull(c, make([]byte, 2)); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // TestParkErrorClosesSession: a session that epoll refuses to watch is
 // closed (nothing would ever wake it), counted and logged, and leaves no
 // state behind.
