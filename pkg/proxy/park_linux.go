@@ -49,15 +49,15 @@ type parker struct {
 	nextGen uint32
 	inSlots int
 
-	pipes   chan *pipePair // free pipes
+	pipes chan *pipePair // free pipes
 	// The pool is emptied once no move has taken a pipe for parkAfter, so
 	// an idle proxy holds none: pipeGets counts takes, trimArmed says a
 	// trim is scheduled.
 	pipeGets  atomic.Int64
 	trimArmed atomic.Bool
-	movers  sync.Pool      // *mover
-	closeMu sync.Once
-	done    chan struct{} // closed when the loop has returned
+	movers    sync.Pool // *mover
+	closeMu   sync.Once
+	done      chan struct{} // closed when the loop has returned
 }
 
 // maxSplice is the most one splice call moves; pipes are sized to it.
