@@ -28,6 +28,24 @@ func parkFast() Config {
 	return cfg
 }
 
+// startParking starts a proxy that parks directions after 30ms idle, in
+// front of one stub gateway.
+func startParking(t *testing.T) *harness {
+	t.Helper()
+	gw := gateway(t, "gw-1", stub.ProxyRequire)
+	return start(t, parkFast(), ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
+}
+
+// openSessions opens n sessions with key.
+func openSessions(t *testing.T, h *harness, n int, key string) []*net.TCPConn {
+	t.Helper()
+	conns := make([]*net.TCPConn, 0, n)
+	for range n {
+		conns = append(conns, openSession(t, h, key))
+	}
+	return conns
+}
+
 // openSession opens a session and reads the gateway's reply.
 func openSession(t *testing.T, h *harness, key string) *net.TCPConn {
 	t.Helper()
@@ -53,18 +71,14 @@ func openParked(t *testing.T, h *harness, key string, parkedBefore int) *net.TCP
 // TestParkedSessionsHoldNoGoroutines: 200 idle sessions add (almost) no
 // goroutines to the proxy, and every one still echoes.
 func TestParkedSessionsHoldNoGoroutines(t *testing.T) {
-	gw := gateway(t, "gw-1", stub.ProxyRequire)
-	h := start(t, parkFast(), ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
+	h := startParking(t)
 	if h.srv.parker == nil {
 		t.Fatal("parking is off on Linux")
 	}
 	// The stub holds a goroutine per session: count only ours by
 	// comparing with the stub's own share (one per session).
 	base := runtime.NumGoroutine()
-	var conns []*net.TCPConn
-	for range 200 {
-		conns = append(conns, openSession(t, h, "k"))
-	}
+	conns := openSessions(t, h, 200, "k")
 	waitFor(t, func() bool { return h.srv.parker.parkedCount() == 400 })
 	if got := testutil.ToFloat64(h.srv.m.Parked); got != 400 {
 		t.Fatalf("tether_parked_directions = %v, want 400", got)
@@ -88,8 +102,7 @@ func TestParkedSessionsHoldNoGoroutines(t *testing.T) {
 // TestParkedHalfClose: a session idle in the parker half-closes correctly
 // in both orders of events.
 func TestParkedHalfClose(t *testing.T) {
-	gw := gateway(t, "gw-1", stub.ProxyRequire)
-	h := start(t, parkFast(), ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
+	h := startParking(t)
 	c := openParked(t, h, "hc", 0)
 	if _, err := c.Write([]byte("last words")); err != nil {
 		t.Fatal(err)
@@ -107,8 +120,7 @@ func TestParkedHalfClose(t *testing.T) {
 // TestParkedBulkResumes: after idling parked, a session carries 32 MiB each
 // way intact.
 func TestParkedBulkResumes(t *testing.T) {
-	gw := gateway(t, "gw-1", stub.ProxyRequire)
-	h := start(t, parkFast(), ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
+	h := startParking(t)
 	c := openParked(t, h, "bulk", 0)
 	_ = c.SetDeadline(time.Now().Add(60 * time.Second))
 	const size = 32 << 20
@@ -142,12 +154,8 @@ func TestParkedBulkResumes(t *testing.T) {
 // TestParkedClosedByDrain: Shutdown's drain timeout closes parked sessions
 // and returns.
 func TestParkedClosedByDrain(t *testing.T) {
-	gw := gateway(t, "gw-1", stub.ProxyRequire)
-	h := start(t, parkFast(), ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
-	var conns []*net.TCPConn
-	for range 5 {
-		conns = append(conns, openSession(t, h, "d"))
-	}
+	h := startParking(t)
+	conns := openSessions(t, h, 5, "d")
 	waitFor(t, func() bool { return h.srv.parker.parkedCount() == 10 })
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
@@ -221,12 +229,8 @@ func TestResetSessionsReusePipes(t *testing.T) {
 // TestIdlePipesTrimmed: once data stops moving, the pooled pipes are closed,
 // so idle sessions cost their two sockets and nothing more.
 func TestIdlePipesTrimmed(t *testing.T) {
-	gw := gateway(t, "gw-1", stub.ProxyRequire)
-	h := start(t, parkFast(), ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
-	var conns []*net.TCPConn
-	for range 20 {
-		conns = append(conns, openSession(t, h, "t"))
-	}
+	h := startParking(t)
+	conns := openSessions(t, h, 20, "t")
 	if h.srv.parker.pipesMade.Load() == 0 {
 		t.Fatal("no pipe was used to move data")
 	}
@@ -243,8 +247,7 @@ func TestIdlePipesTrimmed(t *testing.T) {
 // closed (nothing would ever wake it), counted and logged, and leaves no
 // state behind.
 func TestParkErrorClosesSession(t *testing.T) {
-	gw := gateway(t, "gw-1", stub.ProxyRequire)
-	h := start(t, parkFast(), ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
+	h := startParking(t)
 	// A broken epoll set: every arm fails from now on.
 	h.srv.parker.ep.Close()
 	<-h.srv.parker.done
@@ -295,8 +298,7 @@ func rawGateway(t *testing.T) (addr string, conn <-chan *net.TCPConn) {
 // --park-after is moved by the epoll loop itself (no goroutine), both
 // ways, and the session parks again at once.
 func TestParkedWakeInline(t *testing.T) {
-	gw := gateway(t, "gw-1", stub.ProxyRequire)
-	h := start(t, parkFast(), ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
+	h := startParking(t)
 	c := openParked(t, h, "inline", 0)
 	p := h.srv.parker
 	for i := range 5 {
