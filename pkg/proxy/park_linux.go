@@ -97,23 +97,31 @@ type parkedDir struct {
 	parked       bool   // waiting in the epoll set; guarded by ps.mu
 }
 
+// moverFns are a mover's callbacks for RawConn, bound once when the mover
+// is made so that handing them over allocates nothing: read and write wait
+// in Go's poller (workers), readNow and writeNow never wait (the loop).
+type moverFns struct {
+	read, write       func(fd uintptr) bool
+	readNow, writeNow func(fd uintptr)
+}
+
 // mover is the scratch state of one direction's move while it is claimed;
 // pooled, so a parked direction carries none of it and the callbacks handed
 // to RawConn are bound once, not per message.
 type mover struct {
-	d            *parkedDir
-	pipe         *pipePair
-	n, left      int64 // read into the pipe; still to write out of it
-	rerr, perr   error // last splice error; pipe error
-	eof          bool  // the loop read the source's EOF but did not act on it
-	readFn, wrFn func(fd uintptr) bool
+	d          *parkedDir
+	pipe       *pipePair
+	n, left    int64 // read into the pipe; still to write out of it
+	rerr, perr error // last splice error; pipe error
+	eof        bool  // the loop read the source's EOF but did not act on it
+	fns        moverFns
 }
 
 func (p *parker) getMover(d *parkedDir) *mover {
 	mv, _ := p.movers.Get().(*mover)
 	if mv == nil {
 		mv = &mover{}
-		mv.readFn, mv.wrFn = mv.readOnce, mv.writeOnce
+		mv.fns = moverFns{read: mv.readOnce, write: mv.writeOnce, readNow: func(fd uintptr) { mv.readOnce(fd) }, writeNow: mv.writeNow}
 	}
 	mv.d = d
 	d.mv = mv
@@ -127,7 +135,7 @@ func (p *parker) putMover(d *parkedDir) {
 	if mv.pipe != nil {
 		p.putPipe(mv.pipe, mv.left == 0)
 	}
-	*mv = mover{readFn: mv.readFn, wrFn: mv.wrFn}
+	*mv = mover{fns: mv.fns}
 	d.mv = nil
 	p.movers.Put(mv)
 }
@@ -170,6 +178,13 @@ func (mv *mover) writeOnce(fd uintptr) bool {
 		mv.d.bytes += m
 	}
 	return !errors.Is(mv.rerr, unix.EAGAIN)
+}
+
+// writeNow is the loop's RawConn.Control callback: write until the pipe is
+// empty, the socket is full (EAGAIN) or the write fails; never wait.
+func (mv *mover) writeNow(fd uintptr) {
+	for mv.left > 0 && mv.writeOnce(fd) && mv.rerr == nil {
+	}
 }
 
 func newParker(log *zap.Logger, m *Metrics, parkAfter time.Duration, onEnd func(*session, int64, int64)) (*parker, error) {
@@ -424,21 +439,12 @@ func (p *parker) wake(d *parkedDir, events uint32, now int64) {
 // (mv.eof), and what the destination did not take (mv.left, in mv.pipe).
 func (p *parker) moveOnce(d *parkedDir) error {
 	mv := d.mv
-	var err error
-	if mv.pipe, err = p.getPipe(); err != nil {
+	if err := d.srcRC.Control(mv.fns.readNow); err != nil {
 		return err
 	}
-	if cerr := d.srcRC.Control(func(fd uintptr) {
-		for {
-			mv.n, mv.rerr = unix.Splice(int(fd), nil, mv.pipe.w, nil, maxSplice, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
-			if !errors.Is(mv.rerr, unix.EINTR) {
-				return
-			}
-		}
-	}); cerr != nil {
-		return cerr
-	}
 	switch {
+	case mv.perr != nil:
+		return mv.perr
 	case errors.Is(mv.rerr, unix.EAGAIN):
 		mv.n = 0
 		return nil
@@ -449,12 +455,8 @@ func (p *parker) moveOnce(d *parkedDir) error {
 		return nil
 	}
 	mv.left = mv.n
-	if cerr := d.dstRC.Control(func(fd uintptr) {
-		// Until it is all out, the socket is full (EAGAIN) or fails.
-		for mv.left > 0 && mv.writeOnce(fd) && mv.rerr == nil {
-		}
-	}); cerr != nil {
-		return cerr
+	if err := d.dstRC.Control(mv.fns.writeNow); err != nil {
+		return err
 	}
 	if mv.rerr != nil && !errors.Is(mv.rerr, unix.EAGAIN) {
 		return mv.rerr
@@ -544,7 +546,7 @@ func (p *parker) serve(d *parkedDir) (eof bool, err error) {
 			}
 		}
 		mv.n, mv.rerr, mv.perr = 0, nil, nil
-		err := d.srcRC.Read(mv.readFn)
+		err := d.srcRC.Read(mv.fns.read)
 		switch {
 		case errors.Is(err, os.ErrDeadlineExceeded):
 			return false, d.src.SetReadDeadline(time.Time{}) // idle: park
@@ -569,7 +571,7 @@ func (p *parker) serve(d *parkedDir) (eof bool, err error) {
 func (p *parker) flush(mv *mover) error {
 	for mv.left > 0 {
 		mv.rerr = nil
-		if err := mv.d.dstRC.Write(mv.wrFn); err != nil {
+		if err := mv.d.dstRC.Write(mv.fns.write); err != nil {
 			return err
 		}
 		if mv.rerr != nil {
