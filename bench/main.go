@@ -1,3 +1,5 @@
+//go:build linux
+
 // Command bench measures tether against HAProxy (tcp mode, forced splice)
 // and a direct connection, on loopback, through one load generator, with
 // the targets interleaved round by round so drift in the machine's speed

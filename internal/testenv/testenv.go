@@ -1,3 +1,5 @@
+//go:build unix
+
 // Package testenv starts the real external programs tests need (redis-server,
 // haproxy, nginx) on loopback ports of their own. When one is missing the
 // test is skipped with a hint, except under CI=true, where it fails: CI must
