@@ -47,7 +47,6 @@ type parker struct {
 	slots   []*parkedDir
 	free    []uint32
 	nextGen uint32
-	inSlots int
 
 	pipes chan *pipePair // free pipes
 	// The pool is emptied once no move has taken a pipe for parkAfter, so
@@ -220,14 +219,7 @@ func (p *parker) close() {
 	p.closeMu.Do(func() {
 		p.ep.Close() // wakes the loop with an error; the descriptor closes once it is out
 		<-p.done
-		for {
-			select {
-			case pp := <-p.pipes:
-				closePipe(pp)
-			default:
-				return
-			}
-		}
+		p.drainPipes()
 	})
 }
 
@@ -505,7 +497,6 @@ func (p *parker) addSlot(d *parkedDir) {
 		d.slot = uint32(len(p.slots))
 		p.slots = append(p.slots, d)
 	}
-	p.inSlots++
 }
 
 // serve moves data while the direction is active and returns when it has
@@ -650,7 +641,6 @@ func (p *parker) release(ps *parkedSession) {
 			if d := &ps.dirs[i]; d.slot != 0 {
 				p.slots[d.slot] = nil
 				p.free = append(p.free, d.slot)
-				p.inSlots--
 			}
 		}
 		p.mu.Unlock()
@@ -701,21 +691,25 @@ func (p *parker) armTrim() {
 }
 
 // trim closes the pooled pipes if none was taken since the trim was
-// scheduled (gets then); otherwise it looks again after parkAfter.
+// scheduled (gets then); pipes still pooled (in use meanwhile, or put back
+// since) get another look after parkAfter.
 func (p *parker) trim(gets int64) {
-	if now := p.pipeGets.Load(); now != gets {
-		time.AfterFunc(p.parkAfter, func() { p.trim(now) })
-		return
-	}
 	p.trimArmed.Store(false)
+	if p.pipeGets.Load() == gets {
+		p.drainPipes()
+	}
+	if len(p.pipes) > 0 {
+		p.armTrim()
+	}
+}
+
+// drainPipes closes every pooled pipe.
+func (p *parker) drainPipes() {
 	for {
 		select {
 		case pp := <-p.pipes:
 			closePipe(pp)
 		default:
-			if len(p.pipes) > 0 {
-				p.armTrim() // a pipe came back meanwhile
-			}
 			return
 		}
 	}
@@ -743,5 +737,5 @@ func (p *parker) parkedCount() int { return int(p.parkedNow.Load()) }
 func (p *parker) sessionDirs() int {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	return p.inSlots
+	return len(p.slots) - 1 - len(p.free) // slot 0 is never used
 }
