@@ -175,13 +175,9 @@ func startGossip(o options, listenAddr string, log *zap.Logger) (*cluster.Cluste
 		}
 		adv = listenAddr
 	}
-	var key []byte
-	if o.gossip.KeyFile != "" {
-		k, err := cli.ReadGossipKey(o.gossip.KeyFile)
-		if err != nil {
-			return nil, err
-		}
-		key = k
+	key, err := o.gossip.Key()
+	if err != nil {
+		return nil, err
 	}
 	name := o.gossip.NodeName
 	if name == "" {

@@ -195,10 +195,8 @@ func (o *options) validate() error {
 			return fmt.Errorf("--admin: %w", err)
 		}
 	}
-	if o.gossip.KeyFile != "" {
-		if _, err := cli.ReadGossipKey(o.gossip.KeyFile); err != nil {
-			return err
-		}
+	if _, err := o.gossip.Key(); err != nil {
+		return err
 	}
 	return nil
 }
@@ -469,13 +467,9 @@ func gatewayStatus(h *ring.Holder, syncer *cluster.Syncer, d *route.Dialer, srv 
 
 // startGossip joins the cluster as a proxy node.
 func startGossip(o options, listenAddr string, log *zap.Logger) (*cluster.Cluster, error) {
-	var key []byte
-	if o.gossip.KeyFile != "" {
-		k, err := cli.ReadGossipKey(o.gossip.KeyFile)
-		if err != nil {
-			return nil, err
-		}
-		key = k
+	key, err := o.gossip.Key()
+	if err != nil {
+		return nil, err
 	}
 	node, err := cluster.New(cluster.Config{
 		NodeName:  o.gossip.NodeName,

@@ -160,6 +160,15 @@ type GossipFlags struct {
 	Bind, Join, NodeName, KeyFile, Profile string
 }
 
+// Key reads the --gossip-key file; nil (gossip unencrypted) when the flag
+// is not set.
+func (g GossipFlags) Key() ([]byte, error) {
+	if g.KeyFile == "" {
+		return nil, nil
+	}
+	return ReadGossipKey(g.KeyFile)
+}
+
 // Register adds the gossip flags to fs; nodeNameHelp says what the node name
 // defaults to for this binary.
 func (g *GossipFlags) Register(fs *flag.FlagSet, nodeNameHelp string) {
