@@ -28,13 +28,7 @@ func TestEndpoints(t *testing.T) {
 
 	get := func(path string) (int, string) {
 		t.Helper()
-		resp, err := http.Get(srv.URL + path)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, string(b)
+		return request(t, http.MethodGet, srv.URL+path, "")
 	}
 	tests := []struct {
 		path string
@@ -94,17 +88,7 @@ func TestGatewaysDrainAndToken(t *testing.T) {
 	defer srv.Close()
 	do := func(method, path, token string) (int, string) {
 		t.Helper()
-		req, _ := http.NewRequest(method, srv.URL+path, nil)
-		if token != "" {
-			req.Header.Set("Authorization", "Bearer "+token)
-		}
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer resp.Body.Close()
-		b, _ := io.ReadAll(resp.Body)
-		return resp.StatusCode, string(b)
+		return request(t, method, srv.URL+path, token)
 	}
 	tests := []struct {
 		method, path, token string
@@ -148,4 +132,24 @@ func TestCheckBind(t *testing.T) {
 			t.Errorf("CheckBind(%q, %q) = %v", tt.addr, tt.token, err)
 		}
 	}
+}
+
+// request sends method to url (with a bearer token unless empty) and
+// returns the status and body.
+func request(t *testing.T, method, url, token string) (int, string) {
+	t.Helper()
+	req, err := http.NewRequest(method, url, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
 }
