@@ -13,6 +13,7 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -24,8 +25,18 @@ import (
 )
 
 func main() {
-	os.Exit(run(os.Args[1:], os.Stderr))
+	// Signals first, so one that arrives during start-up is handled, not
+	// fatal.
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGINT, syscall.SIGTERM)
+	os.Exit(run(os.Args[1:], sigs, os.Stderr))
 }
+
+// Exit codes beyond 0 (stopped cleanly) and 2 (bad flags).
+const (
+	exitFailed   = 1 // could not serve, or a second signal cut the drain short
+	exitConflict = 3 // another live gateway holds this --id
+)
 
 const usageHead = `Usage: gateway-stub --id ID [--listen HOST:PORT] [flags]
 
@@ -78,13 +89,13 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	if o.weight <= 0 {
 		return o, fmt.Errorf("--weight %v: want > 0", o.weight)
 	}
-	if o.gossip.Bind == "" && (o.gossip.Join != "" || o.gossip.KeyFile != "" || o.gossip.NodeName != "" || o.advertise != "") {
-		return o, errors.New("--join, --node-name, --gossip-key and --advertise need --gossip-bind")
+	if o.gossip.Bind == "" && o.advertise != "" {
+		return o, errors.New("--advertise needs --gossip-bind")
 	}
-	return o, nil
+	return o, o.gossip.Validate()
 }
 
-func run(args []string, stderr io.Writer) int {
+func run(args []string, sigs <-chan os.Signal, stderr io.Writer) int {
 	o, err := parseFlags(args, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
@@ -107,32 +118,74 @@ func run(args []string, stderr io.Writer) int {
 	ln, err := net.Listen("tcp", o.listen)
 	if err != nil {
 		log.Error("listen failed", zap.Error(err))
-		return 1
+		return exitFailed
 	}
 	log.Info("listening", zap.String("addr", ln.Addr().String()), zap.String("id", o.id), zap.String("proxy_protocol", o.proxyProtocol))
 
 	var node *cluster.Cluster
+	claimed := make(chan error, 1)
+	claimCtx, stopClaim := context.WithCancel(context.Background())
+	defer stopClaim()
+	announcing := false
 	if o.gossip.Bind != "" {
 		node, err = startGossip(o, ln.Addr().String(), log)
 		if err != nil {
 			ln.Close()
 			log.Error("gossip failed to start", zap.Error(err))
-			return 1
+			return exitFailed
+		}
+		announcing = true
+		go func() { claimed <- announce(claimCtx, node, o, log) }()
+	}
+
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	for stopping := false; !stopping; {
+		select {
+		case err := <-errc:
+			log.Error("serve failed", zap.Error(err))
+			return exitFailed
+		case err := <-claimed:
+			announcing = false
+			if err == nil {
+				continue
+			}
+			log.Error("refusing to announce: this gateway ID is taken; exiting", zap.String("id", o.id), zap.Error(err))
+			_ = node.Leave(2 * time.Second)
+			_ = node.Shutdown()
+			cctx, cancel := context.WithCancel(context.Background())
+			cancel()
+			_ = srv.Shutdown(cctx)
+			<-errc
+			return exitConflict
+		case sig := <-sigs:
+			if sig == syscall.SIGHUP {
+				reloadKeys(o, node, log)
+				continue
+			}
+			stopping = true
 		}
 	}
 
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
-	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
-	select {
-	case err := <-errc:
-		log.Error("serve failed", zap.Error(err))
-		return 1
-	case <-ctx.Done():
+	// A second signal while draining closes everything at once.
+	dctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	var forced atomic.Bool
+	go func() {
+		for sig := range sigs {
+			if sig != syscall.SIGHUP {
+				log.Warn("second stop signal: closing every session now", zap.String("signal", sig.String()), zap.Int("sessions", srv.Sessions()))
+				forced.Store(true)
+				cancel()
+				return
+			}
+		}
+	}()
+	if announcing {
+		// Never publish active after draining began.
+		stopClaim()
+		<-claimed
 	}
-	stop() // a second signal kills the process the default way
-
 	if node != nil {
 		// Gossip drain: proxies stop sending new keys here but sessions
 		// already open (and keys bound here) keep working until the
@@ -141,24 +194,67 @@ func run(args []string, stderr io.Writer) int {
 		if err := node.SetState(cluster.StateDraining, o.weight, 5*time.Second); err != nil {
 			log.Warn("draining state not confirmed by a peer yet", zap.Error(err))
 		}
-		time.Sleep(o.drain)
+		select {
+		case <-time.After(o.drain):
+		case <-dctx.Done():
+		}
 		if err := node.Leave(5 * time.Second); err != nil {
 			log.Warn("gossip leave not confirmed", zap.Error(err))
 		}
 		_ = node.Shutdown()
 		log.Info("drain over: left the cluster; closing open sessions", zap.Int("sessions", srv.Sessions()))
-		cctx, cancel := context.WithCancel(context.Background())
 		cancel()
-		_ = srv.Shutdown(cctx)
+		_ = srv.Shutdown(dctx)
 	} else {
 		log.Info("shutting down: draining open sessions", zap.Int("sessions", srv.Sessions()), zap.Duration("drain_timeout", o.drain))
-		dctx, cancel := context.WithTimeout(context.Background(), o.drain)
-		defer cancel()
-		_ = srv.Shutdown(dctx)
+		tctx, tcancel := context.WithTimeout(dctx, o.drain)
+		defer tcancel()
+		_ = srv.Shutdown(tctx)
 	}
 	<-errc
+	if forced.Load() {
+		log.Warn("stopped early: second stop signal")
+		return exitFailed
+	}
 	log.Info("stopped")
 	return 0
+}
+
+// announce waits for the join, checks that no other live member holds the
+// gateway's ID, and only then publishes it active (it joined as draining,
+// so it never takes a key meanwhile).
+func announce(ctx context.Context, node *cluster.Cluster, o options, log *zap.Logger) error {
+	if err := node.ClaimID(ctx); err != nil {
+		if ctx.Err() != nil {
+			return nil // stopping before the join finished
+		}
+		return err
+	}
+	if ctx.Err() != nil {
+		return nil
+	}
+	if err := node.SetState(cluster.StateActive, o.weight, 5*time.Second); err != nil {
+		log.Warn("active state not confirmed by a peer yet; it keeps spreading", zap.Error(err))
+	}
+	log.Info("announced: taking new keys", zap.String("id", o.id), zap.Float64("weight", o.weight))
+	return nil
+}
+
+// reloadKeys re-reads the --gossip-key keyring on SIGHUP (key rotation).
+func reloadKeys(o options, node *cluster.Cluster, log *zap.Logger) {
+	if node == nil || o.gossip.KeyFile == "" {
+		log.Warn("SIGHUP ignored: no --gossip-key to reload")
+		return
+	}
+	keys, err := o.gossip.Keys()
+	if err == nil {
+		err = node.SetKeys(keys)
+	}
+	if err != nil {
+		log.Error("SIGHUP: gossip keyring not reloaded; keeping the running one", zap.String("file", o.gossip.KeyFile), zap.Error(err))
+		return
+	}
+	log.Info("SIGHUP: gossip keyring reloaded", zap.String("file", o.gossip.KeyFile), zap.Int("keys", len(keys)))
 }
 
 // startGossip joins the cluster as a gateway node publishing its service
@@ -175,7 +271,7 @@ func startGossip(o options, listenAddr string, log *zap.Logger) (*cluster.Cluste
 		}
 		adv = listenAddr
 	}
-	key, err := o.gossip.Key()
+	keys, err := o.gossip.Keys()
 	if err != nil {
 		return nil, err
 	}
@@ -184,18 +280,20 @@ func startGossip(o options, listenAddr string, log *zap.Logger) (*cluster.Cluste
 		name = o.id
 	}
 	node, err := cluster.New(cluster.Config{
-		NodeName:  name,
-		BindAddr:  o.gossip.Bind,
-		Join:      cli.SplitList(o.gossip.Join),
-		SecretKey: key,
-		Profile:   o.gossip.Profile,
-		Meta:      cluster.Meta{Role: cluster.RoleGateway, ID: o.id, Addr: adv, Weight: o.weight, State: cluster.StateActive},
-		Logger:    log.Named("gossip"),
+		NodeName: name,
+		BindAddr: o.gossip.Bind,
+		Join:     cli.SplitList(o.gossip.Join),
+		Keys:     keys,
+		Profile:  o.gossip.Profile,
+		// Draining until ClaimID confirms the ID is ours (see announce).
+		Meta:   cluster.Meta{Role: cluster.RoleGateway, ID: o.id, Addr: adv, Weight: o.weight, State: cluster.StateDraining},
+		Logger: log.Named("gossip"),
 	})
 	if err != nil {
 		return nil, err
 	}
+	cli.WarnInsecureGossip(log, o.gossip)
 	log.Info("gossip listening", zap.String("addr", node.Addr()), zap.String("node", node.Name()),
-		zap.String("advertise", adv), zap.Float64("weight", o.weight), zap.Bool("encrypted", key != nil))
+		zap.String("advertise", adv), zap.Float64("weight", o.weight), zap.Bool("encrypted", node.Encrypted()))
 	return node, nil
 }

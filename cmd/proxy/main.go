@@ -33,8 +33,16 @@ import (
 )
 
 func main() {
-	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+	// Signals first: a SIGHUP or SIGTERM that arrives while the proxy
+	// starts is handled once it serves, never by the default action
+	// (which would kill it).
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGINT, syscall.SIGTERM)
+	os.Exit(run(os.Args[1:], sigs, os.Stdout, os.Stderr))
 }
+
+// errForced means a second stop signal cut the drain short.
+var errForced = errors.New("second stop signal: closed every session at once")
 
 // options are the parsed flags (and config file).
 type options struct {
@@ -136,8 +144,6 @@ func (o *options) validate() error {
 	switch {
 	case len(o.gateways) == 0 && o.gossip.Bind == "":
 		return errors.New("no gateways: give --gateway ID=HOST:PORT (repeatable), or --gossip-bind HOST:PORT to discover them")
-	case o.gossip.Bind == "" && (o.gossip.Join != "" || o.gossip.KeyFile != "" || o.gossip.NodeName != ""):
-		return errors.New("--join, --node-name and --gossip-key need --gossip-bind")
 	case o.proxyProtocolOut != "v2" && o.proxyProtocolOut != "off":
 		return fmt.Errorf("--proxy-protocol-out %q: want v2 or off", o.proxyProtocolOut)
 	case o.maxHello < 3 || o.maxHello > 1<<20:
@@ -195,13 +201,10 @@ func (o *options) validate() error {
 			return fmt.Errorf("--admin: %w", err)
 		}
 	}
-	if _, err := o.gossip.Key(); err != nil {
-		return err
-	}
-	return nil
+	return o.gossip.Validate()
 }
 
-func run(args []string, stdout, stderr io.Writer) int {
+func run(args []string, sigs <-chan os.Signal, stdout, stderr io.Writer) int {
 	o, err := parseFlags(args, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return 0
@@ -225,7 +228,12 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	defer func() { _ = log.Sync() }()
-	if err := serve(args, o, log, level, stderr); err != nil {
+	err = serve(args, o, sigs, log, level, stderr)
+	switch {
+	case errors.Is(err, errForced):
+		log.Warn("stopped early", zap.Error(err))
+		return 1
+	case err != nil:
 		log.Error("proxy stopped", zap.Error(err))
 		return 1
 	}
@@ -241,7 +249,7 @@ func onOff(b bool) string {
 
 // serve runs the proxy until SIGTERM/SIGINT. args are kept so SIGHUP can
 // re-read the config file exactly as at start.
-func serve(args []string, o options, log *zap.Logger, level zap.AtomicLevel, stderr io.Writer) error {
+func serve(args []string, o options, sigs <-chan os.Signal, log *zap.Logger, level zap.AtomicLevel, stderr io.Writer) error {
 	var holder ring.Holder
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -271,6 +279,7 @@ func serve(args []string, o options, log *zap.Logger, level zap.AtomicLevel, std
 			return err
 		}
 		members = node
+		metrics.GossipEncrypted.Set(map[bool]float64{true: 1}[node.Encrypted()])
 		defer func() {
 			if err := node.Leave(5 * time.Second); err != nil {
 				log.Warn("gossip leave not confirmed", zap.Error(err))
@@ -278,10 +287,14 @@ func serve(args []string, o options, log *zap.Logger, level zap.AtomicLevel, std
 			_ = node.Shutdown()
 		}()
 	}
-	syncer, err := cluster.NewSyncer(members, o.gateways, &holder, log.Named("ring"), func(r *ring.Ring) {
+	var syncer *cluster.Syncer
+	syncer, err = cluster.NewSyncer(members, o.gateways, &holder, log.Named("ring"), func(r *ring.Ring) {
 		metrics.ObserveRing(r)
 		if node != nil {
 			metrics.ClusterMembers.Set(float64(node.Members()))
+		}
+		if syncer != nil {
+			metrics.IDConflicts.Set(float64(len(syncer.Conflicts())))
 		}
 	})
 	if err != nil {
@@ -292,7 +305,7 @@ func serve(args []string, o options, log *zap.Logger, level zap.AtomicLevel, std
 	go func() { defer close(syncDone); syncer.Run(syncCtx) }()
 	defer func() { stopSync(); <-syncDone }()
 
-	dialer := &route.Dialer{MaxTries: o.maxTries, DialTimeout: o.dialTimeout, Cooldown: o.cooldown}
+	dialer := &route.Dialer{MaxTries: o.maxTries, DialTimeout: o.dialTimeout, Cooldown: o.cooldown, Logger: log.Named("dial")}
 	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
 		Name: "tether_gateways_unreachable",
 		Help: "Gateways in the ring this proxy is skipping after a failed connection attempt (--gateway-cooldown).",
@@ -315,8 +328,13 @@ func serve(args []string, o options, log *zap.Logger, level zap.AtomicLevel, std
 		defer rc.Close()
 		br, err := route.NewBindingResolver(route.BindingConfig{
 			Client: rc, Ring: &holder, Candidates: o.maxTries, TTL: o.bindingTTL, Timeout: o.redisTimeout,
-			Logger:  log.Named("redis"),
-			OnError: func(error) { metrics.RedisErrors.Inc() },
+			Logger: log.Named("redis"),
+			OnError: func(err error) {
+				metrics.RedisErrors.Inc()
+				if route.IsWriteRefused(err) {
+					metrics.RedisRefusals.Inc()
+				}
+			},
 		})
 		if err != nil {
 			return err
@@ -361,14 +379,11 @@ func serve(args []string, o options, log *zap.Logger, level zap.AtomicLevel, std
 				Resolver: resolver,
 				Ready:    func() bool { return !srv.Closing() && holder.Load().Len() > 0 },
 				Gateways: func() []admin.GatewayStatus { return gatewayStatus(&holder, syncer, dialer, srv) },
-				Drain: func(id string, drain bool) error {
-					if err := syncer.SetDrained(id, drain); err != nil {
-						if errors.Is(err, cluster.ErrUnknownGateway) {
-							return fmt.Errorf("%w: %s", admin.ErrUnknownGateway, id)
-						}
+				Drain: func(id string, drain, force bool) error {
+					if err := syncer.SetDrained(id, drain, force); err != nil {
 						return err
 					}
-					log.Info("admin drain", zap.String("gateway", id), zap.Bool("drained", drain))
+					log.Info("admin drain", zap.String("gateway", id), zap.Bool("drained", drain), zap.Bool("forced", force))
 					return nil
 				},
 				Token: o.adminToken,
@@ -378,17 +393,11 @@ func serve(args []string, o options, log *zap.Logger, level zap.AtomicLevel, std
 		}
 		log.Info("admin listening", zap.String("addr", aln.Addr().String()), zap.Bool("token", o.adminToken != ""))
 		go func() {
-			if err := adminSrv.Serve(aln); !errors.Is(err, http.ErrServerClosed) {
+			if err := adminSrv.Serve(aln); !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
 				log.Error("admin server stopped", zap.Error(err))
 			}
 		}()
 	}
-
-	stopSig := make(chan os.Signal, 2)
-	signal.Notify(stopSig, syscall.SIGINT, syscall.SIGTERM)
-	hup := make(chan os.Signal, 1)
-	signal.Notify(hup, syscall.SIGHUP)
-	defer signal.Stop(hup)
 
 	errc := make(chan error, 1)
 	go func() { errc <- srv.Serve(ln) }()
@@ -396,34 +405,57 @@ func serve(args []string, o options, log *zap.Logger, level zap.AtomicLevel, std
 		select {
 		case err := <-errc:
 			return fmt.Errorf("serve: %w", err)
-		case <-hup:
-			reload(args, o, syncer, level, log, stderr)
-		case sig := <-stopSig:
-			log.Info("shutting down: draining open sessions", zap.String("signal", sig.String()),
+		case sig := <-sigs:
+			if sig == syscall.SIGHUP {
+				reload(args, o, syncer, node, level, log, stderr)
+				continue
+			}
+			log.Info("shutting down: draining open sessions (a second signal closes them at once)", zap.String("signal", sig.String()),
 				zap.Int("sessions", srv.Active()), zap.Duration("drain_timeout", o.drainTimeout))
 			stopping = true
 		}
 	}
-	signal.Stop(stopSig) // a second signal kills the process the default way
 	dctx, cancel := context.WithTimeout(context.Background(), o.drainTimeout)
 	defer cancel()
-	if err := srv.Shutdown(dctx); err != nil {
-		log.Info("drain timeout reached; remaining sessions closed")
+	drained := make(chan error, 1)
+	go func() { drained <- srv.Shutdown(dctx) }()
+	var forced error
+	for waiting := true; waiting; {
+		select {
+		case err := <-drained:
+			if err != nil && forced == nil {
+				log.Info("drain timeout reached; remaining sessions closed")
+			}
+			waiting = false
+		case sig := <-sigs:
+			if sig == syscall.SIGHUP || forced != nil {
+				continue
+			}
+			log.Warn("second stop signal: closing every session now", zap.String("signal", sig.String()), zap.Int("sessions", srv.Active()))
+			forced = errForced
+			cancel()
+		}
 	}
 	<-errc
 	if adminSrv != nil {
 		_ = adminSrv.Close()
 	}
 	log.Info("stopped")
-	return nil
+	return forced
 }
 
-// reload re-reads the config file (flags on the command line still win) and
-// applies what can change without a restart: the static gateway list and
-// the log level. Anything invalid leaves the running configuration as is.
-func reload(args []string, old options, syncer *cluster.Syncer, level zap.AtomicLevel, log *zap.Logger, stderr io.Writer) {
+// reload re-reads the gossip keyring (key rotation) and the config file
+// (flags on the command line still win), and applies what can change
+// without a restart: the keyring, the static gateway list and the log
+// level. Anything invalid leaves the running configuration as is.
+func reload(args []string, old options, syncer *cluster.Syncer, node *cluster.Cluster, level zap.AtomicLevel, log *zap.Logger, stderr io.Writer) {
+	if node != nil && old.gossip.KeyFile != "" {
+		reloadKeys(old.gossip, node, log)
+	}
 	if old.config == "" {
-		log.Warn("SIGHUP ignored: no --config file to reload")
+		if node == nil || old.gossip.KeyFile == "" {
+			log.Warn("SIGHUP ignored: no --config file or --gossip-key to reload")
+		}
 		return
 	}
 	o, err := parseFlags(args, stderr)
@@ -445,16 +477,35 @@ func reload(args []string, old options, syncer *cluster.Syncer, level zap.Atomic
 		zap.Strings("static_gateways", ids), zap.String("log_level", o.logLevel))
 }
 
+// reloadKeys installs the --gossip-key file's keyring in a running node.
+func reloadKeys(g cli.GossipFlags, node *cluster.Cluster, log *zap.Logger) {
+	keys, err := g.Keys()
+	if err == nil {
+		err = node.SetKeys(keys)
+	}
+	if err != nil {
+		log.Error("SIGHUP: gossip keyring not reloaded; keeping the running one", zap.String("file", g.KeyFile), zap.Error(err))
+		return
+	}
+	log.Info("SIGHUP: gossip keyring reloaded", zap.String("file", g.KeyFile), zap.Int("keys", len(keys)))
+}
+
 // gatewayStatus assembles /gateways from the ring, the sources, the dialer
 // and the sessions.
 func gatewayStatus(h *ring.Holder, syncer *cluster.Syncer, d *route.Dialer, srv *proxy.Server) []admin.GatewayStatus {
 	sources, states, sessions := syncer.Sources(), syncer.States(), srv.SessionsByGateway()
+	conflicts := map[string][]admin.Claimant{}
+	for _, c := range syncer.Conflicts() {
+		for i, g := range c.Claimants {
+			conflicts[c.ID] = append(conflicts[c.ID], admin.Claimant{Node: g.Node, Addr: g.Addr, State: string(g.State), Routing: i == 0})
+		}
+	}
 	var out []admin.GatewayStatus
 	for _, m := range h.Load().Members() {
 		st := admin.GatewayStatus{
 			ID: m.ID, Addr: m.Addr, Weight: m.Weight, State: string(cluster.StateActive),
 			Live: !d.CoolingDown(m.ID), Source: sources[m.ID], AdminDrained: syncer.Drained(m.ID),
-			ActiveSessions: sessions[m.ID],
+			ActiveSessions: sessions[m.ID], Conflict: conflicts[m.ID],
 		}
 		if m.Weight == 0 || states[m.ID] == cluster.StateDraining || st.AdminDrained {
 			st.State = string(cluster.StateDraining)
@@ -467,23 +518,24 @@ func gatewayStatus(h *ring.Holder, syncer *cluster.Syncer, d *route.Dialer, srv 
 
 // startGossip joins the cluster as a proxy node.
 func startGossip(o options, listenAddr string, log *zap.Logger) (*cluster.Cluster, error) {
-	key, err := o.gossip.Key()
+	keys, err := o.gossip.Keys()
 	if err != nil {
 		return nil, err
 	}
 	node, err := cluster.New(cluster.Config{
-		NodeName:  o.gossip.NodeName,
-		BindAddr:  o.gossip.Bind,
-		Join:      cli.SplitList(o.gossip.Join),
-		SecretKey: key,
-		Profile:   o.gossip.Profile,
-		Meta:      cluster.Meta{Role: cluster.RoleProxy, Addr: listenAddr},
-		Logger:    log.Named("gossip"),
+		NodeName: o.gossip.NodeName,
+		BindAddr: o.gossip.Bind,
+		Join:     cli.SplitList(o.gossip.Join),
+		Keys:     keys,
+		Profile:  o.gossip.Profile,
+		Meta:     cluster.Meta{Role: cluster.RoleProxy, Addr: listenAddr},
+		Logger:   log.Named("gossip"),
 	})
 	if err != nil {
 		return nil, err
 	}
+	cli.WarnInsecureGossip(log, o.gossip)
 	log.Info("gossip listening", zap.String("addr", node.Addr()), zap.String("node", node.Name()),
-		zap.Strings("join", cli.SplitList(o.gossip.Join)), zap.Bool("encrypted", key != nil))
+		zap.Strings("join", cli.SplitList(o.gossip.Join)), zap.Bool("encrypted", node.Encrypted()))
 	return node, nil
 }

@@ -26,6 +26,9 @@ func TestFlagErrors(t *testing.T) {
 		{"bad trusted", append(gw, "--proxy-protocol-in", "optional", "--trusted-proxies", "10.0.0.0/99"), "--trusted-proxies"},
 		{"bad redis url", append(gw, "--redis", "http://x"), "--redis"},
 		{"gossip flag without bind", append(gw, "--join", "127.0.0.1:7946"), "--gossip-bind"},
+		{"public gossip without key", append(gw, "--gossip-bind", "0.0.0.0:7946"), "--gossip-key"},
+		{"all-interfaces gossip without key", append(gw, "--gossip-bind", ":7946"), "--gossip-insecure"},
+		{"bad gossip key file", append(gw, "--gossip-bind", "127.0.0.1:0", "--gossip-key", "/nonexistent"), "--gossip-key"},
 		{"public admin without token", append(gw, "--admin", "0.0.0.0:7100"), "--admin-token"},
 		{"missing config", append(gw, "--config", "/nonexistent.yaml"), "config"},
 		{"bad key-from", append(gw, "--key-from", "cookie:"), "--key-from"},
@@ -35,7 +38,7 @@ func TestFlagErrors(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			var stderr bytes.Buffer
-			code := run(tt.args, io.Discard, &stderr)
+			code := run(tt.args, nil, io.Discard, &stderr)
 			if code == 0 || !strings.Contains(stderr.String(), tt.want) {
 				t.Fatalf("exit %d, stderr %q, want it to mention %q", code, stderr.String(), tt.want)
 			}
@@ -45,7 +48,7 @@ func TestFlagErrors(t *testing.T) {
 
 func TestHelpListsEveryFlag(t *testing.T) {
 	var stderr bytes.Buffer
-	if code := run([]string{"--help"}, io.Discard, &stderr); code != 0 {
+	if code := run([]string{"--help"}, nil, io.Discard, &stderr); code != 0 {
 		t.Fatalf("--help exit %d", code)
 	}
 	for _, f := range []string{"--listen", "--admin", "--gateway", "--proxy-protocol-out", "--handshake-timeout",

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"strconv"
 	"strings"
@@ -124,25 +125,57 @@ func PrintFlags(w io.Writer, fs *flag.FlagSet) {
 	})
 }
 
-// ReadGossipKey reads a memberlist encryption key file: base64 text (as
-// printed by `openssl rand -base64 32`) or raw bytes, 16, 24 or 32 bytes
-// long after decoding.
-func ReadGossipKey(path string) ([]byte, error) {
+// ReadGossipKeyring reads a --gossip-key file: one key, or a keyring of
+// several for rotation, each 16, 24 or 32 bytes. A file holding one key may
+// be base64 text (as printed by `openssl rand -base64 32`) or the raw bytes;
+// a keyring is one base64 key per line, the primary (used to encrypt)
+// first, then keys still accepted from peers. Blank lines and lines
+// starting with # are ignored.
+func ReadGossipKeyring(path string) ([][]byte, error) {
 	raw, err := os.ReadFile(path)
 	if err != nil {
 		return nil, fmt.Errorf("--gossip-key: %w", err)
 	}
-	text := strings.TrimSpace(string(raw))
-	if k, err := base64.StdEncoding.DecodeString(text); err == nil && validKeyLen(len(k)) {
-		return k, nil
+	if validKeyLen(len(raw)) && !isBase64Text(raw) {
+		return [][]byte{raw}, nil
 	}
-	if validKeyLen(len(raw)) {
-		return raw, nil
+	var keys [][]byte
+	seen := map[string]bool{}
+	for i, line := range strings.Split(string(raw), "\n") {
+		line = strings.TrimSpace(line)
+		if line == "" || strings.HasPrefix(line, "#") {
+			continue
+		}
+		k, err := base64.StdEncoding.DecodeString(line)
+		if err != nil || !validKeyLen(len(k)) {
+			return nil, fmt.Errorf("--gossip-key %s line %d: want a 16, 24 or 32-byte key in base64 (e.g. openssl rand -base64 32)", path, i+1)
+		}
+		if !seen[string(k)] {
+			seen[string(k)] = true
+			keys = append(keys, k)
+		}
 	}
-	return nil, fmt.Errorf("--gossip-key %s: want a 16, 24 or 32-byte key, raw or base64 (e.g. openssl rand -base64 32 > %s)", path, path)
+	if len(keys) == 0 {
+		return nil, fmt.Errorf("--gossip-key %s: no key in the file (want base64 keys, one per line, primary first; e.g. openssl rand -base64 32 > %s)", path, path)
+	}
+	return keys, nil
 }
 
 func validKeyLen(n int) bool { return n == 16 || n == 24 || n == 32 }
+
+// isBase64Text reports whether b looks like base64 text rather than raw key
+// bytes (a raw 24- or 32-byte key is almost never all base64 characters).
+func isBase64Text(b []byte) bool {
+	for _, c := range b {
+		switch {
+		case c >= 'A' && c <= 'Z', c >= 'a' && c <= 'z', c >= '0' && c <= '9',
+			c == '+', c == '/', c == '=', c == '\n', c == '\r', c == ' ', c == '#':
+		default:
+			return false
+		}
+	}
+	return true
+}
 
 // SplitList splits a comma-separated flag value, dropping empty items.
 func SplitList(s string) []string {
@@ -158,24 +191,80 @@ func SplitList(s string) []string {
 // GossipFlags are the memberlist flags both binaries share.
 type GossipFlags struct {
 	Bind, Join, NodeName, KeyFile, Profile string
+	// Insecure allows unencrypted gossip on a non-loopback --gossip-bind.
+	Insecure bool
 }
 
-// Key reads the --gossip-key file; nil (gossip unencrypted) when the flag
-// is not set.
-func (g GossipFlags) Key() ([]byte, error) {
+// Keys reads the --gossip-key file (primary key first); nil (gossip
+// unencrypted) when the flag is not set.
+func (g GossipFlags) Keys() ([][]byte, error) {
 	if g.KeyFile == "" {
 		return nil, nil
 	}
-	return ReadGossipKey(g.KeyFile)
+	return ReadGossipKeyring(g.KeyFile)
+}
+
+// ErrInsecureGossip means gossip would listen beyond loopback without a
+// key: anyone who can reach the port could announce a gateway and receive
+// its sessions.
+var ErrInsecureGossip = errors.New("gossip on a non-loopback address needs --gossip-key")
+
+// Validate checks the gossip flags: a non-loopback --gossip-bind (0.0.0.0
+// and a bare :PORT included) needs --gossip-key, or --gossip-insecure to
+// accept unauthenticated gossip on a network the operator trusts.
+func (g GossipFlags) Validate() error {
+	if g.Bind == "" {
+		if g.Join != "" || g.KeyFile != "" || g.NodeName != "" || g.Insecure {
+			return errors.New("--join, --node-name, --gossip-key and --gossip-insecure need --gossip-bind")
+		}
+		return nil
+	}
+	if g.KeyFile != "" {
+		_, err := g.Keys()
+		return err
+	}
+	if !g.Insecure && !IsLoopback(g.Bind) {
+		return fmt.Errorf("%w: --gossip-bind %s accepts members from the network, and any member can announce a gateway and receive its clients' sessions. "+
+			"Give --gossip-key FILE (openssl rand -base64 32 > FILE, the same file on every node), or --gossip-insecure on a network you trust", ErrInsecureGossip, g.Bind)
+	}
+	return nil
+}
+
+// WarnInsecureGossip logs, at every start, that gossip beyond loopback runs
+// without a key (--gossip-insecure).
+func WarnInsecureGossip(log *zap.Logger, g GossipFlags) {
+	if g.KeyFile == "" && g.Exposed() {
+		log.Warn("gossip is unencrypted and unauthenticated on a non-loopback address (--gossip-insecure): any host that reaches it can announce gateways and receive their sessions; set --gossip-key",
+			zap.String("gossip_bind", g.Bind))
+	}
+}
+
+// Exposed reports whether gossip listens beyond loopback.
+func (g GossipFlags) Exposed() bool { return g.Bind != "" && !IsLoopback(g.Bind) }
+
+// IsLoopback reports whether HOST:PORT names a loopback host (127.0.0.0/8,
+// ::1 or localhost). An empty or unspecified host listens everywhere and is
+// not loopback.
+func IsLoopback(hostPort string) bool {
+	host, _, err := net.SplitHostPort(hostPort)
+	if err != nil {
+		return false
+	}
+	if host == "localhost" {
+		return true
+	}
+	ip, err := netip.ParseAddr(host)
+	return err == nil && ip.IsLoopback()
 }
 
 // Register adds the gossip flags to fs; nodeNameHelp says what the node name
 // defaults to for this binary.
 func (g *GossipFlags) Register(fs *flag.FlagSet, nodeNameHelp string) {
-	fs.StringVar(&g.Bind, "gossip-bind", "", "join the gossip cluster, listening for memberlist traffic (TCP and UDP) on `HOST:PORT`; gossip is off when empty")
+	fs.StringVar(&g.Bind, "gossip-bind", "", "join the gossip cluster, listening for memberlist traffic (TCP and UDP) on `HOST:PORT`; gossip is off when empty. A non-loopback address needs --gossip-key (or --gossip-insecure)")
 	fs.StringVar(&g.Join, "join", "", "comma-separated gossip `ADDRS` (HOST:PORT) of nodes already in the cluster; retried with backoff until one answers. The first node needs none")
 	fs.StringVar(&g.NodeName, "node-name", "", "unique gossip `NAME` of this node (default "+nodeNameHelp+"); a node restarted with the same name rejoins in its place")
-	fs.StringVar(&g.KeyFile, "gossip-key", "", "`FILE` holding a 16, 24 or 32-byte AES key (raw or base64) that encrypts gossip; nodes with another key cannot join")
+	fs.StringVar(&g.KeyFile, "gossip-key", "", "`FILE` with the AES key(s) that encrypt and authenticate gossip: one 16, 24 or 32-byte key (raw or base64), or a keyring of base64 keys one per line, primary first, then keys still accepted (for rotation; SIGHUP re-reads it). Nodes without a key in common cannot join")
+	fs.BoolVar(&g.Insecure, "gossip-insecure", false, "allow unencrypted, unauthenticated gossip on a non-loopback --gossip-bind (warned at every start): any host that reaches the port can announce gateways")
 	fs.StringVar(&g.Profile, "gossip-profile", "lan", "`PROFILE` of memberlist timings: lan (failed node declared dead after ~5s) or local (~3s, more probe traffic)")
 }
 

@@ -1,6 +1,7 @@
 package cli
 
 import (
+	"errors"
 	"flag"
 	"io"
 	"os"
@@ -119,5 +120,80 @@ func TestApplyConfig(t *testing.T) {
 	var v vals
 	if err := ApplyConfig(newFS(&v), write(t, ""), nil); err != nil {
 		t.Fatalf("empty file: %v", err)
+	}
+}
+
+func TestReadGossipKeyring(t *testing.T) {
+	dir := t.TempDir()
+	k16 := "MDEyMzQ1Njc4OWFiY2RlZg==" // "0123456789abcdef"
+	k32 := "MDEyMzQ1Njc4OWFiY2RlZjAxMjM0NTY3ODlhYmNkZWY="
+	raw24 := "\x01\x02\x03\x04\x05\x06\x07\x08\x09\x0a\x0b\x0c\x0d\x0e\x0f\x10\x11\x12\x13\x14\x15\x16\x17\xff"
+	tests := []struct {
+		name    string
+		content string
+		keys    int
+		first   int // length of the primary key
+		wantErr string
+	}{
+		{"one base64 key", k16 + "\n", 1, 16, ""},
+		{"raw bytes", raw24, 1, 24, ""},
+		{"keyring", "# rotation in progress\n" + k32 + "\n\n" + k16 + "\n", 2, 32, ""},
+		{"duplicate keys count once", k16 + "\n" + k16 + "\n", 1, 16, ""},
+		{"bad line", k16 + "\nnot-a-key\n", 0, 0, "line 2"},
+		{"wrong length", "YWJj\n", 0, 0, "line 1"},
+		{"empty", "# nothing\n", 0, 0, "no key"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p := filepath.Join(dir, strings.ReplaceAll(tt.name, " ", "_"))
+			if err := os.WriteFile(p, []byte(tt.content), 0o600); err != nil {
+				t.Fatal(err)
+			}
+			keys, err := ReadGossipKeyring(p)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("err = %v, want %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil || len(keys) != tt.keys || len(keys[0]) != tt.first {
+				t.Fatalf("keys %d (first %d bytes), err %v", len(keys), len(keys[0]), err)
+			}
+		})
+	}
+}
+
+func TestGossipFlagsValidate(t *testing.T) {
+	key := filepath.Join(t.TempDir(), "key")
+	if err := os.WriteFile(key, []byte("MDEyMzQ1Njc4OWFiY2RlZg==\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name string
+		g    GossipFlags
+		ok   bool
+	}{
+		{"off", GossipFlags{}, true},
+		{"loopback without key", GossipFlags{Bind: "127.0.0.1:7946"}, true},
+		{"localhost without key", GossipFlags{Bind: "localhost:7946"}, true},
+		{"ipv6 loopback without key", GossipFlags{Bind: "[::1]:7946"}, true},
+		{"all interfaces without key", GossipFlags{Bind: "0.0.0.0:7946"}, false},
+		{"bare port without key", GossipFlags{Bind: ":7946"}, false},
+		{"private address without key", GossipFlags{Bind: "10.0.0.5:7946"}, false},
+		{"hostname without key", GossipFlags{Bind: "gw.internal:7946"}, false},
+		{"private address, insecure", GossipFlags{Bind: "10.0.0.5:7946", Insecure: true}, true},
+		{"private address with key", GossipFlags{Bind: "10.0.0.5:7946", KeyFile: key}, true},
+		{"missing key file", GossipFlags{Bind: "10.0.0.5:7946", KeyFile: key + ".nope"}, false},
+		{"join without bind", GossipFlags{Join: "10.0.0.5:7946"}, false},
+		{"insecure without bind", GossipFlags{Insecure: true}, false},
+	}
+	for _, tt := range tests {
+		err := tt.g.Validate()
+		if (err == nil) != tt.ok {
+			t.Errorf("%s: err = %v", tt.name, err)
+		}
+		if !tt.ok && !tt.g.Insecure && tt.g.KeyFile == "" && tt.g.Bind != "" && !errors.Is(err, ErrInsecureGossip) {
+			t.Errorf("%s: err = %v, want ErrInsecureGossip", tt.name, err)
+		}
 	}
 }

@@ -61,22 +61,24 @@ func FreePort(t testing.TB, ip string) int {
 // Redis is a redis-server run by a test.
 type Redis struct {
 	// Addr is HOST:PORT.
-	Addr string
-	cmd  *exec.Cmd
-	done chan struct{}
+	Addr  string
+	cmd   *exec.Cmd
+	extra []string
+	done  chan struct{}
 }
 
 // StartRedis runs a throwaway redis-server (no persistence) on a loopback
-// port and waits until it answers PING. It stops when the test ends.
-func StartRedis(t testing.TB) *Redis {
+// port and waits until it answers PING. It stops when the test ends. extra
+// are more redis-server options ("--maxmemory", "1mb", or "--replicaof",
+// host, port).
+func StartRedis(t testing.TB, extra ...string) *Redis {
 	t.Helper()
 	bin := Need(t, "redis-server")
 	var lastErr error
 	for range 3 {
 		port := FreePort(t, "127.0.0.1")
-		r := &Redis{Addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), done: make(chan struct{})}
-		r.cmd = exec.Command(bin, "--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--save", "",
-			"--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning")
+		r := &Redis{Addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), extra: extra, done: make(chan struct{})}
+		r.cmd = exec.Command(bin, r.args(port)...)
 		if err := r.cmd.Start(); err != nil {
 			t.Fatal(err)
 		}
@@ -89,6 +91,11 @@ func StartRedis(t testing.TB) *Redis {
 	}
 	t.Fatalf("redis-server did not start: %v", lastErr)
 	return nil
+}
+
+func (r *Redis) args(port int) []string {
+	return append([]string{"--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--save", "",
+		"--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning"}, r.extra...)
 }
 
 func (r *Redis) waitPing(timeout time.Duration) error {
@@ -145,10 +152,10 @@ func (r *Redis) Kill() {
 // Restart starts a new server on the same address after Kill.
 func (r *Redis) Restart(t testing.TB) {
 	t.Helper()
-	_, port, _ := net.SplitHostPort(r.Addr)
+	_, portStr, _ := net.SplitHostPort(r.Addr)
+	port, _ := strconv.Atoi(portStr)
 	r.done = make(chan struct{})
-	r.cmd = exec.Command(r.cmd.Path, "--port", port, "--bind", "127.0.0.1", "--save", "",
-		"--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning")
+	r.cmd = exec.Command(r.cmd.Path, r.args(port)...)
 	if err := r.cmd.Start(); err != nil {
 		t.Fatal(err)
 	}

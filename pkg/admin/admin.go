@@ -19,6 +19,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
+	"github.com/tether-proxy/tether/pkg/cluster"
 	"github.com/tether-proxy/tether/pkg/route"
 )
 
@@ -39,11 +40,29 @@ type GatewayStatus struct {
 	AdminDrained bool `json:"admin_drained"`
 	// ActiveSessions counts sessions this proxy has open to the gateway.
 	ActiveSessions int `json:"active_sessions"`
+	// Conflict lists every live gossip member claiming this ID when there
+	// is more than one, the one routing uses first; empty otherwise.
+	Conflict []Claimant `json:"conflict,omitempty"`
 }
 
-// ErrUnknownGateway is what Config.Drain returns (possibly wrapped) for an ID
-// it does not know; the API answers 404.
-var ErrUnknownGateway = errors.New("admin: unknown gateway")
+// Claimant is one gossip member claiming a gateway ID.
+type Claimant struct {
+	Node  string `json:"node"`
+	Addr  string `json:"addr"`
+	State string `json:"state"`
+	// Routing is true for the claimant this proxy sends the ID's keys to.
+	Routing bool `json:"routing"`
+}
+
+// Errors Config.Drain returns (possibly wrapped) that the API answers with
+// their own status.
+var (
+	// ErrUnknownGateway: an ID no source knows (404).
+	ErrUnknownGateway = cluster.ErrUnknownGateway
+	// ErrLastActive: draining the only gateway taking new keys without
+	// ?force=1 (409).
+	ErrLastActive = cluster.ErrLastActive
+)
 
 // Config wires the endpoints to the running proxy.
 type Config struct {
@@ -57,8 +76,9 @@ type Config struct {
 	// Gateways lists the known gateways for GET /gateways; nil disables it.
 	Gateways func() []GatewayStatus
 	// Drain drains (true) or undrains a gateway for POST
-	// /gateways/{id}/drain and /undrain; nil disables them.
-	Drain func(id string, drain bool) error
+	// /gateways/{id}/drain and /undrain; force is ?force=1, which drains
+	// even the last active gateway. nil disables them.
+	Drain func(id string, drain, force bool) error
 	// Token, when set, is required as "Authorization: Bearer <token>" on
 	// every endpoint except /healthz, /readyz and /metrics.
 	Token string
@@ -101,10 +121,12 @@ func Handler(cfg Config) http.Handler {
 		for path, drain := range map[string]bool{"drain": true, "undrain": false} {
 			mux.Handle("POST /gateways/{id}/"+path, cfg.auth(func(w http.ResponseWriter, r *http.Request) {
 				id := r.PathValue("id")
-				err := cfg.Drain(id, drain)
+				err := cfg.Drain(id, drain, r.URL.Query().Get("force") == "1")
 				switch {
 				case errors.Is(err, ErrUnknownGateway):
 					http.Error(w, "unknown gateway "+id, http.StatusNotFound)
+				case errors.Is(err, ErrLastActive):
+					http.Error(w, id+" is the last gateway taking new keys: new clients would have nowhere to go; add ?force=1 to drain it anyway", http.StatusConflict)
 				case err != nil:
 					http.Error(w, err.Error(), http.StatusInternalServerError)
 				default:

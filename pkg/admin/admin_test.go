@@ -2,6 +2,7 @@ package admin
 
 import (
 	"encoding/json"
+	"fmt"
 	"io"
 	"net/http"
 	"net/http/httptest"
@@ -74,9 +75,12 @@ func TestGatewaysDrainAndToken(t *testing.T) {
 			defer mu.Unlock()
 			return []GatewayStatus{{ID: "gw-1", Addr: "127.0.1.1:9000", Weight: 1, State: "active", Live: true, Source: "static", AdminDrained: drained["gw-1"]}}
 		},
-		Drain: func(id string, d bool) error {
+		Drain: func(id string, d, force bool) error {
 			if id != "gw-1" {
 				return ErrUnknownGateway
+			}
+			if d && !force {
+				return fmt.Errorf("%w: gw-1", ErrLastActive)
 			}
 			mu.Lock()
 			drained[id] = d
@@ -99,7 +103,9 @@ func TestGatewaysDrainAndToken(t *testing.T) {
 		{"GET", "/gateways", "wrong", 401, "unauthorized"},
 		{"GET", "/gateways", "s3cret", 200, `"admin_drained":false`},
 		{"POST", "/gateways/gw-1/drain", "", 401, "unauthorized"},
-		{"POST", "/gateways/gw-1/drain", "s3cret", 200, `"admin_drained":true`},
+		{"POST", "/gateways/gw-1/drain", "s3cret", 409, "?force=1"},
+		{"GET", "/gateways", "s3cret", 200, `"admin_drained":false`},
+		{"POST", "/gateways/gw-1/drain?force=1", "s3cret", 200, `"admin_drained":true`},
 		{"GET", "/gateways", "s3cret", 200, `"admin_drained":true`},
 		{"POST", "/gateways/gw-1/undrain", "s3cret", 200, `"admin_drained":false`},
 		{"POST", "/gateways/nope/drain", "s3cret", 404, "unknown gateway"},

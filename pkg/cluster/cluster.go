@@ -7,6 +7,7 @@ package cluster
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log"
 	"net"
@@ -74,9 +75,11 @@ type Config struct {
 	// Join lists seed gossip addresses; empty means this is the first node.
 	// Joining retries with backoff until one answers.
 	Join []string
-	// SecretKey turns on memberlist encryption (AES, 16, 24 or 32
-	// bytes). Nodes with different keys cannot talk.
-	SecretKey []byte
+	// Keys turns on memberlist encryption and authentication: AES keys of
+	// 16, 24 or 32 bytes, the primary (used to encrypt) first, then keys
+	// still accepted from peers during a rotation (see SetKeys). Nodes
+	// with no key in common cannot talk. Empty means unencrypted gossip.
+	Keys [][]byte
 	// Meta is what this node publishes. An empty ID means the node name.
 	Meta Meta
 	// Profile is ProfileLAN (default) or ProfileLocal.
@@ -95,6 +98,7 @@ type Cluster struct {
 	cfg     Config
 	log     *zap.Logger
 	ml      *memberlist.Memberlist
+	keyring *memberlist.Keyring // nil: unencrypted
 	changes chan struct{}
 
 	mu       sync.Mutex
@@ -144,8 +148,13 @@ func New(cfg Config) (*Cluster, error) {
 	mc.Logger = log.New(&zapWriter{log: c.log.Named("memberlist")}, "", 0)
 	mc.Delegate = (*delegate)(c)
 	mc.Events = (*events)(c)
-	if len(cfg.SecretKey) > 0 {
-		mc.SecretKey = cfg.SecretKey
+	if len(cfg.Keys) > 0 {
+		kr, err := memberlist.NewKeyring(cfg.Keys, cfg.Keys[0])
+		if err != nil {
+			return nil, fmt.Errorf("cluster: gossip key: %w", err)
+		}
+		mc.Keyring = kr
+		c.keyring = kr
 	}
 	if cfg.Transport != nil {
 		mc.Transport = cfg.Transport
@@ -212,6 +221,48 @@ func New(cfg Config) (*Cluster, error) {
 		go c.joinLoop(ctx)
 	}
 	return c, nil
+}
+
+// ErrNotEncrypted is returned by SetKeys on a node started without a key:
+// memberlist cannot turn encryption on in a running node.
+var ErrNotEncrypted = errors.New("cluster: gossip was started unencrypted; restart with a key to encrypt it")
+
+// Encrypted reports whether this node encrypts and authenticates gossip.
+func (c *Cluster) Encrypted() bool { return c.keyring != nil }
+
+// SetKeys replaces the keyring of a running node (keys[0] becomes the
+// primary, which encrypts; the others are still accepted). Rotating a key
+// without a partition takes three steps, each applied on every node before
+// the next: add the new key as a secondary, make it the primary, remove
+// the old one. Safe for concurrent use.
+func (c *Cluster) SetKeys(keys [][]byte) error {
+	if !c.Encrypted() {
+		return ErrNotEncrypted
+	}
+	if len(keys) == 0 {
+		return errors.New("cluster: empty keyring")
+	}
+	kr := c.keyring
+	for _, k := range keys {
+		if err := kr.AddKey(k); err != nil {
+			return fmt.Errorf("cluster: gossip key: %w", err)
+		}
+	}
+	if err := kr.UseKey(keys[0]); err != nil {
+		return fmt.Errorf("cluster: gossip key: %w", err)
+	}
+	keep := map[string]bool{}
+	for _, k := range keys {
+		keep[string(k)] = true
+	}
+	for _, k := range kr.GetKeys() {
+		if !keep[string(k)] {
+			if err := kr.RemoveKey(k); err != nil {
+				return fmt.Errorf("cluster: gossip key: %w", err)
+			}
+		}
+	}
+	return nil
 }
 
 // Name is this node's memberlist name.
@@ -288,6 +339,40 @@ func (c *Cluster) Gateways() []GatewayInfo {
 		return out[i].Node < out[j].Node
 	})
 	return out
+}
+
+// ErrIDConflict means another live member already claims this node's
+// gateway ID.
+var ErrIDConflict = errors.New("cluster: gateway ID already held by another live member")
+
+// ClaimID checks that no other live member claims this gateway's ID. It
+// waits until the node has joined (a first node checks at once) or ctx is
+// done; the error wraps ErrIDConflict and names the holder. A node that
+// restarts under its old node name is a rejoin, not a conflict. Gateways
+// start as draining, call ClaimID, and only then publish active (see
+// SetState), so a second gateway started with a used ID never takes keys.
+func (c *Cluster) ClaimID(ctx context.Context) error {
+	select {
+	case <-c.joined:
+	case <-ctx.Done():
+		return fmt.Errorf("cluster: gossip join not finished: %w", ctx.Err())
+	}
+	c.mu.Lock()
+	id := c.meta.ID
+	var others []GatewayInfo
+	for _, g := range c.gateways {
+		if g.ID == id && g.Node != c.cfg.NodeName {
+			others = append(others, g)
+		}
+	}
+	c.mu.Unlock()
+	if len(others) == 0 {
+		return nil
+	}
+	sort.Slice(others, func(i, j int) bool { return others[i].Node < others[j].Node })
+	o := others[0]
+	return fmt.Errorf("%w: %q is held by node %q at %s (%s); give this gateway its own ID, "+
+		"or, if this is that gateway restarted under a new node name, reuse its node name or wait until the old one is declared dead", ErrIDConflict, id, o.Node, o.Addr, o.State)
 }
 
 // Changes implements Membership.

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -123,7 +124,11 @@ func newMock(names ...string) *mockCluster {
 
 func (m *mockCluster) start(t *testing.T, name string, meta Meta, key []byte, join ...string) *Cluster {
 	t.Helper()
-	c, err := New(Config{NodeName: name, Meta: meta, Transport: m.trans[name], Join: join, SecretKey: key,
+	var keys [][]byte
+	if key != nil {
+		keys = [][]byte{key}
+	}
+	c, err := New(Config{NodeName: name, Meta: meta, Transport: m.trans[name], Join: join, Keys: keys,
 		Profile: ProfileLocal, JoinBackoffMax: 200 * time.Millisecond})
 	if err != nil {
 		t.Fatal(err)
@@ -175,16 +180,16 @@ func TestEventsUpdateRing(t *testing.T) {
 
 	// An operator's drain on the proxy side takes effect before SetDrained
 	// returns, and undrain restores it.
-	if err := syncer.SetDrained("gw-3", true); err != nil {
+	if err := syncer.SetDrained("gw-3", true, false); err != nil {
 		t.Fatal(err)
 	}
 	if h.Load().Len() != 2 || !syncer.Drained("gw-3") {
 		t.Fatalf("admin drain not applied: %d take keys", h.Load().Len())
 	}
-	if err := syncer.SetDrained("gw-3", false); err != nil || h.Load().Len() != 3 {
+	if err := syncer.SetDrained("gw-3", false, false); err != nil || h.Load().Len() != 3 {
 		t.Fatalf("undrain: %v, %d take keys", err, h.Load().Len())
 	}
-	if err := syncer.SetDrained("nope", true); !errors.Is(err, ErrUnknownGateway) {
+	if err := syncer.SetDrained("nope", true, false); !errors.Is(err, ErrUnknownGateway) {
 		t.Fatalf("unknown id: %v", err)
 	}
 	if src := syncer.Sources(); src["gw-1"] != "gossip" {
@@ -301,3 +306,183 @@ func TestSyncerStaticReload(t *testing.T) {
 		t.Fatal("failed reload changed the ring")
 	}
 }
+
+func TestClaims(t *testing.T) {
+	gws := []GatewayInfo{
+		{Node: "b", ID: "twice", Addr: "b:1", Weight: 1, State: StateActive},
+		{Node: "a", ID: "twice", Addr: "a:1", Weight: 1, State: StateDraining},
+		{Node: "c", ID: "twice", Addr: "c:1", Weight: 1, State: StateActive},
+		{Node: "solo", ID: "solo", Addr: "s:1", Weight: 1, State: StateActive},
+		{Node: "y", ID: "pair", Addr: "y:1", Weight: 1, State: StateActive},
+		{Node: "x", ID: "pair", Addr: "x:1", Weight: 1, State: StateActive},
+	}
+	// Every order of the same members gives the same answer.
+	for rot := range gws {
+		in := append(append([]GatewayInfo{}, gws[rot:]...), gws[:rot]...)
+		chosen, conflicts := Claims(in)
+		if chosen["twice"].Node != "b" || chosen["pair"].Node != "x" || chosen["solo"].Node != "solo" {
+			t.Fatalf("rotation %d: chosen %v", rot, chosen)
+		}
+		if len(conflicts) != 2 || conflicts[0].ID != "pair" || conflicts[1].ID != "twice" {
+			t.Fatalf("rotation %d: conflicts %+v", rot, conflicts)
+		}
+		var order []string
+		for _, g := range conflicts[1].Claimants {
+			order = append(order, g.Node)
+		}
+		if strings.Join(order, ",") != "b,c,a" {
+			t.Fatalf("rotation %d: claimants of twice in order %v, want b,c,a", rot, order)
+		}
+	}
+}
+
+// TestSyncerReportsConflicts: two live members claiming one ID are logged
+// once (both named), listed by Conflicts, and cleared when one leaves.
+func TestSyncerReportsConflicts(t *testing.T) {
+	mem := &fakeMembership{changes: make(chan struct{}, 1)}
+	mem.set(GatewayInfo{Node: "gw-1", ID: "gw-1", Addr: "127.0.1.1:1", Weight: 1, State: StateActive})
+	core, logs := observer.New(zap.InfoLevel)
+	var h ring.Holder
+	s, err := NewSyncer(mem, nil, &h, zap.New(core), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(s.Conflicts()) != 0 {
+		t.Fatal("conflict without a second claimant")
+	}
+	rogue := GatewayInfo{Node: "aaa-rogue", ID: "gw-1", Addr: "127.0.1.66:1", Weight: 1000, State: StateActive}
+	mem.set(mem.gws[0], rogue)
+	for range 3 { // rebuilds without a change log nothing new
+		if err := s.rebuild(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	c := s.Conflicts()
+	if len(c) != 1 || c[0].ID != "gw-1" || len(c[0].Claimants) != 2 {
+		t.Fatalf("conflicts %+v", c)
+	}
+	errs := logs.FilterLevelExact(zap.ErrorLevel).All()
+	if len(errs) != 1 {
+		t.Fatalf("%d error lines, want 1: %v", len(errs), logs.All())
+	}
+	f := errs[0].ContextMap()
+	if f["id"] != "gw-1" || f["routing_to_node"] != c[0].Claimants[0].Node || f["other_node_1"] != c[0].Claimants[1].Node ||
+		f["routing_to_addr"] == f["other_addr_1"] {
+		t.Fatalf("log fields %v", f)
+	}
+	if m, _ := h.Load().Member("gw-1"); m.Addr != c[0].Claimants[0].Addr {
+		t.Fatalf("ring routes gw-1 to %s, conflict says %s", m.Addr, c[0].Claimants[0].Addr)
+	}
+	mem.set(mem.gws[0])
+	if err := s.rebuild(); err != nil {
+		t.Fatal(err)
+	}
+	if len(s.Conflicts()) != 0 || logs.FilterMessageSnippet("conflict over").Len() != 1 {
+		t.Fatalf("conflict not cleared: %+v", s.Conflicts())
+	}
+}
+
+// TestDrainLastActive: draining the only gateway taking new keys needs
+// force; draining one of several does not.
+func TestDrainLastActive(t *testing.T) {
+	var h ring.Holder
+	s, err := NewSyncer(nil, []ring.Member{{ID: "a", Addr: "h:1", Weight: 1}, {ID: "b", Addr: "h:2", Weight: 1}}, &h, nil, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SetDrained("a", true, false); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.SetDrained("b", true, false); !errors.Is(err, ErrLastActive) {
+		t.Fatalf("draining the last active gateway: %v", err)
+	}
+	if h.Load().Len() != 1 {
+		t.Fatal("refused drain changed the ring")
+	}
+	if err := s.SetDrained("b", true, true); err != nil || h.Load().Len() != 0 {
+		t.Fatalf("forced drain: %v, %d take keys", err, h.Load().Len())
+	}
+	if err := s.SetDrained("a", false, false); err != nil || h.Load().Len() != 1 {
+		t.Fatalf("undrain: %v", err)
+	}
+}
+
+// TestClaimIDRefusesHeldID: a gateway whose ID another live member holds
+// gets ErrIDConflict naming the holder; a free ID passes.
+func TestClaimIDRefusesHeldID(t *testing.T) {
+	m := newMock("gw-1", "gw-1-again", "gw-2")
+	first := m.start(t, "gw-1", gatewayMeta("gw-1"), nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := first.ClaimID(ctx); err != nil {
+		t.Fatalf("first node: %v", err)
+	}
+	dup := gatewayMeta("gw-1")
+	dup.State = StateDraining
+	second := m.start(t, "gw-1-again", dup, nil, first.Addr())
+	err := second.ClaimID(ctx)
+	if !errors.Is(err, ErrIDConflict) || !strings.Contains(err.Error(), `"gw-1"`) {
+		t.Fatalf("duplicate ID: %v", err)
+	}
+	other := m.start(t, "gw-2", gatewayMeta("gw-2"), nil, first.Addr())
+	if err := other.ClaimID(ctx); err != nil {
+		t.Fatalf("free ID: %v", err)
+	}
+}
+
+// TestKeyRotation: a running cluster moves from key A to key B in the three
+// documented steps without a node ever losing the others.
+func TestKeyRotation(t *testing.T) {
+	a, b := []byte("0123456789abcdef"), []byte("fedcba9876543210")
+	m := newMock("gw-1", "proxy")
+	gw := m.start(t, "gw-1", gatewayMeta("gw-1"), a)
+	p := m.start(t, "proxy", Meta{Role: RoleProxy, ID: "proxy", Addr: "127.0.0.1:7000"}, a, gw.Addr())
+	waitFor(t, "the proxy sees gw-1", func() bool { return len(p.Gateways()) == 1 })
+	steps := [][][]byte{{a, b}, {b, a}, {b}}
+	for i, keys := range steps {
+		for _, n := range []*Cluster{gw, p} {
+			if err := n.SetKeys(keys); err != nil {
+				t.Fatalf("step %d: %v", i, err)
+			}
+		}
+		// A state change must still cross with the new keyring.
+		state := StateDraining
+		if i%2 == 1 {
+			state = StateActive
+		}
+		_ = gw.SetState(state, 1, 5*time.Second)
+		waitFor(t, fmt.Sprintf("step %d: gw-1 %s on the proxy", i, state), func() bool {
+			g := p.Gateways()
+			return len(g) == 1 && g[0].State == state
+		})
+	}
+	if err := gw.SetKeys(nil); err == nil {
+		t.Fatal("empty keyring accepted")
+	}
+	plain := newMock("plain")
+	n := plain.start(t, "plain", gatewayMeta("gw-9"), nil)
+	if err := n.SetKeys([][]byte{a}); !errors.Is(err, ErrNotEncrypted) {
+		t.Fatalf("SetKeys on an unencrypted node: %v", err)
+	}
+}
+
+// fakeMembership is a Membership whose gateways tests set by hand.
+type fakeMembership struct {
+	mu      sync.Mutex
+	gws     []GatewayInfo
+	changes chan struct{}
+}
+
+func (f *fakeMembership) set(g ...GatewayInfo) {
+	f.mu.Lock()
+	f.gws = g
+	f.mu.Unlock()
+}
+
+func (f *fakeMembership) Gateways() []GatewayInfo {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]GatewayInfo(nil), f.gws...)
+}
+
+func (f *fakeMembership) Changes() <-chan struct{} { return f.changes }

@@ -16,10 +16,8 @@ import (
 
 // BuildRing merges a static gateway list with the gateways gossip reports
 // into one ring. A gossiped gateway replaces a static one with the same ID
-// (gossip knows its current state). When several live nodes claim one ID —
-// a gateway restarted under a new node name before the old one was declared
-// dead — an active claim beats a draining one, then the smaller node name
-// wins, so every proxy picks the same. Draining gateways, and those in
+// (gossip knows its current state). When several live nodes claim one ID,
+// Claims picks the one every proxy uses. Draining gateways, and those in
 // drained (an operator's override), get weight 0.
 func BuildRing(static []ring.Member, gws []GatewayInfo, drained map[string]bool) (*ring.Ring, error) {
 	byID := make(map[string]ring.Member, len(static)+len(gws))
@@ -29,13 +27,7 @@ func BuildRing(static []ring.Member, gws []GatewayInfo, drained map[string]bool)
 		}
 		byID[m.ID] = m
 	}
-	chosen := make(map[string]GatewayInfo, len(gws))
-	for _, g := range gws {
-		if prev, ok := chosen[g.ID]; ok && !better(g, prev) {
-			continue
-		}
-		chosen[g.ID] = g
-	}
+	chosen, _ := Claims(gws)
 	for id, g := range chosen {
 		w := g.Weight
 		if g.State != StateActive {
@@ -53,6 +45,49 @@ func BuildRing(static []ring.Member, gws []GatewayInfo, drained map[string]bool)
 	return ring.New(members)
 }
 
+// Conflict is a gateway ID claimed by more than one live gossip member: a
+// misconfiguration (two gateways started with one --id) or a gateway
+// restarted under a new node name before its old one was declared dead.
+type Conflict struct {
+	// ID is the contested gateway ID.
+	ID string `json:"id"`
+	// Claimants are the live members claiming ID, the one routing uses
+	// first, then the others in the order of the same rule.
+	Claimants []GatewayInfo `json:"claimants"`
+}
+
+// Claims decides which live member serves each gateway ID, the same way on
+// every proxy: an active claim beats one that is not, then the smaller node
+// name wins. It also returns the IDs with more than one claimant, sorted by
+// ID.
+func Claims(gws []GatewayInfo) (map[string]GatewayInfo, []Conflict) {
+	chosen := make(map[string]GatewayInfo, len(gws))
+	var all map[string][]GatewayInfo // only built when an ID repeats
+	for _, g := range gws {
+		prev, dup := chosen[g.ID]
+		if dup {
+			if all == nil {
+				all = map[string][]GatewayInfo{}
+			}
+			if len(all[g.ID]) == 0 {
+				all[g.ID] = append(all[g.ID], prev)
+			}
+			all[g.ID] = append(all[g.ID], g)
+			if !better(g, prev) {
+				continue
+			}
+		}
+		chosen[g.ID] = g
+	}
+	var conflicts []Conflict
+	for id, cl := range all {
+		sort.Slice(cl, func(i, j int) bool { return better(cl[i], cl[j]) })
+		conflicts = append(conflicts, Conflict{ID: id, Claimants: cl})
+	}
+	sort.Slice(conflicts, func(i, j int) bool { return conflicts[i].ID < conflicts[j].ID })
+	return chosen, conflicts
+}
+
 func better(a, b GatewayInfo) bool {
 	if (a.State == StateActive) != (b.State == StateActive) {
 		return a.State == StateActive
@@ -64,9 +99,14 @@ func better(a, b GatewayInfo) bool {
 // changes before rebuilding, so a burst of joins costs one rebuild.
 const DefaultSettle = 50 * time.Millisecond
 
-// ErrUnknownGateway is returned by Syncer.SetDrained for an ID no source
-// knows.
-var ErrUnknownGateway = errors.New("cluster: unknown gateway")
+// Errors of Syncer.SetDrained.
+var (
+	// ErrUnknownGateway means no source knows the ID.
+	ErrUnknownGateway = errors.New("cluster: unknown gateway")
+	// ErrLastActive means the drain would leave no gateway taking new
+	// keys; force it to drain anyway.
+	ErrLastActive = errors.New("cluster: the last active gateway")
+)
 
 // Syncer keeps a ring.Holder current from three inputs: the static gateway
 // list (replaceable on reload), gossip membership (optional), and an
@@ -77,9 +117,10 @@ type Syncer struct {
 	log      *zap.Logger
 	onUpdate func(*ring.Ring)
 
-	mu      sync.Mutex // serialises rebuilds and guards the inputs
-	static  []ring.Member
-	drained map[string]bool
+	mu        sync.Mutex // serialises rebuilds and guards the inputs
+	static    []ring.Member
+	drained   map[string]bool
+	conflicts []Conflict // as of the last rebuild
 }
 
 // NewSyncer builds the first ring at once. m may be nil (static only);
@@ -137,10 +178,17 @@ func (s *Syncer) SetStatic(ms []ring.Member) error {
 }
 
 // SetDrained turns an operator's drain of gateway id on or off and rebuilds
-// now, so routing changes before it returns.
-func (s *Syncer) SetDrained(id string, drained bool) error {
-	if !s.known(id) {
+// now, so routing changes before it returns. Draining the only gateway
+// that takes new keys fails with ErrLastActive unless force is set: new
+// keys would have nowhere to go.
+func (s *Syncer) SetDrained(id string, drained, force bool) error {
+	r := s.h.Load()
+	m, ok := r.Member(id)
+	if !ok {
 		return ErrUnknownGateway
+	}
+	if drained && !force && m.Weight > 0 && r.Len() == 1 {
+		return fmt.Errorf("%w: %s is the only gateway taking new keys", ErrLastActive, id)
 	}
 	s.mu.Lock()
 	if drained {
@@ -193,11 +241,6 @@ func (s *Syncer) States() map[string]State {
 	return out
 }
 
-func (s *Syncer) known(id string) bool {
-	_, ok := s.h.Load().Member(id)
-	return ok
-}
-
 func (s *Syncer) rebuild() error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -209,6 +252,9 @@ func (s *Syncer) rebuild() error {
 	if err != nil {
 		return err
 	}
+	_, conflicts := Claims(gws)
+	s.logConflicts(conflicts)
+	s.conflicts = conflicts
 	prev := s.h.Swap(r)
 	if !slices.Equal(prev.Members(), r.Members()) {
 		ids := make([]string, 0, r.Len())
@@ -224,4 +270,46 @@ func (s *Syncer) rebuild() error {
 		s.onUpdate(r)
 	}
 	return nil
+}
+
+// Conflicts returns the gateway IDs claimed by more than one live member
+// as of the last rebuild. The slice is the caller's.
+func (s *Syncer) Conflicts() []Conflict {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.conflicts)
+}
+
+// logConflicts logs each conflict once when it appears or its claimants
+// change, and once when it is over. Called with s.mu held.
+func (s *Syncer) logConflicts(now []Conflict) {
+	before := make(map[string]string, len(s.conflicts))
+	for _, c := range s.conflicts {
+		before[c.ID] = claimantKey(c)
+	}
+	for _, c := range now {
+		k := claimantKey(c)
+		if before[c.ID] != k {
+			fields := []zap.Field{zap.String("id", c.ID),
+				zap.String("routing_to_node", c.Claimants[0].Node), zap.String("routing_to_addr", c.Claimants[0].Addr)}
+			for i, o := range c.Claimants[1:] {
+				fields = append(fields, zap.String(fmt.Sprintf("other_node_%d", i+1), o.Node),
+					zap.String(fmt.Sprintf("other_addr_%d", i+1), o.Addr), zap.String(fmt.Sprintf("other_state_%d", i+1), string(o.State)))
+			}
+			s.log.Error("gateway ID claimed by more than one live member: routing to one of them (active first, then the smaller node name); "+
+				"give each gateway its own --id", fields...)
+		}
+		delete(before, c.ID)
+	}
+	for id := range before {
+		s.log.Info("gateway ID conflict over: one claimant left", zap.String("id", id))
+	}
+}
+
+func claimantKey(c Conflict) string {
+	k := ""
+	for _, g := range c.Claimants {
+		k += g.Node + "@" + g.Addr + "/" + string(g.State) + ";"
+	}
+	return k
 }

@@ -11,6 +11,7 @@ import (
 // NewMetrics.
 type Metrics struct {
 	Accepted          prometheus.Counter
+	AcceptErrors      prometheus.Counter
 	Active            prometheus.Gauge
 	Closed            prometheus.Counter
 	Rejected          *prometheus.CounterVec
@@ -22,9 +23,13 @@ type Metrics struct {
 	Failovers         *prometheus.CounterVec
 	Bytes             *prometheus.CounterVec
 	SessionSeconds    prometheus.Histogram
+	SessionEnds       *prometheus.CounterVec
 	Gateways          *prometheus.GaugeVec
 	ClusterMembers    prometheus.Gauge
+	GossipEncrypted   prometheus.Gauge
+	IDConflicts       prometheus.Gauge
 	RedisErrors       prometheus.Counter
+	RedisRefusals     prometheus.Counter
 	NoKey             *prometheus.CounterVec
 	Parked            prometheus.Gauge
 	ParkErrors        prometheus.Counter
@@ -54,6 +59,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "tether_connections_accepted_total",
 			Help: "Client connections accepted (including ones rejected at once by --max-conns).",
 		}),
+		AcceptErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tether_accept_errors_total",
+			Help: "Failed accepts (usually the process is out of file descriptors); the proxy backs off and keeps serving open sessions.",
+		}),
 		Active: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "tether_connections_active",
 			Help: "Client connections open now, in handshake or spliced.",
@@ -81,7 +90,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}, []string{"source"}),
 		RouteFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tether_route_failures_total",
-			Help: "Clients with a valid key that could not be served (no_gateway, unreachable).",
+			Help: "Clients with a valid key that could not be served: no_gateway, unreachable (every candidate failed), local_resources (this proxy was out of descriptors or ports; no gateway blamed).",
 		}, []string{"reason"}),
 		DialFailures: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tether_dial_failures_total",
@@ -100,6 +109,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help:    "Lifetime of spliced sessions.",
 			Buckets: prometheus.ExponentialBuckets(0.01, 4, 12),
 		}),
+		SessionEnds: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_session_ends_total",
+			Help: "Spliced sessions ended, by reason: closed (both sides finished), client_error or gateway_error (that side reset or timed out), drain_timeout, shutdown, and the rarer internal ones listed in docs/operating.md.",
+		}, []string{"reason"}),
 		Gateways: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Name: "tether_gateways",
 			Help: "Gateways in the ring now, by state (active takes new keys, draining does not).",
@@ -107,6 +120,18 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		RedisErrors: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "tether_redis_errors_total",
 			Help: "Failed Redis binding calls; each connection they hit was routed by the ring (routes_total{source=\"fallback\"}).",
+		}),
+		RedisRefusals: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tether_redis_write_refusals_total",
+			Help: "Redis calls refused with an error reply (OOM under noeviction, READONLY replica, NOAUTH/NOPERM): existing bindings are still read and honoured, new keys go to the ring unbound. Also counted in tether_redis_errors_total.",
+		}),
+		GossipEncrypted: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "tether_gossip_encrypted",
+			Help: "1 when gossip is encrypted and authenticated with --gossip-key, 0 when it is not (or gossip is off).",
+		}),
+		IDConflicts: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "tether_gateway_id_conflicts",
+			Help: "Gateway IDs claimed by more than one live gossip member now (see /gateways and the error log); should be 0.",
 		}),
 		NoKey: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tether_no_key_total",
@@ -130,9 +155,9 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.Accepted, m.Active, m.Closed, m.Rejected, m.HandshakeFailures,
+		reg.MustRegister(m.Accepted, m.AcceptErrors, m.Active, m.Closed, m.Rejected, m.HandshakeFailures,
 			m.HandshakeSeconds, m.Routes, m.RouteFailures, m.DialFailures, m.Failovers,
-			m.Bytes, m.SessionSeconds, m.Gateways, m.ClusterMembers, m.RedisErrors, m.NoKey,
+			m.Bytes, m.SessionSeconds, m.SessionEnds, m.Gateways, m.ClusterMembers, m.GossipEncrypted, m.IDConflicts, m.RedisErrors, m.RedisRefusals, m.NoKey,
 			m.Parked, m.ParkErrors, m.Wakeups)
 	}
 	return m

@@ -377,9 +377,9 @@ func (p *parker) work(d *parkedDir) {
 // reason labels a session that ends because this direction failed.
 func (d *parkedDir) reason() string {
 	if d == &d.ps.dirs[1] {
-		return "gateway_error"
+		return reasonGatewayError
 	}
-	return "client_error"
+	return reasonClientError
 }
 
 // inlineMax is the most a wakeup moves in the loop itself; a direction

@@ -118,6 +118,7 @@ type Server struct {
 
 	parker *parker // nil: one goroutine and io.Copy per direction
 
+	local    exhaustion // out of descriptors or ports: logged once per change
 	active   atomic.Int64
 	nextID   atomic.Uint64
 	closing  atomic.Bool
@@ -204,7 +205,12 @@ func (s *Server) Serve(ln net.Listener) error {
 			// Out of descriptors and the like: back off and keep
 			// serving the sessions we have, as net/http does.
 			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			s.log.Warn("accept failed; backing off", zap.Error(err), zap.Duration("backoff", backoff))
+			s.m.AcceptErrors.Inc()
+			if route.IsLocalResourceError(err) {
+				s.localFailed("accept", err)
+			} else {
+				s.log.Warn("accept failed; backing off", zap.Error(err), zap.Duration("backoff", backoff))
+			}
 			time.Sleep(backoff)
 			continue
 		}
@@ -386,11 +392,12 @@ func (s *Server) handleConn(c net.Conn) *parkedSession {
 	start := time.Now()
 	id := s.nextID.Add(1)
 
-	if err := c.SetReadDeadline(start.Add(s.cfg.HandshakeTimeout)); err != nil {
+	deadline := start.Add(s.cfg.HandshakeTimeout)
+	if err := c.SetReadDeadline(deadline); err != nil {
 		s.handshakeFailed(c, id, reasonReadError, err)
 		return nil
 	}
-	if err := readProxyHeader(c); err != nil {
+	if err := readProxyHeader(c, deadline); err != nil {
 		s.handshakeFailed(c, id, headerReason(err), err)
 		return nil
 	}
@@ -426,12 +433,17 @@ func (s *Server) handleConn(c net.Conn) *parkedSession {
 			s.m.DialFailures.WithLabelValues(gw.ID).Inc()
 		}
 		if err == nil {
+			s.localOK()
 			return s.serveSession(c, id, start, keyHash, buf, n, key, res)
 		}
 	}
 	reason := "unreachable"
-	if errors.Is(err, route.ErrNoGateway) {
+	switch {
+	case errors.Is(err, route.ErrNoGateway):
 		reason = "no_gateway"
+	case errors.Is(err, route.ErrLocalResources):
+		reason = "local_resources"
+		s.localFailed("dial", err)
 	}
 	s.m.RouteFailures.WithLabelValues(reason).Inc()
 	if ce := s.log.Check(zap.DebugLevel, "route failed; closing client"); ce != nil {
@@ -440,6 +452,23 @@ func (s *Server) handleConn(c net.Conn) *parkedSession {
 	}
 	abort(c)
 	return nil
+}
+
+// localFailed records that this process ran out of descriptors or ports;
+// the first such failure after a quiet spell is logged.
+func (s *Server) localFailed(op string, err error) {
+	if s.local.fail(time.Now()) {
+		s.log.Warn("out of local resources (file descriptors or ports): new clients are closed until they free up; gateways are not blamed",
+			zap.String("op", op), zap.Error(err), zap.Int("open_connections", s.Active()))
+	}
+}
+
+// localOK records a connection that got what it needed; after a quiet
+// spell it ends the exhaustion state, logged once.
+func (s *Server) localOK() {
+	if over, n := s.local.ok(time.Now()); over {
+		s.log.Warn("local resources available again", zap.Int("failures_meanwhile", n))
+	}
 }
 
 // readKey reads until the extractor finds the key, within the handshake
@@ -569,6 +598,7 @@ func (s *Server) endSession(ses *session, up, down int64) {
 	s.m.Bytes.WithLabelValues("client_to_gateway").Add(float64(up + hello))
 	s.m.Bytes.WithLabelValues("gateway_to_client").Add(float64(down))
 	s.m.SessionSeconds.Observe(d.Seconds())
+	s.m.SessionEnds.WithLabelValues(reason).Inc()
 	s.log.Info("session end",
 		zap.Uint64("conn", id),
 		zap.String("key_hash", hashString(keyHash)),
@@ -607,9 +637,9 @@ func (s *Server) splice(ses *session) (up, down int64) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		up = pipe(ses, ses.gw, ses.client, "client_error")
+		up = pipe(ses, ses.gw, ses.client, reasonClientError)
 	}()
-	down = pipe(ses, ses.client, ses.gw, "gateway_error")
+	down = pipe(ses, ses.client, ses.gw, reasonGatewayError)
 	<-done
 	ses.client.Close()
 	ses.gw.Close()
@@ -628,9 +658,11 @@ func pipe(ses *session, dst, src net.Conn, reason string) int64 {
 
 // endDirection is what both data paths do when one direction stops: after
 // EOF (err nil) half-close dst, so the other direction keeps flowing; after
-// an error, or if the half-close fails, abort the session. A source that
-// itself broke (reset, timed out, unreachable) is just closed: a reset
-// there would tell nobody anything.
+// an error, or if the half-close fails, abort the session. The session's
+// end reason names the side that failed, whichever direction noticed: a
+// client that vanished breaks the write toward it as well as the read from
+// it. A side that itself broke (reset, timed out, unreachable) is just
+// closed: a reset there would tell nobody anything.
 func (ses *session) endDirection(dst, src net.Conn, err error, reason string) {
 	if err == nil {
 		if tc := rawTCP(dst); tc != nil && tc.CloseWrite() == nil {
@@ -639,12 +671,39 @@ func (ses *session) endDirection(dst, src net.Conn, err error, reason string) {
 		ses.abort(reason)
 		return
 	}
-	var failed net.Conn
-	if errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.ETIMEDOUT) ||
-		errors.Is(err, syscall.EHOSTUNREACH) || errors.Is(err, os.ErrDeadlineExceeded) {
-		failed = src // reads fail first; a write error aborts both with RST
+	failed := brokenSide(dst, src, err)
+	switch failed {
+	case ses.client:
+		reason = reasonClientError
+	case ses.gw:
+		reason = reasonGatewayError
 	}
 	ses.abortFrom(failed, reason)
+}
+
+// Session end reasons for a side that failed.
+const (
+	reasonClientError  = "client_error"
+	reasonGatewayError = "gateway_error"
+)
+
+// brokenSide finds which connection of a direction broke: the one the
+// kernel already closed (reset or timed out), else the source for a failed
+// read (reset, timeout, unreachable) and the destination for a broken pipe;
+// nil when it cannot tell.
+func brokenSide(dst, src net.Conn, err error) net.Conn {
+	switch {
+	case peerGone(src):
+		return src
+	case peerGone(dst):
+		return dst
+	case errors.Is(err, syscall.EPIPE):
+		return dst
+	case errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.ETIMEDOUT) ||
+		errors.Is(err, syscall.EHOSTUNREACH) || errors.Is(err, os.ErrDeadlineExceeded):
+		return src
+	}
+	return nil
 }
 
 // abort closes c with RST (SO_LINGER 0) when it is TCP, so nothing lingers

@@ -396,3 +396,76 @@ func waitFor(t *testing.T, cond func() bool) {
 		time.Sleep(5 * time.Millisecond)
 	}
 }
+
+// TestClientResetBlamesClient: a client that vanishes while its gateway
+// pushes data breaks only the gateway → client direction (a write to the
+// client fails); the session end still names the client.
+func TestClientResetBlamesClient(t *testing.T) {
+	for _, park := range []bool{true, false} {
+		t.Run(map[bool]string{true: "parked", false: "no-park"}[park], func(t *testing.T) {
+			gw, upDone := pushingGateway(t)
+			cfg := DefaultConfig()
+			cfg.Park = park
+			h := start(t, cfg, ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
+			const sessions = 5
+			for i := range sessions {
+				c := dial(t, h.addr)
+				if _, err := c.Write(hello(t, "k", "")); err != nil {
+					t.Fatal(err)
+				}
+				// The client → gateway direction ends cleanly (FIN, passed
+				// on as a half-close), while the gateway keeps pushing.
+				if err := c.CloseWrite(); err != nil {
+					t.Fatal(err)
+				}
+				if _, err := io.ReadFull(c, make([]byte, 1)); err != nil {
+					t.Fatal(err)
+				}
+				<-upDone
+				_ = c.SetLinger(0)
+				c.Close()
+				waitFor(t, func() bool {
+					return testutil.ToFloat64(h.m.SessionEnds.WithLabelValues(reasonClientError))+
+						testutil.ToFloat64(h.m.SessionEnds.WithLabelValues(reasonGatewayError)) == float64(i+1)
+				})
+			}
+			if n := testutil.ToFloat64(h.m.SessionEnds.WithLabelValues(reasonGatewayError)); n != 0 {
+				t.Fatalf("%v of %d client resets blamed on the gateway", n, sessions)
+			}
+		})
+	}
+}
+
+// pushingGateway accepts connections, reads until EOF (then signals
+// upDone) while writing to the connection until a write fails.
+func pushingGateway(t *testing.T) (string, <-chan struct{}) {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	upDone := make(chan struct{}, 16)
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				go func() {
+					_, _ = io.Copy(io.Discard, c)
+					upDone <- struct{}{}
+				}()
+				buf := make([]byte, 32<<10)
+				for range 4096 { // at most 128 MiB
+					if _, err := c.Write(buf); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+	return ln.Addr().String(), upDone
+}

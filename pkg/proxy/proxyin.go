@@ -1,6 +1,7 @@
 package proxy
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"io"
@@ -8,6 +9,7 @@ import (
 	"net/netip"
 	"os"
 	"strings"
+	"syscall"
 	"time"
 
 	"github.com/pires/go-proxyproto"
@@ -115,24 +117,78 @@ func ProxyProtocolListener(ln net.Listener, mode string, trusted []netip.Prefix,
 
 // readProxyHeader makes a PROXY-aware connection read its header now (a
 // zero-length read), so header problems are told apart from hello problems.
-func readProxyHeader(c net.Conn) error {
+// A v1 header that arrives in pieces is waited for (go-proxyproto alone
+// drops it), within the read deadline already set, which also bounds a
+// header that stops half way: that is a timeout, not a missing header.
+func readProxyHeader(c net.Conn, deadline time.Time) error {
 	pc, ok := c.(*proxyproto.Conn)
 	if !ok {
 		return nil
 	}
+	if err := waitV1Line(pc.Raw()); err != nil {
+		return err
+	}
 	_, err := pc.Read(nil)
+	if errors.Is(err, proxyproto.ErrNoProxyProtocol) && !time.Now().Before(deadline) {
+		return fmt.Errorf("%w: %w", os.ErrDeadlineExceeded, err)
+	}
 	return err
 }
+
+// v1Max is the longest PROXY v1 line, CRLF included.
+const v1Max = 107
+
+// waitV1Line waits, by peeking at the socket without consuming, until the
+// bytes queued on c are either not the start of a v1 PROXY line, or hold
+// its whole line (or more bytes than a line may have, which the parser
+// rejects). Senders should write the header at once, but a header split
+// over two segments is legal TCP and is served.
+func waitV1Line(c net.Conn) error {
+	tc := rawTCP(c)
+	if tc == nil {
+		return nil
+	}
+	rc, err := tc.SyscallConn()
+	if err != nil {
+		return nil
+	}
+	var buf [v1Max]byte
+	var perr error
+	err = rc.Read(func(fd uintptr) bool {
+		n, _, err := syscall.Recvfrom(int(fd), buf[:], syscall.MSG_PEEK)
+		switch {
+		case err == syscall.EAGAIN:
+			return false // nothing yet: wait for readiness
+		case err != nil:
+			perr = err
+			return true
+		case n == 0:
+			return true // EOF: the parser reports it
+		}
+		got := buf[:n]
+		if !bytes.HasPrefix(got, v1Sig[:min(n, len(v1Sig))]) {
+			return true // not a v1 header
+		}
+		return n == len(buf) || bytes.IndexByte(got, '\n') >= 0
+	})
+	if err != nil {
+		return err // the read deadline, or a closed connection
+	}
+	return perr
+}
+
+// v1Sig starts every PROXY v1 line.
+var v1Sig = []byte("PROXY ")
 
 // headerReason labels a PROXY header failure.
 func headerReason(err error) string {
 	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		return reasonTimeout
 	case errors.Is(err, proxyproto.ErrSuperfluousProxyHeader):
 		return reasonHeaderUntrusted
 	case errors.Is(err, proxyproto.ErrNoProxyProtocol):
 		return reasonHeaderMissing
-	case errors.Is(err, os.ErrDeadlineExceeded):
-		return reasonTimeout
 	case errors.Is(err, io.EOF):
 		return reasonEOF
 	default:

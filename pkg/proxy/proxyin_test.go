@@ -125,3 +125,81 @@ func TestProxyProtocolIn(t *testing.T) {
 		})
 	}
 }
+
+// TestProxyHeaderInPieces: a v1 or v2 header split over several segments is
+// served (go-proxyproto alone drops a split v1 line), and a header that
+// stops half way times out as "timeout", not as a missing header.
+func TestProxyHeaderInPieces(t *testing.T) {
+	gw := gateway(t, "gw-1", stub.ProxyRequire)
+	src := &net.TCPAddr{IP: net.IPv4(6, 6, 6, 6), Port: 666}
+	v2, err := proto.AppendProxyV2(nil, src, &net.TCPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 443}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	v1 := []byte("PROXY TCP4 6.6.6.6 10.0.0.1 666 443\r\n")
+	tests := []struct {
+		name   string
+		pieces [][]byte // written one by one; the hello follows the last
+		stall  bool     // stop after the pieces, never send the rest
+	}{
+		{"v1 in two pieces", [][]byte{v1[:9], v1[9:]}, false},
+		{"v1 byte by byte", splitEvery(v1, 1), false},
+		{"v2 in two pieces", [][]byte{v2[:7], v2[7:]}, false},
+		{"v1 stops half way", [][]byte{v1[:12]}, true},
+		{"v2 stops half way", [][]byte{v2[:20]}, true},
+		{"v1 signature only", [][]byte{v1[:3]}, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			trusted, _ := ParsePrefixes("127.0.0.1")
+			cfg := DefaultConfig()
+			cfg.HandshakeTimeout = 300 * time.Millisecond
+			h := startWrapped(t, cfg, func(ln net.Listener, m *Metrics) net.Listener {
+				w, err := ProxyProtocolListener(ln, ProxyInRequire, trusted, cfg.HandshakeTimeout, m, nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				return w
+			}, ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
+			c := dial(t, h.addr)
+			for _, p := range tt.pieces {
+				if _, err := c.Write(p); err != nil {
+					t.Fatal(err)
+				}
+				// Let each piece leave as its own segment (the test
+				// passes either way; this makes it exercise the split).
+				time.Sleep(5 * time.Millisecond)
+			}
+			if tt.stall {
+				got, _ := io.ReadAll(c)
+				if len(got) != 0 {
+					t.Fatalf("stalled client got %q", got)
+				}
+				waitFor(t, func() bool { return testutil.ToFloat64(h.m.HandshakeFailures.WithLabelValues(reasonTimeout)) == 1 })
+				if n := testutil.ToFloat64(h.m.HandshakeFailures.WithLabelValues(reasonHeaderMissing)); n != 0 {
+					t.Fatalf("counted as missing header %v times", n)
+				}
+				return
+			}
+			if _, err := c.Write(hello(t, "k", "")); err != nil {
+				t.Fatal(err)
+			}
+			rep, _, err := stub.ReadReply(c)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if rep.Client != "6.6.6.6:666" {
+				t.Fatalf("gateway saw %s, want the header's 6.6.6.6:666", rep.Client)
+			}
+		})
+	}
+}
+
+func splitEvery(b []byte, n int) [][]byte {
+	var out [][]byte
+	for len(b) > n {
+		out = append(out, b[:n])
+		b = b[n:]
+	}
+	return append(out, b)
+}

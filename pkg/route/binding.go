@@ -68,11 +68,29 @@ type BindingConfig struct {
 	// Timeout bounds each Resolve's Redis work; 0 means
 	// DefaultRedisTimeout.
 	Timeout time.Duration
-	// Logger receives state changes (Redis lost, Redis back); nil means
-	// none.
+	// Logger receives state changes (Redis lost, writes refused, Redis
+	// back), once each; nil means none.
 	Logger *zap.Logger
-	// OnError, if set, is called for every failed Redis call (metrics).
+	// OnError, if set, is called for every failed Redis call (metrics);
+	// IsWriteRefused tells a refusal from an outage.
 	OnError func(error)
+	// Now is the clock for the retry windows; nil means time.Now.
+	Now func() time.Time
+}
+
+// Redis health as the resolver sees it; each change is logged once.
+const (
+	redisHealthy       int32 = iota
+	redisDown                // no answer: the ring routes every key
+	redisWritesRefused       // answers reads, refuses writes (OOM, read-only replica, ACL)
+)
+
+// IsWriteRefused reports whether err is Redis answering with an error
+// (out of memory under noeviction, a read-only replica, an ACL or auth
+// refusal) rather than not answering: reads may still work.
+func IsWriteRefused(err error) bool {
+	var re redis.Error
+	return err != nil && !errors.Is(err, redis.Nil) && errors.As(err, &re)
 }
 
 // BindingResolver resolves keys through Redis bindings (tether:bind:<key> →
@@ -83,10 +101,11 @@ type BindingConfig struct {
 // key or a live binding — is one round trip: one EVALSHA running SET NX GET
 // and, for an existing binding, PEXPIRE.
 type BindingResolver struct {
-	cfg       BindingConfig
-	log       *zap.Logger
-	down      atomic.Bool  // Redis is failing (for state-change logs)
-	skipUntil atomic.Int64 // unix nanos before which Redis is not tried
+	cfg           BindingConfig
+	log           *zap.Logger
+	state         atomic.Int32 // redisHealthy, redisDown or redisWritesRefused
+	skipUntil     atomic.Int64 // unix nanos before which Redis is not tried
+	readOnlyUntil atomic.Int64 // unix nanos before which only reads are tried
 }
 
 var _ Resolver = (*BindingResolver)(nil)
@@ -108,42 +127,57 @@ func NewBindingResolver(cfg BindingConfig) (*BindingResolver, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
 	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
 	return &BindingResolver{cfg: cfg, log: cfg.Logger}, nil
 }
 
 // Resolve implements Resolver. It never fails because of Redis: when Redis
 // is slow or down it answers from the ring within the timeout, with
-// SourceFallback.
+// SourceFallback. When Redis answers but refuses writes (full under
+// noeviction, a read-only replica, an ACL), existing bindings are still
+// read and honoured; new keys go to their ring owner without being stored.
 func (b *BindingResolver) Resolve(ctx context.Context, key []byte) (Route, error) {
 	rg := b.cfg.Ring.Load()
 	cands := make([]Gateway, min(b.cfg.Candidates, rg.Len()))
 	if rg.LookupN(key, cands) == 0 {
 		return Route{}, ErrNoGateway
 	}
-	if time.Now().UnixNano() < b.skipUntil.Load() {
+	now := b.cfg.Now().UnixNano()
+	if now < b.skipUntil.Load() {
 		return Route{Source: SourceFallback, Candidates: cands}, nil
 	}
 	ctx, cancel := context.WithTimeout(ctx, b.cfg.Timeout)
 	defer cancel()
 	rkey := BindingKeyPrefix + string(key)
+	if now < b.readOnlyUntil.Load() {
+		return b.readOnly(ctx, rg, rkey, cands, nil)
+	}
 	owner := cands[0].ID
 
 	ttl := b.cfg.TTL.Milliseconds()
 	bound, err := bindScript.Run(ctx, b.cfg.Client, []string{rkey}, owner, ttl).Text()
 	switch {
 	case errors.Is(err, redis.Nil): // no binding: ours is stored
-		b.healthy()
+		b.setState(redisHealthy, nil)
 		return Route{Source: SourceRing, Candidates: cands}, nil
+	case IsWriteRefused(err):
+		return b.readOnly(ctx, rg, rkey, cands, err)
 	case err != nil:
 		return b.fallback(cands, err)
 	}
-	b.healthy()
+	b.setState(redisHealthy, nil)
 	if r, ok := bindingRoute(rg, bound, cands); ok {
 		return r, nil
 	}
 	// Bound to a dead or draining gateway: move it to the ring owner,
 	// unless another proxy already did.
 	cur, err := rebindScript.Run(ctx, b.cfg.Client, []string{rkey}, bound, owner, ttl).Text()
+	if IsWriteRefused(err) {
+		b.refused(err)
+		return Route{Source: SourceFallback, Candidates: cands}, nil
+	}
 	if err != nil {
 		return b.fallback(cands, err)
 	}
@@ -156,6 +190,63 @@ func (b *BindingResolver) Resolve(ctx context.Context, key []byte) (Route, error
 	// Someone bound it to a gateway we do not consider live either: our
 	// view may be stale; serve from the ring without fighting over it.
 	return Route{Source: SourceRing, Candidates: cands}, nil
+}
+
+// readOnly serves a key while Redis refuses writes (werr, or nil inside the
+// window after a refusal): a plain GET honours the binding in force; a key
+// without a live one goes to its ring owner, unstored. For breakerPeriod
+// after a refusal connects skip the write and pay one round trip.
+func (b *BindingResolver) readOnly(ctx context.Context, rg *ring.Ring, rkey string, cands []Gateway, werr error) (Route, error) {
+	if werr != nil {
+		b.refused(werr)
+	}
+	bound, err := b.cfg.Client.Get(ctx, rkey).Result()
+	switch {
+	case errors.Is(err, redis.Nil):
+	case err != nil && !IsWriteRefused(err):
+		return b.fallback(cands, err)
+	case err != nil:
+		// Not even reads (NOAUTH, ACL): the ring alone, as when down.
+		if b.cfg.OnError != nil {
+			b.cfg.OnError(err)
+		}
+	default:
+		if r, ok := bindingRoute(rg, bound, cands); ok {
+			return r, nil
+		}
+	}
+	return Route{Source: SourceFallback, Candidates: cands}, nil
+}
+
+// refused records a write refusal: counted, logged once per state change,
+// and writes skipped for breakerPeriod.
+func (b *BindingResolver) refused(err error) {
+	b.readOnlyUntil.Store(b.cfg.Now().Add(breakerPeriod).UnixNano())
+	if b.cfg.OnError != nil {
+		b.cfg.OnError(err)
+	}
+	b.setState(redisWritesRefused, err)
+}
+
+// setState logs a change of Redis health once.
+func (b *BindingResolver) setState(st int32, err error) {
+	prev := b.state.Swap(st)
+	if prev == st {
+		return
+	}
+	switch st {
+	case redisDown:
+		b.log.Warn("redis unavailable: routing by the ring until it answers", zap.Error(err))
+	case redisWritesRefused:
+		b.log.Warn("redis refuses writes: existing bindings are still honoured; new keys go to their ring owner unbound, and bindings are not refreshed",
+			zap.String("redis_error", err.Error()))
+	case redisHealthy:
+		if prev == redisWritesRefused {
+			b.log.Info("redis accepts writes again: bindings in use")
+		} else {
+			b.log.Info("redis answered again: bindings in use")
+		}
+	}
 }
 
 // bindingRoute puts a live, non-draining bound gateway first, followed by
@@ -177,20 +268,12 @@ func bindingRoute(rg *ring.Ring, id string, cands []Gateway) (Route, bool) {
 }
 
 func (b *BindingResolver) fallback(cands []Gateway, err error) (Route, error) {
-	b.skipUntil.Store(time.Now().Add(breakerPeriod).UnixNano())
+	b.skipUntil.Store(b.cfg.Now().Add(breakerPeriod).UnixNano())
 	if b.cfg.OnError != nil {
 		b.cfg.OnError(err)
 	}
-	if !b.down.Swap(true) {
-		b.log.Warn("redis unavailable: routing by the ring until it answers", zap.Error(err))
-	}
+	b.setState(redisDown, err)
 	return Route{Source: SourceFallback, Candidates: cands}, nil
-}
-
-func (b *BindingResolver) healthy() {
-	if b.down.Swap(false) {
-		b.log.Info("redis answered again: bindings in use")
-	}
 }
 
 // Preload loads the scripts into Redis so the first connections do not pay

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/redis/go-redis/v9"
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/tether-proxy/tether/internal/testenv"
 	"github.com/tether-proxy/tether/pkg/ring"
@@ -303,5 +305,132 @@ func TestNewRedisClientURLs(t *testing.T) {
 	}
 	if _, err := NewBindingResolver(BindingConfig{}); err == nil {
 		t.Error("empty config accepted")
+	}
+}
+
+// TestBindingWritesRefused: a Redis that answers but refuses writes (full
+// under noeviction, a read-only replica) still routes every bound key to
+// its binding; new keys go to the ring without being stored; the refusal
+// is logged once with Redis's own reason, and writes resume when Redis
+// takes them again.
+func TestBindingWritesRefused(t *testing.T) {
+	tests := []struct {
+		name   string
+		setup  func(t *testing.T) (write, read redis.UniversalClient, refuse, allow func())
+		reason string
+	}{
+		{"full, noeviction", func(t *testing.T) (redis.UniversalClient, redis.UniversalClient, func(), func()) {
+			rd := testenv.StartRedis(t, "--maxmemory-policy", "noeviction")
+			c := newClient(t, rd.Addr)
+			ctx := context.Background()
+			refuse := func() {
+				if err := c.ConfigSet(ctx, "maxmemory", "1mb").Err(); err != nil {
+					t.Fatal(err)
+				}
+				// Fill it up (bounded): 1 MiB of 16 KiB values.
+				filler := strings.Repeat("x", 16<<10)
+				for i := 0; i < 1000; i++ {
+					if err := c.Set(ctx, fmt.Sprintf("filler:%d", i), filler, 0).Err(); err != nil {
+						if !strings.HasPrefix(err.Error(), "OOM") {
+							t.Fatal(err)
+						}
+						return
+					}
+				}
+				t.Fatal("redis never reported OOM")
+			}
+			allow := func() {
+				if err := c.ConfigSet(ctx, "maxmemory", "0").Err(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			return c, c, refuse, allow
+		}, "OOM"},
+		{"read-only replica", func(t *testing.T) (redis.UniversalClient, redis.UniversalClient, func(), func()) {
+			primary := testenv.StartRedis(t, "--repl-diskless-sync-delay", "0")
+			host, port, _ := strings.Cut(primary.Addr, ":")
+			replica := testenv.StartRedis(t, "--replicaof", host, port)
+			rc := newClient(t, replica.Addr)
+			ctx := context.Background()
+			allow := func() {
+				if err := rc.Do(ctx, "REPLICAOF", "NO", "ONE").Err(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			return newClient(t, primary.Addr), rc, func() {}, allow
+		}, "READONLY"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			write, read, refuse, allow := tt.setup(t)
+			ctx := context.Background()
+			const bound = 100
+			for i := range bound {
+				if err := write.Set(ctx, BindingKeyPrefix+fmt.Sprintf("bound-%d", i), "gw-2", time.Hour).Err(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			// The replica has them once it synced.
+			deadline := time.Now().Add(10 * time.Second)
+			for read.Get(ctx, BindingKeyPrefix+fmt.Sprintf("bound-%d", bound-1)).Val() != "gw-2" {
+				if time.Now().After(deadline) {
+					t.Fatal("bindings never reached the Redis the resolver reads")
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			refuse()
+
+			core, logs := observer.New(zap.InfoLevel)
+			clock := &fakeClock{now: time.Unix(1000, 0)}
+			var errs atomic.Int64
+			b, err := NewBindingResolver(BindingConfig{Client: read, Ring: holder(t, gws(1, 1, 1)...), Timeout: time.Second,
+				Logger: zap.New(core), Now: clock.Now, OnError: func(err error) {
+					if !IsWriteRefused(err) {
+						t.Errorf("refusal reported as an outage: %v", err)
+					}
+					errs.Add(1)
+				}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			for round := range 3 { // inside and after the read-only window
+				for i := range bound {
+					rt, err := b.Resolve(ctx, []byte(fmt.Sprintf("bound-%d", i)))
+					if err != nil || rt.Source != SourceBinding || rt.Candidates[0].ID != "gw-2" {
+						t.Fatalf("round %d: bound key %d: %+v %v", round, i, rt, err)
+					}
+				}
+				rt, err := b.Resolve(ctx, []byte(fmt.Sprintf("new-%d", round)))
+				if err != nil || rt.Source != SourceFallback {
+					t.Fatalf("new key: %+v %v", rt, err)
+				}
+				clock.Add(2 * breakerPeriod)
+			}
+			if n := read.Exists(ctx, BindingKeyPrefix+"new-0").Val(); n != 0 {
+				t.Fatal("a new key was stored while Redis refused writes")
+			}
+			if errs.Load() == 0 {
+				t.Fatal("no refusal reported")
+			}
+			refusals := logs.FilterMessageSnippet("redis refuses writes").All()
+			if len(refusals) != 1 || !strings.Contains(refusals[0].ContextMap()["redis_error"].(string), tt.reason) {
+				t.Fatalf("want one refusal log naming %s, got %v", tt.reason, refusals)
+			}
+			if n := logs.FilterMessageSnippet("unavailable").Len(); n != 0 {
+				t.Fatalf("a refusal was logged as Redis unavailable (%d lines)", n)
+			}
+
+			allow()
+			clock.Add(2 * breakerPeriod)
+			if rt, err := b.Resolve(ctx, []byte("after")); err != nil || rt.Source != SourceRing {
+				t.Fatalf("after writes resumed: %+v %v", rt, err)
+			}
+			if read.Get(ctx, BindingKeyPrefix+"after").Val() == "" {
+				t.Fatal("binding not stored after writes resumed")
+			}
+			if logs.FilterMessageSnippet("accepts writes again").Len() != 1 {
+				t.Fatal("recovery not logged once")
+			}
+		})
 	}
 }

@@ -2,10 +2,14 @@ package route
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"net"
 	"sync"
+	"syscall"
 	"time"
+
+	"go.uber.org/zap"
 )
 
 // Dialer defaults, as documented on the proxy's flags.
@@ -34,9 +38,15 @@ type Dialer struct {
 	// DefaultCooldown, negative disables cooldowns.
 	Cooldown time.Duration
 	// Now is the clock; nil means time.Now.
-	Now  func() time.Time
-	mu   sync.Mutex
-	down map[string]time.Time // gateway ID → end of cooldown
+	Now func() time.Time
+	// Logger gets one warning when a gateway becomes unreachable and one
+	// when it answers again (by ID; the error names the address, which
+	// only operators see); nil means none.
+	Logger *zap.Logger
+
+	mu          sync.Mutex
+	down        map[string]time.Time // gateway ID → end of cooldown
+	unreachable map[string]bool      // gateway ID → last attempt failed
 }
 
 // Result describes a successful Dial.
@@ -53,9 +63,25 @@ type Result struct {
 	Failed []Gateway
 }
 
+// ErrLocalResources means a connection attempt failed for lack of
+// resources on this host (file descriptors, local ports, kernel memory),
+// not because of the gateway: no gateway is blamed or cooled down, and the
+// remaining candidates are not tried (they would fail the same way).
+var ErrLocalResources = errors.New("route: out of local resources")
+
+// IsLocalResourceError reports whether err is this host running out of
+// something a connection needs: descriptors (EMFILE, ENFILE), local ports
+// (EADDRNOTAVAIL) or kernel buffers (ENOBUFS, ENOMEM).
+func IsLocalResourceError(err error) bool {
+	return errors.Is(err, syscall.EMFILE) || errors.Is(err, syscall.ENFILE) ||
+		errors.Is(err, syscall.EADDRNOTAVAIL) || errors.Is(err, syscall.ENOBUFS) || errors.Is(err, syscall.ENOMEM)
+}
+
 // Dial connects to the first candidate that answers, in failover order. It
-// returns an error wrapping ErrUnreachable when every attempt failed and
-// ErrNoGateway when cands is empty; Result.Failed is set either way.
+// returns an error wrapping ErrUnreachable when every attempt failed,
+// ErrLocalResources when this host could not open a connection, and
+// ErrNoGateway when cands is empty; Result.Failed lists the gateways to
+// blame either way.
 func (d *Dialer) Dial(ctx context.Context, cands []Gateway) (Result, error) {
 	if len(cands) == 0 {
 		return Result{}, ErrNoGateway
@@ -83,9 +109,12 @@ func (d *Dialer) Dial(ctx context.Context, cands []Gateway) (Result, error) {
 				d.markUp(gw.ID)
 				return Result{Conn: c, Gateway: gw, Attempts: attempts, Failed: failed}, nil
 			}
+			if IsLocalResourceError(err) {
+				return Result{Attempts: attempts, Failed: failed}, fmt.Errorf("%w: %w", ErrLocalResources, err)
+			}
 			lastErr = err
 			failed = append(failed, gw)
-			d.markDown(gw.ID)
+			d.markDown(gw.ID, err)
 			if ctx.Err() != nil {
 				return Result{Attempts: attempts, Failed: failed}, fmt.Errorf("%w: %w", ErrUnreachable, ctx.Err())
 			}
@@ -144,21 +173,34 @@ func (d *Dialer) coolingDown(id string) bool {
 	return false
 }
 
-func (d *Dialer) markDown(id string) {
+func (d *Dialer) markDown(id string, err error) {
 	cd := d.cooldown()
-	if cd < 0 {
-		return
-	}
 	d.mu.Lock()
-	defer d.mu.Unlock()
-	if d.down == nil {
-		d.down = make(map[string]time.Time)
+	if cd >= 0 {
+		if d.down == nil {
+			d.down = make(map[string]time.Time)
+		}
+		d.down[id] = d.now().Add(cd)
 	}
-	d.down[id] = d.now().Add(cd)
+	if d.unreachable == nil {
+		d.unreachable = make(map[string]bool)
+	}
+	changed := !d.unreachable[id]
+	d.unreachable[id] = true
+	d.mu.Unlock()
+	if changed && d.Logger != nil {
+		d.Logger.Warn("gateway unreachable: its keys go to their next choice", zap.String("gateway", id),
+			zap.Duration("cooldown", max(cd, 0)), zap.Error(err))
+	}
 }
 
 func (d *Dialer) markUp(id string) {
 	d.mu.Lock()
-	defer d.mu.Unlock()
 	delete(d.down, id)
+	changed := d.unreachable[id]
+	delete(d.unreachable, id)
+	d.mu.Unlock()
+	if changed && d.Logger != nil {
+		d.Logger.Warn("gateway reachable again", zap.String("gateway", id))
+	}
 }

@@ -4,9 +4,14 @@ import (
 	"context"
 	"errors"
 	"net"
+	"os"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/tether-proxy/tether/pkg/ring"
 )
@@ -172,5 +177,59 @@ func TestDialerTimeoutAndCancel(t *testing.T) {
 	_, err = d.Dial(ctx, []Gateway{{ID: "a"}, {ID: "b"}})
 	if !errors.Is(err, context.Canceled) {
 		t.Fatalf("cancelled: err = %v", err)
+	}
+}
+
+// TestDialerLocalResources: this host running out of descriptors or ports
+// is not the gateway's fault: no cooldown, no gateway listed as failed, no
+// further candidates tried.
+func TestDialerLocalResources(t *testing.T) {
+	for _, errno := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.EADDRNOTAVAIL} {
+		t.Run(errno.Error(), func(t *testing.T) {
+			attempts := 0
+			d := &Dialer{DialContext: func(context.Context, string, string) (net.Conn, error) {
+				attempts++
+				return nil, &net.OpError{Op: "dial", Net: "tcp", Err: os.NewSyscallError("socket", errno)}
+			}}
+			res, err := d.Dial(context.Background(), []Gateway{{ID: "a", Addr: "127.0.1.1:1"}, {ID: "b", Addr: "127.0.1.2:1"}})
+			if !errors.Is(err, ErrLocalResources) || errors.Is(err, ErrUnreachable) {
+				t.Fatalf("err = %v, want ErrLocalResources", err)
+			}
+			if attempts != 1 || len(res.Failed) != 0 || d.CoolingDown("a") || d.CoolingDown("b") {
+				t.Fatalf("attempts %d, failed %v, cooling a=%v b=%v", attempts, res.Failed, d.CoolingDown("a"), d.CoolingDown("b"))
+			}
+		})
+	}
+}
+
+// TestDialerLogsReachabilityChanges: one warning when a gateway stops
+// answering, none for the attempts that follow, one when it answers again.
+func TestDialerLogsReachabilityChanges(t *testing.T) {
+	core, logs := observer.New(zap.InfoLevel)
+	up := false
+	live := listener(t)
+	d := &Dialer{Cooldown: -1, Logger: zap.New(core), DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+		if !up {
+			return nil, syscall.ECONNREFUSED
+		}
+		return (&net.Dialer{}).DialContext(ctx, network, live)
+	}}
+	cands := []Gateway{{ID: "gw-1", Addr: "127.0.1.1:1"}}
+	for range 5 {
+		if _, err := d.Dial(context.Background(), cands); !errors.Is(err, ErrUnreachable) {
+			t.Fatal(err)
+		}
+	}
+	up = true
+	for range 3 {
+		res, err := d.Dial(context.Background(), cands)
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Conn.Close()
+	}
+	down, back := logs.FilterMessage("gateway unreachable: its keys go to their next choice"), logs.FilterMessage("gateway reachable again")
+	if down.Len() != 1 || back.Len() != 1 || down.All()[0].ContextMap()["gateway"] != "gw-1" {
+		t.Fatalf("logs: %v", logs.All())
 	}
 }
