@@ -101,12 +101,14 @@ type Cluster struct {
 	keyring *memberlist.Keyring // nil: unencrypted
 	changes chan struct{}
 
-	mu       sync.Mutex
-	meta     Meta
-	metaRaw  []byte
-	gateways map[string]GatewayInfo // by node name
-	members  map[string]bool        // alive node names
-	badMeta  map[string]bool        // nodes already warned about
+	mu        sync.Mutex
+	meta      Meta
+	metaRaw   []byte
+	gateways  map[string]GatewayInfo // by node name
+	members   map[string]bool        // alive node names
+	badMeta   map[string]bool        // nodes already warned about
+	nameTaken *memberlist.Node       // a live member already has our node name
+	nameSeen  map[string]bool        // name@addr conflicts already logged
 
 	cancel   context.CancelFunc
 	joinDone chan struct{}
@@ -132,6 +134,7 @@ func New(cfg Config) (*Cluster, error) {
 		gateways: map[string]GatewayInfo{},
 		members:  map[string]bool{},
 		badMeta:  map[string]bool{},
+		nameSeen: map[string]bool{},
 		joinDone: make(chan struct{}),
 		joined:   make(chan struct{}),
 	}
@@ -148,6 +151,7 @@ func New(cfg Config) (*Cluster, error) {
 	mc.Logger = log.New(&zapWriter{log: c.log.Named("memberlist")}, "", 0)
 	mc.Delegate = (*delegate)(c)
 	mc.Events = (*events)(c)
+	mc.Conflict = (*conflicts)(c)
 	if len(cfg.Keys) > 0 {
 		kr, err := memberlist.NewKeyring(cfg.Keys, cfg.Keys[0])
 		if err != nil {
@@ -358,6 +362,11 @@ func (c *Cluster) ClaimID(ctx context.Context) error {
 		return fmt.Errorf("cluster: gossip join not finished: %w", ctx.Err())
 	}
 	c.mu.Lock()
+	if n := c.nameTaken; n != nil {
+		c.mu.Unlock()
+		return fmt.Errorf("%w: node name %q is held by a live member at %s; give this gateway its own ID (its node name defaults to the ID), "+
+			"or, if this is that gateway restarted at a new address, wait until the old one is declared dead", ErrIDConflict, n.Name, n.Address())
+	}
 	id := c.meta.ID
 	var others []GatewayInfo
 	for _, g := range c.gateways {
@@ -476,7 +485,36 @@ func (e *events) upsert(n *memberlist.Node) {
 	c.notify()
 }
 
+// conflicts hears of two live nodes using one node name at different
+// addresses (memberlist keeps the one it knew first). Called with
+// memberlist's state lock held: it only records and logs.
+type conflicts Cluster
+
+func (d *conflicts) NotifyConflict(existing, other *memberlist.Node) {
+	c := (*Cluster)(d)
+	c.mu.Lock()
+	mine := existing.Name == c.cfg.NodeName
+	if mine && c.nameTaken == nil {
+		n := *other
+		c.nameTaken = &n
+	}
+	k := other.Name + "@" + other.Address()
+	first := !c.nameSeen[k]
+	c.nameSeen[k] = true
+	c.mu.Unlock()
+	if !first {
+		return
+	}
+	if mine {
+		c.log.Error("another live member uses this node's gossip name", zap.String("node", other.Name), zap.String("other_addr", other.Address()))
+		return
+	}
+	c.log.Error("two live members use one gossip node name: the one known first is kept, the other is ignored",
+		zap.String("node", existing.Name), zap.String("kept_addr", existing.Address()), zap.String("ignored_addr", other.Address()))
+}
+
 var (
-	_ memberlist.Delegate      = (*delegate)(nil)
-	_ memberlist.EventDelegate = (*events)(nil)
+	_ memberlist.Delegate         = (*delegate)(nil)
+	_ memberlist.EventDelegate    = (*events)(nil)
+	_ memberlist.ConflictDelegate = (*conflicts)(nil)
 )

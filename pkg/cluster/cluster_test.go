@@ -410,7 +410,7 @@ func TestDrainLastActive(t *testing.T) {
 // TestClaimIDRefusesHeldID: a gateway whose ID another live member holds
 // gets ErrIDConflict naming the holder; a free ID passes.
 func TestClaimIDRefusesHeldID(t *testing.T) {
-	m := newMock("gw-1", "gw-1-again", "gw-2")
+	m := newMock("gw-1", "gw-1-again", "gw-2", "same-name")
 	first := m.start(t, "gw-1", gatewayMeta("gw-1"), nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -427,6 +427,17 @@ func TestClaimIDRefusesHeldID(t *testing.T) {
 	other := m.start(t, "gw-2", gatewayMeta("gw-2"), nil, first.Addr())
 	if err := other.ClaimID(ctx); err != nil {
 		t.Fatalf("free ID: %v", err)
+	}
+	// The same node name at another address (the gateway default: the
+	// node name is the ID) is refused too.
+	same, err := New(Config{NodeName: "gw-1", Meta: dup, Transport: m.trans["same-name"], Join: []string{first.Addr()},
+		Profile: ProfileLocal, JoinBackoffMax: 200 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = same.Shutdown() })
+	if err := same.ClaimID(ctx); !errors.Is(err, ErrIDConflict) || !strings.Contains(err.Error(), "node name") {
+		t.Fatalf("same node name: %v", err)
 	}
 }
 

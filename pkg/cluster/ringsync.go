@@ -7,6 +7,7 @@ import (
 	"slices"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -120,7 +121,7 @@ type Syncer struct {
 	mu        sync.Mutex // serialises rebuilds and guards the inputs
 	static    []ring.Member
 	drained   map[string]bool
-	conflicts []Conflict // as of the last rebuild
+	conflicts atomic.Pointer[[]Conflict] // as of the last rebuild; read without mu
 }
 
 // NewSyncer builds the first ring at once. m may be nil (static only);
@@ -254,7 +255,7 @@ func (s *Syncer) rebuild() error {
 	}
 	_, conflicts := Claims(gws)
 	s.logConflicts(conflicts)
-	s.conflicts = conflicts
+	s.conflicts.Store(&conflicts)
 	prev := s.h.Swap(r)
 	if !slices.Equal(prev.Members(), r.Members()) {
 		ids := make([]string, 0, r.Len())
@@ -273,18 +274,21 @@ func (s *Syncer) rebuild() error {
 }
 
 // Conflicts returns the gateway IDs claimed by more than one live member
-// as of the last rebuild. The slice is the caller's.
+// as of the last rebuild. The slice is the caller's. It does not wait for
+// a rebuild, so the update callback may call it.
 func (s *Syncer) Conflicts() []Conflict {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return slices.Clone(s.conflicts)
+	if p := s.conflicts.Load(); p != nil {
+		return slices.Clone(*p)
+	}
+	return nil
 }
 
 // logConflicts logs each conflict once when it appears or its claimants
 // change, and once when it is over. Called with s.mu held.
 func (s *Syncer) logConflicts(now []Conflict) {
-	before := make(map[string]string, len(s.conflicts))
-	for _, c := range s.conflicts {
+	prev := s.Conflicts()
+	before := make(map[string]string, len(prev))
+	for _, c := range prev {
 		before[c.ID] = claimantKey(c)
 	}
 	for _, c := range now {

@@ -57,6 +57,7 @@ type parker struct {
 	movers    sync.Pool // *mover
 	closeMu   sync.Once
 	done      chan struct{} // closed when the loop has returned
+	closing   atomic.Bool   // close began: the loop's wakeup error is expected
 }
 
 // maxSplice is the most one splice call moves; pipes are sized to it.
@@ -217,6 +218,7 @@ func newParker(log *zap.Logger, m *Metrics, parkAfter time.Duration, onEnd func(
 // aborted first (Server.Shutdown does).
 func (p *parker) close() {
 	p.closeMu.Do(func() {
+		p.closing.Store(true)
 		p.ep.Close() // wakes the loop with an error; the descriptor closes once it is out
 		<-p.done
 		p.drainPipes()
@@ -256,7 +258,7 @@ func (p *parker) loop(rc syscall.RawConn) {
 	switch {
 	case werr != nil:
 		p.log.Error("park: epoll_wait failed; parked sessions stall", zap.Error(werr))
-	case err != nil && !errors.Is(err, os.ErrClosed):
+	case err != nil && !errors.Is(err, os.ErrClosed) && !p.closing.Load():
 		p.log.Error("park: waiting for parked sessions failed; they stall", zap.Error(err))
 	}
 }

@@ -66,6 +66,7 @@ type proc struct {
 
 	mu    sync.Mutex
 	tail  []string       // last log lines, for failure reports
+	warns []string       // every warn and error line
 	seen  map[string]int // "msg|reason" → count of such log lines
 	ready chan struct{}
 }
@@ -112,6 +113,7 @@ func (p *proc) readLogs(r io.Reader, wantAdmin, wantGossip bool) {
 	for sc.Scan() {
 		line := sc.Text()
 		var entry struct {
+			Level  string `json:"level"`
 			Msg    string `json:"msg"`
 			Addr   string `json:"addr"`
 			Reason string `json:"reason"`
@@ -119,6 +121,9 @@ func (p *proc) readLogs(r io.Reader, wantAdmin, wantGossip bool) {
 		_ = json.Unmarshal([]byte(line), &entry)
 		p.mu.Lock()
 		p.seen[entry.Msg+"|"+entry.Reason]++
+		if entry.Level == "warn" || entry.Level == "error" {
+			p.warns = append(p.warns, line)
+		}
 		p.tail = append(p.tail, line)
 		if len(p.tail) > keepLines {
 			p.tail = p.tail[len(p.tail)-keepLines:]
@@ -146,6 +151,31 @@ func (p *proc) logs() string {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return strings.Join(p.tail, "\n")
+}
+
+// alerted reports whether a warn or error line contains s.
+func (p *proc) alerted(s string) bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, l := range p.warns {
+		if strings.Contains(l, s) {
+			return true
+		}
+	}
+	return false
+}
+
+// errorLines returns the error-level lines logged so far.
+func (p *proc) errorLines() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	var out []string
+	for _, l := range p.warns {
+		if strings.Contains(l, `"level":"error"`) {
+			out = append(out, l)
+		}
+	}
+	return out
 }
 
 // logCount counts log lines with this message and reason field.
