@@ -34,6 +34,9 @@ import (
 var binDir string
 
 func TestMain(m *testing.M) {
+	if os.Getenv(floodEnv) != "" {
+		os.Exit(floodMain()) // a helper process of TestFDFlood
+	}
 	dir, err := os.MkdirTemp("", "tether-e2e-bin")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
