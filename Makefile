@@ -4,7 +4,7 @@ BIN      := bin
 BINARIES := $(BIN)/proxy $(BIN)/gateway-stub $(BIN)/tether-client
 export CGO_ENABLED ?= 1
 
-.PHONY: all build deps demo test test-unit test-e2e bench bench-smoke lint fuzz bench-ring clean
+.PHONY: all build deps demo test test-unit test-e2e chaos bench bench-smoke lint fuzz bench-ring clean
 
 all: build
 
@@ -41,6 +41,13 @@ lint:
 	$(GO) vet -tags e2e ./test/e2e/
 	$(GO) run honnef.co/go/tools/cmd/staticcheck@v0.6.1 ./...
 	$(GO) run honnef.co/go/tools/cmd/staticcheck@v0.6.1 -tags e2e ./test/e2e/
+
+## chaos: not part of test. Gossip churn (gateways killed, drained, restarted,
+## added), a proxy killed mid-stream and Redis restarted while clients echo;
+## then every key must route the same from every proxy. About 3 minutes;
+## CHAOS_FOR=60s shortens the churn, CHAOS_SEED=N replays a run.
+chaos: deps
+	$(GO) test -race -count=1 -tags 'e2e chaos' -run '^TestChaos$$' -timeout 6m -v ./test/e2e/
 
 ## bench: tether vs HAProxy (forced splice) vs a direct connection, interleaved;
 ## several minutes; writes bench/results/<date>.md (see docs/BENCHMARKS.md).
