@@ -259,7 +259,7 @@ func (c *chaos) count(err error) {
 	case errors.Is(err, syscall.ECONNREFUSED):
 		cause = "connect refused (proxy down)"
 	case errors.Is(err, syscall.ECONNRESET) && strings.Contains(err.Error(), "reply"):
-		cause = "reset before the reply (gateway down, no candidate)"
+		cause = "reset before the reply (no live candidate, or it died)"
 	case errors.Is(err, syscall.ECONNRESET):
 		cause = "reset mid-session (its gateway or proxy died)"
 	case errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF):

@@ -369,6 +369,16 @@ func TestSecondSignalForcesExit(t *testing.T) {
 	}
 	t.Logf("proxy: second SIGTERM exited in %v (drain timeout 60s)", time.Since(t0).Round(time.Millisecond))
 
+	// Two signals back to back (both queued before the first is handled).
+	quick := proxyFor(t, []*proc{gw}, "--drain-timeout", "60s")
+	c2, _ := openSession(t, quick.addr, "held-2")
+	defer c2.Close()
+	_ = quick.cmd.Process.Signal(syscall.SIGTERM)
+	_ = quick.cmd.Process.Signal(syscall.SIGINT)
+	if code := quick.exitCode(10 * time.Second); code != 1 {
+		t.Fatalf("proxy exit %d after two quick signals, want 1:\n%s", code, quick.logs())
+	}
+
 	stubP := start(t, "gateway-stub", "--id", "gw-9", "--listen", "127.0.1.9:0", "--drain-timeout", "60s")
 	held, _ := openSession(t, stubP.addr, "held")
 	defer held.Close()
