@@ -1,7 +1,8 @@
-// Command gateway-stub is the reference gateway of DESIGN §1: it answers each
-// hello with one JSON frame naming itself, the key, how many connections it
-// has seen for that key and the client address it learned, then echoes. Every
-// tether test and the demo run against it.
+// Command gateway-stub is the reference gateway: it answers each hello with
+// one JSON frame naming itself, the key, how many connections it has seen
+// for that key and the client address it learned, then echoes. Every tether
+// test and the demo run against it. It is a small application on
+// pkg/gateway (handshake, newest-session-wins, gossip membership).
 package main
 
 import (
@@ -11,6 +12,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"os/signal"
 	"sync/atomic"
@@ -21,7 +23,7 @@ import (
 
 	"github.com/tether-proxy/tether/internal/cli"
 	"github.com/tether-proxy/tether/internal/stub"
-	"github.com/tether-proxy/tether/pkg/cluster"
+	"github.com/tether-proxy/tether/pkg/gateway"
 )
 
 func main() {
@@ -50,6 +52,9 @@ Flags:
 
 type options struct {
 	listen, id, proxyProtocol string
+	trusted                   string
+	trustedPrefixes           []netip.Prefix
+	newestWins                bool
 	handshakeTimeout, drain   time.Duration
 	logLevel, logFormat       string
 	advertise                 string
@@ -65,6 +70,8 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.listen, "listen", "127.0.0.1:9000", "accept connections on `HOST:PORT`")
 	fs.StringVar(&o.id, "id", "", "this gateway's stable `ID`, reported in every reply (required)")
 	fs.StringVar(&o.proxyProtocol, "proxy-protocol", stub.ProxyOptional, "`MODE` for PROXY headers from the proxy: off (never parsed), optional (used when present) or require (connections without one are closed)")
+	fs.StringVar(&o.trusted, "trusted-proxies", "127.0.0.0/8,::1", "comma-separated `CIDRS` (or addresses) of the tether proxies whose PROXY headers are believed; a header from anywhere else is refused")
+	fs.BoolVar(&o.newestWins, "newest-wins", true, "when a connection for a key arrives while an older one for that key is still open here, reset the older one (a phone that changed networks leaves a stale session behind); --newest-wins=false keeps both")
 	fs.DurationVar(&o.handshakeTimeout, "handshake-timeout", 5*time.Second, "the PROXY header and hello must arrive within this `DURATION`")
 	fs.DurationVar(&o.drain, "drain-timeout", 10*time.Second, "on SIGTERM/SIGINT, stop accepting and let open sessions run for this `DURATION` before closing them")
 	fs.StringVar(&o.logLevel, "log-level", "info", "`LEVEL`: debug, info, warn or error")
@@ -92,6 +99,14 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	if o.gossip.Bind == "" && o.advertise != "" {
 		return o, errors.New("--advertise needs --gossip-bind")
 	}
+	p, err := cli.ParsePrefixes(o.trusted)
+	if err != nil {
+		return o, fmt.Errorf("--trusted-proxies: %w", err)
+	}
+	if len(p) == 0 && o.proxyProtocol != stub.ProxyOff {
+		return o, errors.New("--trusted-proxies is empty: give the proxies' addresses, or --proxy-protocol off")
+	}
+	o.trustedPrefixes = p
 	return o, o.gossip.Validate()
 }
 
@@ -110,7 +125,8 @@ func run(args []string, sigs <-chan os.Signal, stderr io.Writer) int {
 		return 2
 	}
 	defer func() { _ = log.Sync() }()
-	srv, err := stub.New(stub.Config{ID: o.id, ProxyProtocol: o.proxyProtocol, HandshakeTimeout: o.handshakeTimeout, EchoBuffer: o.echoBuffer, Logger: log.Named("stub")})
+	srv, err := stub.New(stub.Config{ID: o.id, ProxyProtocol: o.proxyProtocol, TrustedProxies: o.trustedPrefixes, HandshakeTimeout: o.handshakeTimeout,
+		EchoBuffer: o.echoBuffer, KeepOlder: !o.newestWins, Logger: log.Named("stub")})
 	if err != nil {
 		fmt.Fprintf(stderr, "gateway-stub: %v\n", err)
 		return 2
@@ -122,20 +138,20 @@ func run(args []string, sigs <-chan os.Signal, stderr io.Writer) int {
 	}
 	log.Info("listening", zap.String("addr", ln.Addr().String()), zap.String("id", o.id), zap.String("proxy_protocol", o.proxyProtocol))
 
-	var node *cluster.Cluster
+	var member *gateway.Member
 	claimed := make(chan error, 1)
 	claimCtx, stopClaim := context.WithCancel(context.Background())
 	defer stopClaim()
 	announcing := false
 	if o.gossip.Bind != "" {
-		node, err = startGossip(o, ln.Addr().String(), log)
+		member, err = startGossip(o, ln.Addr().String(), log)
 		if err != nil {
 			ln.Close()
 			log.Error("gossip failed to start", zap.Error(err))
 			return exitFailed
 		}
 		announcing = true
-		go func() { claimed <- announce(claimCtx, node, o, log) }()
+		go func() { claimed <- announce(claimCtx, member, o, log) }()
 	}
 
 	errc := make(chan error, 1)
@@ -151,8 +167,7 @@ func run(args []string, sigs <-chan os.Signal, stderr io.Writer) int {
 				continue
 			}
 			log.Error("refusing to announce: this gateway ID is taken; exiting", zap.String("id", o.id), zap.Error(err))
-			_ = node.Leave(2 * time.Second)
-			_ = node.Shutdown()
+			_ = member.Leave(2 * time.Second)
 			cctx, cancel := context.WithCancel(context.Background())
 			cancel()
 			_ = srv.Shutdown(cctx)
@@ -160,7 +175,7 @@ func run(args []string, sigs <-chan os.Signal, stderr io.Writer) int {
 			return exitConflict
 		case sig := <-sigs:
 			if sig == syscall.SIGHUP {
-				reloadKeys(o, node, log)
+				reloadKeys(o, member, log)
 				continue
 			}
 			stopping = true
@@ -186,22 +201,14 @@ func run(args []string, sigs <-chan os.Signal, stderr io.Writer) int {
 		stopClaim()
 		<-claimed
 	}
-	if node != nil {
+	if member != nil {
 		// Gossip drain: proxies stop sending new keys here but sessions
 		// already open (and keys bound here) keep working until the
 		// drain ends. Then leave the cluster and close what is left.
 		log.Info("draining: published state draining; serving open sessions", zap.Int("sessions", srv.Sessions()), zap.Duration("drain_timeout", o.drain))
-		if err := node.SetState(cluster.StateDraining, o.weight, 5*time.Second); err != nil {
-			log.Warn("draining state not confirmed by a peer yet", zap.Error(err))
-		}
-		select {
-		case <-time.After(o.drain):
-		case <-dctx.Done():
-		}
-		if err := node.Leave(5 * time.Second); err != nil {
-			log.Warn("gossip leave not confirmed", zap.Error(err))
-		}
-		_ = node.Shutdown()
+		tctx, tcancel := context.WithTimeout(dctx, o.drain)
+		_ = member.Drain(tctx) // the stub serves for the whole drain time, then leaves
+		tcancel()
 		log.Info("drain over: left the cluster; closing open sessions", zap.Int("sessions", srv.Sessions()))
 		cancel()
 		_ = srv.Shutdown(dctx)
@@ -220,35 +227,28 @@ func run(args []string, sigs <-chan os.Signal, stderr io.Writer) int {
 	return 0
 }
 
-// announce waits for the join, checks that no other live member holds the
-// gateway's ID, and only then publishes it active (it joined as draining,
-// so it never takes a key meanwhile).
-func announce(ctx context.Context, node *cluster.Cluster, o options, log *zap.Logger) error {
-	if err := node.ClaimID(ctx); err != nil {
+// announce publishes the gateway active once no other live member holds
+// its ID (it joined as draining, so it never takes a key meanwhile).
+func announce(ctx context.Context, m *gateway.Member, o options, log *zap.Logger) error {
+	if err := m.Announce(ctx); err != nil {
 		if ctx.Err() != nil {
 			return nil // stopping before the join finished
 		}
 		return err
-	}
-	if ctx.Err() != nil {
-		return nil
-	}
-	if err := node.SetState(cluster.StateActive, o.weight, 5*time.Second); err != nil {
-		log.Warn("active state not confirmed by a peer yet; it keeps spreading", zap.Error(err))
 	}
 	log.Info("announced: taking new keys", zap.String("id", o.id), zap.Float64("weight", o.weight))
 	return nil
 }
 
 // reloadKeys re-reads the --gossip-key keyring on SIGHUP (key rotation).
-func reloadKeys(o options, node *cluster.Cluster, log *zap.Logger) {
-	if node == nil || o.gossip.KeyFile == "" {
+func reloadKeys(o options, m *gateway.Member, log *zap.Logger) {
+	if m == nil || o.gossip.KeyFile == "" {
 		log.Warn("SIGHUP ignored: no --gossip-key to reload")
 		return
 	}
 	keys, err := o.gossip.Keys()
 	if err == nil {
-		err = node.SetKeys(keys)
+		err = m.SetKeys(keys)
 	}
 	if err != nil {
 		log.Error("SIGHUP: gossip keyring not reloaded; keeping the running one", zap.String("file", o.gossip.KeyFile), zap.Error(err))
@@ -257,9 +257,9 @@ func reloadKeys(o options, node *cluster.Cluster, log *zap.Logger) {
 	log.Info("SIGHUP: gossip keyring reloaded", zap.String("file", o.gossip.KeyFile), zap.Int("keys", len(keys)))
 }
 
-// startGossip joins the cluster as a gateway node publishing its service
-// address, weight and state.
-func startGossip(o options, listenAddr string, log *zap.Logger) (*cluster.Cluster, error) {
+// startGossip joins the cluster as a gateway publishing its service
+// address, weight and state (draining until announce).
+func startGossip(o options, listenAddr string, log *zap.Logger) (*gateway.Member, error) {
 	adv := o.advertise
 	if adv == "" {
 		host, _, err := net.SplitHostPort(listenAddr)
@@ -275,25 +275,16 @@ func startGossip(o options, listenAddr string, log *zap.Logger) (*cluster.Cluste
 	if err != nil {
 		return nil, err
 	}
-	name := o.gossip.NodeName
-	if name == "" {
-		name = o.id
-	}
-	node, err := cluster.New(cluster.Config{
-		NodeName: name,
-		BindAddr: o.gossip.Bind,
-		Join:     cli.SplitList(o.gossip.Join),
-		Keys:     keys,
-		Profile:  o.gossip.Profile,
-		// Draining until ClaimID confirms the ID is ours (see announce).
-		Meta:   cluster.Meta{Role: cluster.RoleGateway, ID: o.id, Addr: adv, Weight: o.weight, State: cluster.StateDraining},
-		Logger: log.Named("gossip"),
+	m, err := gateway.Join(gateway.MemberConfig{
+		ID: o.id, Addr: adv, Weight: o.weight,
+		NodeName: o.gossip.NodeName, BindAddr: o.gossip.Bind, Join: cli.SplitList(o.gossip.Join),
+		Keys: keys, Profile: o.gossip.Profile, Logger: log.Named("gossip"),
 	})
 	if err != nil {
 		return nil, err
 	}
 	cli.WarnInsecureGossip(log, o.gossip)
-	log.Info("gossip listening", zap.String("addr", node.Addr()), zap.String("node", node.Name()),
-		zap.String("advertise", adv), zap.Float64("weight", o.weight), zap.Bool("encrypted", node.Encrypted()))
-	return node, nil
+	log.Info("gossip listening", zap.String("addr", m.GossipAddr()), zap.String("node", m.NodeName()),
+		zap.String("advertise", adv), zap.Float64("weight", o.weight), zap.Bool("encrypted", m.Encrypted()))
+	return m, nil
 }

@@ -175,7 +175,7 @@ func (o *options) validate() error {
 	switch o.proxyProtocolIn {
 	case proxy.ProxyInOff:
 	case proxy.ProxyInOptional, proxy.ProxyInRequire:
-		p, err := proxy.ParsePrefixes(o.trusted)
+		p, err := cli.ParsePrefixes(o.trusted)
 		if err != nil {
 			return fmt.Errorf("--trusted-proxies: %w", err)
 		}

@@ -197,3 +197,15 @@ func TestGossipFlagsValidate(t *testing.T) {
 		}
 	}
 }
+
+func TestParsePrefixes(t *testing.T) {
+	ps, err := ParsePrefixes("10.0.0.0/8, 127.0.0.1,::1")
+	if err != nil || len(ps) != 3 || ps[1].Bits() != 32 || ps[2].Bits() != 128 {
+		t.Fatalf("%v %v", ps, err)
+	}
+	for _, bad := range []string{"10.0.0.0/33", "nope", "1.2.3.4/x"} {
+		if _, err := ParsePrefixes(bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+}

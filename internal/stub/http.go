@@ -1,7 +1,6 @@
 package stub
 
 import (
-	"bufio"
 	"context"
 	"encoding/json"
 	"errors"
@@ -12,6 +11,8 @@ import (
 
 	"github.com/coder/websocket"
 	"go.uber.org/zap"
+
+	"github.com/tether-proxy/tether/pkg/gateway"
 )
 
 // The stub answers HTTP too, for clients routed by header, cookie or query
@@ -21,17 +22,14 @@ import (
 
 type connKey struct{}
 
-// httpConn replays the bytes the stub peeked and carries what the PROXY
-// header said.
+// httpConn is a gateway connection handed to the stub's HTTP server; done
+// tells the stub the server is through with it.
 type httpConn struct {
-	net.Conn
-	br   *bufio.Reader
-	key  string // from the PROXY key TLV, "" if none
+	*gateway.Conn
 	done chan struct{}
 	once sync.Once
 }
 
-func (c *httpConn) Read(p []byte) (int, error) { return c.br.Read(p) }
 func (c *httpConn) Close() error {
 	c.once.Do(func() { close(c.done) })
 	return c.Conn.Close()
@@ -58,7 +56,7 @@ func (l *oneConnListener) Addr() net.Addr { return l.addr }
 
 // serveHTTP hands c to the stub's HTTP server and waits until the server is
 // done with it, so Shutdown's accounting stays per connection.
-func (s *Server) serveHTTP(c net.Conn, br *bufio.Reader, tlvKey string) {
+func (s *Server) serveHTTP(c *gateway.Conn) {
 	s.httpOnce.Do(func() {
 		s.httpLn = &oneConnListener{ch: make(chan net.Conn), closed: make(chan struct{}), addr: c.LocalAddr()}
 		s.httpSrv = &http.Server{
@@ -73,7 +71,7 @@ func (s *Server) serveHTTP(c net.Conn, br *bufio.Reader, tlvKey string) {
 	if s.httpLn == nil {
 		return // shutting down before any HTTP connection came
 	}
-	hc := &httpConn{Conn: c, br: br, key: tlvKey, done: make(chan struct{})}
+	hc := &httpConn{Conn: c, done: make(chan struct{})}
 	select {
 	case s.httpLn.ch <- hc:
 	case <-s.httpLn.closed:
@@ -84,9 +82,9 @@ func (s *Server) serveHTTP(c net.Conn, br *bufio.Reader, tlvKey string) {
 
 func (s *Server) httpHandler(w http.ResponseWriter, r *http.Request) {
 	hc, _ := r.Context().Value(connKey{}).(*httpConn)
-	key := ""
+	key, client := "", r.RemoteAddr
 	if hc != nil {
-		key = hc.key
+		key, client = hc.Key(), hc.ClientAddr().String()
 	}
 	if key == "" {
 		if ck, err := r.Cookie("sid"); err == nil {
@@ -106,7 +104,7 @@ func (s *Server) httpHandler(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer ws.CloseNow()
-	rep := s.reply(key, r.RemoteAddr)
+	rep := s.reply(key, client)
 	ctx, cancel := context.WithTimeout(r.Context(), 24*time.Hour)
 	defer cancel()
 	body, _ := json.Marshal(rep)

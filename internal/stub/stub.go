@@ -1,50 +1,45 @@
-// Package stub is the reference gateway of DESIGN §1, used by
-// cmd/gateway-stub and by every test: it reads a hello, answers one JSON
-// frame saying who it is and what it saw, then echoes.
+// Package stub is the reference gateway, used by cmd/gateway-stub and by
+// every test: a small application on pkg/gateway that answers each session
+// with one JSON frame saying who it is and what it saw, then echoes.
 package stub
 
 import (
-	"bufio"
 	"context"
-	"encoding/binary"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
+	"net/netip"
 	"sync"
 	"time"
 
-	"github.com/pires/go-proxyproto"
 	"go.uber.org/zap"
 
+	"github.com/tether-proxy/tether/pkg/client"
+	"github.com/tether-proxy/tether/pkg/gateway"
 	"github.com/tether-proxy/tether/pkg/proto"
 )
 
 // PROXY protocol modes for Config.ProxyProtocol.
 const (
-	ProxyOff      = "off"
-	ProxyOptional = "optional"
-	ProxyRequire  = "require"
+	ProxyOff      = string(gateway.ProxyOff)
+	ProxyOptional = string(gateway.ProxyOptional)
+	ProxyRequire  = string(gateway.ProxyRequire)
 )
 
 // MaxReply bounds a reply frame a client will accept.
-const MaxReply = 64 << 10
+const MaxReply = client.MaxReply
 
 // Reply is the JSON the stub answers after the hello.
-type Reply struct {
-	// Gateway is the stub's --id.
-	Gateway string `json:"gateway"`
-	// Key is the session key from the hello.
-	Key string `json:"key"`
-	// Conns counts connections this stub has seen for Key, this one
-	// included.
-	Conns int `json:"conns"`
-	// Client is the client address the stub learned: from the PROXY
-	// header when present, else the TCP peer.
-	Client string `json:"client"`
-}
+type Reply = client.Reply
+
+// ReadReply reads one reply frame; see client.ReadReply.
+func ReadReply(r io.Reader) (Reply, []byte, error) { return client.ReadReply(r) }
+
+// DefaultTrusted are the PROXY header sources the stub believes when
+// Config.TrustedProxies is empty: this host only.
+var DefaultTrusted = []netip.Prefix{netip.MustParsePrefix("127.0.0.0/8"), netip.MustParsePrefix("::1/128")}
 
 // Config configures a Server.
 type Config struct {
@@ -52,11 +47,14 @@ type Config struct {
 	ID string
 	// ProxyProtocol is off, optional or require; "" means optional.
 	ProxyProtocol string
+	// TrustedProxies are the peers whose PROXY headers are believed; empty
+	// means DefaultTrusted.
+	TrustedProxies []netip.Prefix
 	// HandshakeTimeout bounds reading the PROXY header and hello; 0 means
 	// 5s.
 	HandshakeTimeout time.Duration
-	// MaxHello bounds the hello frame length (and sizes the read buffer);
-	// 0 means proto.DefaultMaxHello.
+	// MaxHello bounds the hello frame length; 0 means
+	// proto.DefaultMaxHello.
 	MaxHello int
 	// EchoBuffer, when > 0, echoes through a user-space buffer of this
 	// size instead of splice(2). Go's splice path holds a pipe (two
@@ -64,6 +62,8 @@ type Config struct {
 	// idle sessions (benchmarks) fits more of them in its open-file limit
 	// with a small buffer. 0 means splice.
 	EchoBuffer int
+	// KeepOlder turns newest-session-wins off (see pkg/gateway).
+	KeepOlder bool
 	// Logger; nil means none.
 	Logger *zap.Logger
 }
@@ -75,7 +75,7 @@ type Server struct {
 	mu    sync.Mutex
 	conns map[string]int
 	open  map[net.Conn]struct{}
-	lns   map[net.Listener]struct{}
+	lns   map[*gateway.Listener]struct{}
 	wg    sync.WaitGroup
 	done  bool
 
@@ -96,6 +96,9 @@ func New(cfg Config) (*Server, error) {
 	default:
 		return nil, fmt.Errorf("stub: proxy protocol %q: want off, optional or require", cfg.ProxyProtocol)
 	}
+	if len(cfg.TrustedProxies) == 0 {
+		cfg.TrustedProxies = DefaultTrusted
+	}
 	if cfg.HandshakeTimeout <= 0 {
 		cfg.HandshakeTimeout = 5 * time.Second
 	}
@@ -106,33 +109,35 @@ func New(cfg Config) (*Server, error) {
 		cfg.Logger = zap.NewNop()
 	}
 	return &Server{cfg: cfg, log: cfg.Logger, conns: map[string]int{},
-		open: map[net.Conn]struct{}{}, lns: map[net.Listener]struct{}{}}, nil
+		open: map[net.Conn]struct{}{}, lns: map[*gateway.Listener]struct{}{}}, nil
 }
 
 // Serve accepts on ln until Shutdown, reading PROXY headers per the
 // configured mode.
 func (s *Server) Serve(ln net.Listener) error {
-	if s.cfg.ProxyProtocol != ProxyOff {
-		policy := proxyproto.REQUIRE
-		if s.cfg.ProxyProtocol == ProxyOptional {
-			policy = proxyproto.USE
-		}
-		ln = &proxyproto.Listener{
-			Listener:          ln,
-			ConnPolicy:        func(proxyproto.ConnPolicyOptions) (proxyproto.Policy, error) { return policy, nil },
-			ReadHeaderTimeout: s.cfg.HandshakeTimeout,
-		}
+	gl, err := gateway.NewListener(ln, gateway.Config{
+		Proxy:            gateway.ProxyMode(s.cfg.ProxyProtocol),
+		TrustedProxies:   s.cfg.TrustedProxies,
+		HandshakeTimeout: s.cfg.HandshakeTimeout,
+		MaxHello:         s.cfg.MaxHello,
+		KeepOlder:        s.cfg.KeepOlder,
+		KeylessHTTP:      true,
+		Logger:           s.log,
+	})
+	if err != nil {
+		ln.Close()
+		return err
 	}
 	s.mu.Lock()
 	if s.done {
 		s.mu.Unlock()
-		ln.Close()
+		gl.Close()
 		return net.ErrClosed
 	}
-	s.lns[ln] = struct{}{}
+	s.lns[gl] = struct{}{}
 	s.mu.Unlock()
 	for {
-		c, err := ln.Accept()
+		c, err := gl.AcceptConn()
 		if err != nil {
 			s.mu.Lock()
 			done := s.done
@@ -186,7 +191,7 @@ func (s *Server) Sessions() int {
 	return len(s.open)
 }
 
-func (s *Server) handle(c net.Conn) {
+func (s *Server) handle(c *gateway.Conn) {
 	defer func() {
 		c.Close()
 		s.mu.Lock()
@@ -194,114 +199,37 @@ func (s *Server) handle(c net.Conn) {
 		s.mu.Unlock()
 		s.wg.Done()
 	}()
-	_ = c.SetReadDeadline(time.Now().Add(s.cfg.HandshakeTimeout))
-	br := bufio.NewReaderSize(c, s.cfg.MaxHello+4)
-	head, err := br.Peek(4)
-	if err != nil {
-		s.log.Debug("no first bytes", zap.String("peer", c.RemoteAddr().String()), zap.Error(err))
+	if c.HTTP() {
+		s.serveHTTP(c)
 		return
 	}
-	var tlv []byte
-	if pc, ok := c.(*proxyproto.Conn); ok {
-		tlv = proto.KeyFromHeader(pc.ProxyHeader())
-	}
-	if proto.IsHTTP(head) {
-		_ = c.SetReadDeadline(time.Time{})
-		s.serveHTTP(c, br, string(tlv))
-		return
-	}
-	var key string
-	hello, err := peekHello(br, s.cfg.MaxHello)
-	switch {
-	case err == nil:
-		key = string(hello.Key)
-		_, _ = br.Discard(hello.FrameLen)
-		if tlv != nil && string(tlv) != key {
-			s.log.Warn("PROXY key TLV differs from the hello key")
-		}
-	case tlv != nil:
-		// Not a hello, but the proxy told us the key (another --key-from):
-		// answer for that key and echo everything, first bytes included.
-		key = string(tlv)
-	default:
-		s.log.Debug("bad hello", zap.String("peer", c.RemoteAddr().String()), zap.Error(err))
-		return
-	}
-	_ = c.SetReadDeadline(time.Time{})
-	body, err := json.Marshal(s.reply(key, c.RemoteAddr().String()))
+	out, err := client.AppendReply(nil, s.reply(c.Key(), c.ClientAddr().String()))
 	if err != nil {
 		return
 	}
-	out := binary.BigEndian.AppendUint32(nil, uint32(len(body)))
-	if _, err := c.Write(append(out, body...)); err != nil {
+	if _, err := c.Write(out); err != nil {
 		return
 	}
-	// Echo everything after the hello (bufio.Reader.WriteTo drains what it
-	// buffered, then copies from the socket), then half-close.
+	// Echo everything after the hello (bytes that came with it first),
+	// then half-close.
 	var err2 error
 	if s.cfg.EchoBuffer > 0 {
 		// Hide ReadFrom/WriteTo so io.CopyBuffer uses the buffer.
-		_, err2 = io.CopyBuffer(struct{ io.Writer }{c}, struct{ io.Reader }{br}, make([]byte, s.cfg.EchoBuffer))
+		_, err2 = io.CopyBuffer(struct{ io.Writer }{c}, struct{ io.Reader }{c}, make([]byte, s.cfg.EchoBuffer))
 	} else {
-		_, err2 = io.Copy(c, br)
+		_, err2 = io.Copy(c, c)
 	}
 	if err2 != nil {
 		return
 	}
-	if cw, ok := c.(interface{ CloseWrite() error }); ok {
-		_ = cw.CloseWrite()
-	} else if pc, ok := c.(*proxyproto.Conn); ok {
-		if tc, ok := pc.TCPConn(); ok {
-			_ = tc.CloseWrite()
-		}
-	}
+	_ = c.CloseWrite()
 }
 
 // reply counts a connection for key and builds the answer.
-func (s *Server) reply(key, client string) Reply {
+func (s *Server) reply(key, clientAddr string) Reply {
 	s.mu.Lock()
 	s.conns[key]++
 	n := s.conns[key]
 	s.mu.Unlock()
-	return Reply{Gateway: s.cfg.ID, Key: key, Conns: n, Client: client}
-}
-
-// peekHello parses a hello frame at the start of br without consuming it.
-func peekHello(br *bufio.Reader, max int) (proto.Hello, error) {
-	head, err := br.Peek(4)
-	if err != nil {
-		return proto.Hello{}, err
-	}
-	length := binary.BigEndian.Uint32(head)
-	if uint64(length) > uint64(max) {
-		return proto.Hello{}, proto.ErrTooLarge
-	}
-	frame, err := br.Peek(4 + int(length))
-	if err != nil {
-		return proto.Hello{}, err
-	}
-	return proto.ParseHello(frame, max)
-}
-
-// ReadReply reads one reply frame from r. It returns the raw bytes read as
-// well, so callers can check them for leaked addresses.
-func ReadReply(r io.Reader) (Reply, []byte, error) {
-	var head [4]byte
-	if _, err := io.ReadFull(r, head[:]); err != nil {
-		return Reply{}, head[:0], fmt.Errorf("read reply length: %w", err)
-	}
-	n := binary.BigEndian.Uint32(head[:])
-	if n > MaxReply {
-		return Reply{}, head[:], fmt.Errorf("reply of %d bytes is too large", n)
-	}
-	raw := make([]byte, 4+n)
-	copy(raw, head[:])
-	if _, err := io.ReadFull(r, raw[4:]); err != nil {
-		return Reply{}, raw, fmt.Errorf("read reply body: %w", err)
-	}
-	var rep Reply
-	if err := json.Unmarshal(raw[4:], &rep); err != nil {
-		return Reply{}, raw, fmt.Errorf("decode reply: %w", err)
-	}
-	return rep, raw, nil
+	return Reply{Gateway: s.cfg.ID, Key: key, Conns: n, Client: clientAddr}
 }

@@ -35,8 +35,15 @@ const (
 	// StateActive gateways take new keys in proportion to their weight.
 	StateActive State = "active"
 	// StateDraining gateways take no new keys; sessions already on them
-	// (and keys bound to them) keep going until the drain ends.
+	// keep going until the drain ends.
 	StateDraining State = "draining"
+	// StateDown gateways failed their health check (tether-agent): they
+	// leave every ring at once, as if dead, and their keys go to their
+	// next choice until the gateway is active again. Proxies older than
+	// this state find the meta invalid, log "ignoring member with
+	// unreadable meta" once and leave the gateway out of their ring too,
+	// which is what down means.
+	StateDown State = "down"
 )
 
 // Meta errors.
@@ -62,7 +69,7 @@ type Meta struct {
 	Addr string `json:"a"`
 	// Weight is the gateway's ring weight (> 0 when active).
 	Weight float64 `json:"w,omitempty"`
-	// State is active or draining (gateways only).
+	// State is active, draining or down (gateways only).
 	State State `json:"s,omitempty"`
 }
 
@@ -70,7 +77,7 @@ type Meta struct {
 func (m Meta) Validate() error {
 	switch m.Role {
 	case RoleGateway:
-		if m.State != StateActive && m.State != StateDraining {
+		if m.State != StateActive && m.State != StateDraining && m.State != StateDown {
 			return fmt.Errorf("%w: state %q", ErrBadMeta, m.State)
 		}
 		if m.Weight < 0 || math.IsNaN(m.Weight) || math.IsInf(m.Weight, 0) {

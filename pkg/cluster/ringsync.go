@@ -19,7 +19,7 @@ import (
 // into one ring. A gossiped gateway replaces a static one with the same ID
 // (gossip knows its current state). When several live nodes claim one ID,
 // Claims picks the one every proxy uses. Draining gateways, and those in
-// drained (an operator's override), get weight 0.
+// drained (an operator's override), get weight 0; down ones are left out.
 func BuildRing(static []ring.Member, gws []GatewayInfo, drained map[string]bool) (*ring.Ring, error) {
 	byID := make(map[string]ring.Member, len(static)+len(gws))
 	for _, m := range static {
@@ -30,6 +30,10 @@ func BuildRing(static []ring.Member, gws []GatewayInfo, drained map[string]bool)
 	}
 	chosen, _ := Claims(gws)
 	for id, g := range chosen {
+		if g.State == StateDown {
+			delete(byID, id) // out of the ring, as if dead (a static entry too)
+			continue
+		}
 		w := g.Weight
 		if g.State != StateActive {
 			w = 0
@@ -58,8 +62,8 @@ type Conflict struct {
 }
 
 // Claims decides which live member serves each gateway ID, the same way on
-// every proxy: an active claim beats one that is not, then the smaller node
-// name wins. It also returns the IDs with more than one claimant, sorted by
+// every proxy: an active claim beats a draining one, which beats a down
+// one, then the smaller node name wins. It also returns the IDs with more than one claimant, sorted by
 // ID.
 func Claims(gws []GatewayInfo) (map[string]GatewayInfo, []Conflict) {
 	chosen := make(map[string]GatewayInfo, len(gws))
@@ -90,10 +94,21 @@ func Claims(gws []GatewayInfo) (map[string]GatewayInfo, []Conflict) {
 }
 
 func better(a, b GatewayInfo) bool {
-	if (a.State == StateActive) != (b.State == StateActive) {
-		return a.State == StateActive
+	if ra, rb := stateRank(a.State), stateRank(b.State); ra != rb {
+		return ra < rb
 	}
 	return a.Node < b.Node
+}
+
+// stateRank orders claims: active, then draining, then down.
+func stateRank(s State) int {
+	switch s {
+	case StateActive:
+		return 0
+	case StateDraining:
+		return 1
+	}
+	return 2
 }
 
 // DefaultSettle is how long a Syncer waits after a gossip change for more

@@ -24,7 +24,9 @@ import (
 // gateway starts a reference stub on loopback and returns its address.
 func gateway(t *testing.T, id, mode string) string {
 	t.Helper()
-	srv, err := stub.New(stub.Config{ID: id, ProxyProtocol: mode})
+	// KeepOlder: these tests open many sessions with one key at once, as
+	// different clients; newest-session-wins is the gateway's business.
+	srv, err := stub.New(stub.Config{ID: id, ProxyProtocol: mode, KeepOlder: true})
 	if err != nil {
 		t.Fatal(err)
 	}

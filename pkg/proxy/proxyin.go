@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"strings"
 	"syscall"
 	"time"
 
@@ -35,32 +34,6 @@ const (
 	reasonHeaderMissing   = "proxy_header_missing"
 	reasonHeaderInvalid   = "proxy_header_invalid"
 )
-
-// ParsePrefixes parses --trusted-proxies: comma-separated CIDRs or single
-// addresses.
-func ParsePrefixes(s string) ([]netip.Prefix, error) {
-	var out []netip.Prefix
-	for _, part := range strings.Split(s, ",") {
-		part = strings.TrimSpace(part)
-		if part == "" {
-			continue
-		}
-		if !strings.Contains(part, "/") {
-			a, err := netip.ParseAddr(part)
-			if err != nil {
-				return nil, fmt.Errorf("trusted proxy %q: %w", part, err)
-			}
-			out = append(out, netip.PrefixFrom(a.Unmap(), a.Unmap().BitLen()))
-			continue
-		}
-		p, err := netip.ParsePrefix(part)
-		if err != nil {
-			return nil, fmt.Errorf("trusted proxy %q: %w", part, err)
-		}
-		out = append(out, p.Masked())
-	}
-	return out, nil
-}
 
 // ProxyProtocolListener wraps ln so PROXY headers are read per mode, only
 // from peers inside trusted. Headers are read lazily on the first Read, never

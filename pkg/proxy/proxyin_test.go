@@ -10,22 +10,11 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/tether-proxy/tether/internal/cli"
 	"github.com/tether-proxy/tether/internal/stub"
 	"github.com/tether-proxy/tether/pkg/proto"
 	"github.com/tether-proxy/tether/pkg/ring"
 )
-
-func TestParsePrefixes(t *testing.T) {
-	ps, err := ParsePrefixes("10.0.0.0/8, 127.0.0.1,::1")
-	if err != nil || len(ps) != 3 || ps[1].Bits() != 32 || ps[2].Bits() != 128 {
-		t.Fatalf("%v %v", ps, err)
-	}
-	for _, bad := range []string{"10.0.0.0/33", "nope", "1.2.3.4/x"} {
-		if _, err := ParsePrefixes(bad); err == nil {
-			t.Errorf("%q accepted", bad)
-		}
-	}
-}
 
 func TestProxyProtocolListenerConfig(t *testing.T) {
 	ln, _ := net.Listen("tcp", "127.0.0.1:0")
@@ -75,7 +64,7 @@ func TestProxyProtocolIn(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			trusted, err := ParsePrefixes(tt.trusted)
+			trusted, err := cli.ParsePrefixes(tt.trusted)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -151,7 +140,7 @@ func TestProxyHeaderInPieces(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			trusted, _ := ParsePrefixes("127.0.0.1")
+			trusted, _ := cli.ParsePrefixes("127.0.0.1")
 			cfg := DefaultConfig()
 			cfg.HandshakeTimeout = 300 * time.Millisecond
 			h := startWrapped(t, cfg, func(ln net.Listener, m *Metrics) net.Listener {
