@@ -1,7 +1,7 @@
 # tether — see README.md. The two commands a newcomer needs: make demo, make test.
 GO       ?= go
 BIN      := bin
-BINARIES := $(BIN)/proxy $(BIN)/gateway-stub $(BIN)/tether-client
+BINARIES := $(BIN)/proxy $(BIN)/gateway-stub $(BIN)/tether-client $(BIN)/tether-agent
 export CGO_ENABLED ?= 1
 
 .PHONY: all build deps demo test test-unit test-e2e chaos bench bench-smoke lint fuzz bench-ring clean

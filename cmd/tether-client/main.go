@@ -17,7 +17,7 @@ import (
 	"time"
 
 	"github.com/tether-proxy/tether/internal/cli"
-	"github.com/tether-proxy/tether/internal/stub"
+	"github.com/tether-proxy/tether/pkg/client"
 	"github.com/tether-proxy/tether/pkg/proto"
 )
 
@@ -32,6 +32,8 @@ answered and the client address it saw, checks that a message echoes, then
 drops the connection with a TCP reset and reconnects: hop i goes through the
 i-th --via address and from the i-th --from address (both lists wrap around).
 Exit status 0 means every hop reached the same gateway and echoed intact.
+Any gateway that sends the reply frame of docs/gateway.md works; with --raw
+only the echo is checked, for gateways that send no reply frame.
 
 Flags:
 `
@@ -40,6 +42,7 @@ type options struct {
 	key, via, from string
 	hops           int
 	timeout        time.Duration
+	raw            bool
 }
 
 func parseFlags(args []string, stderr io.Writer) (options, error) {
@@ -51,6 +54,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.from, "from", "", "comma-separated local source `IPS`, one per hop in turn (e.g. 127.0.0.2,127.0.0.3 to play a WiFi→4G switch); empty lets the kernel choose")
 	fs.IntVar(&o.hops, "hops", 2, "number of connections to make (`N`)")
 	fs.DurationVar(&o.timeout, "timeout", 5*time.Second, "per-hop deadline (`DURATION`)")
+	fs.BoolVar(&o.raw, "raw", false, "expect no reply frame: only check that the message echoes (the gateway cannot be named, so hops are not compared)")
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), usageHead)
 		cli.PrintFlags(fs.Output(), fs)
@@ -88,6 +92,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 			ok = false
 			continue
 		}
+		if o.raw {
+			fmt.Fprintf(stdout, "hop %d: from %-9s → proxy %-15s → echo ok (raw: no reply frame)\n", i+1, fromLabel(from), via)
+			continue
+		}
 		same := ""
 		switch {
 		case first == "":
@@ -115,18 +123,18 @@ func fromLabel(from string) string {
 }
 
 // hop makes one connection: hello, reply, echo check, then an abortive close.
-func hop(o options, via, from string, n int) (stub.Reply, error) {
+func hop(o options, via, from string, n int) (client.Reply, error) {
 	d := net.Dialer{Timeout: o.timeout}
 	if from != "" {
 		ip := net.ParseIP(from)
 		if ip == nil {
-			return stub.Reply{}, fmt.Errorf("--from %q is not an IP address", from)
+			return client.Reply{}, fmt.Errorf("--from %q is not an IP address", from)
 		}
 		d.LocalAddr = &net.TCPAddr{IP: ip}
 	}
 	c, err := d.Dial("tcp", via)
 	if err != nil {
-		return stub.Reply{}, err
+		return client.Reply{}, err
 	}
 	tc := c.(*net.TCPConn)
 	defer func() {
@@ -135,16 +143,18 @@ func hop(o options, via, from string, n int) (stub.Reply, error) {
 	}()
 	_ = c.SetDeadline(time.Now().Add(o.timeout))
 	msg := fmt.Appendf(nil, "message %d from %s", n, c.LocalAddr())
-	frame, err := proto.AppendHello(nil, []byte(o.key), nil)
+	frame, err := client.Hello(o.key, nil)
 	if err != nil {
-		return stub.Reply{}, err
+		return client.Reply{}, err
 	}
 	if _, err := c.Write(append(frame, msg...)); err != nil {
-		return stub.Reply{}, err
+		return client.Reply{}, err
 	}
-	rep, _, err := stub.ReadReply(c)
-	if err != nil {
-		return stub.Reply{}, fmt.Errorf("no reply (is a gateway up?): %w", err)
+	var rep client.Reply
+	if !o.raw {
+		if rep, _, err = client.ReadReply(c); err != nil {
+			return client.Reply{}, fmt.Errorf("no reply frame (is a gateway up? --raw for gateways that send none): %w", err)
+		}
 	}
 	echo := make([]byte, len(msg))
 	if _, err := io.ReadFull(c, echo); err != nil {

@@ -43,7 +43,7 @@ func TestMain(m *testing.M) {
 		os.Exit(1)
 	}
 	binDir = dir
-	for _, name := range []string{"proxy", "gateway-stub"} {
+	for _, name := range []string{"proxy", "gateway-stub", "tether-agent", "tether-client"} {
 		cmd := exec.Command("go", "build", "-race", "-o", filepath.Join(dir, name), "../../cmd/"+name)
 		cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 		if err := cmd.Run(); err != nil {
@@ -80,7 +80,15 @@ const keepLines = 200
 // wantAdmin, that its admin server listens).
 func start(t *testing.T, name string, args ...string) *proc {
 	t.Helper()
-	cmd := exec.Command(filepath.Join(binDir, name), args...)
+	return startCmd(t, name, filepath.Join(binDir, name), args...)
+}
+
+// startCmd is start for any program that logs tether's JSON lines (the
+// Python example gateway does); name labels it. tether-agent is ready once
+// it gossips (it listens for no clients).
+func startCmd(t *testing.T, name, path string, args ...string) *proc {
+	t.Helper()
+	cmd := exec.Command(path, args...)
 	// Race-built binaries otherwise sleep 1s at exit.
 	cmd.Env = append(os.Environ(), "GORACE=atexit_sleep_ms=0 halt_on_error=0")
 	stderr, err := cmd.StderrPipe()
@@ -92,11 +100,12 @@ func start(t *testing.T, name string, args ...string) *proc {
 	}
 	p := &proc{t: t, name: name + " " + strings.Join(args, " "), cmd: cmd, done: make(chan struct{}), ready: make(chan struct{}), seen: map[string]int{}}
 	wantAdmin, wantGossip := false, false
+	wantListen := !strings.HasSuffix(name, "tether-agent")
 	for _, a := range args {
 		wantAdmin = wantAdmin || a == "--admin"
 		wantGossip = wantGossip || a == "--gossip-bind"
 	}
-	go p.readLogs(stderr, wantAdmin, wantGossip)
+	go p.readLogs(stderr, wantListen, wantAdmin, wantGossip)
 	go func() { _ = cmd.Wait(); close(p.done) }()
 	t.Cleanup(p.stop)
 	select {
@@ -109,7 +118,7 @@ func start(t *testing.T, name string, args ...string) *proc {
 	return p
 }
 
-func (p *proc) readLogs(r io.Reader, wantAdmin, wantGossip bool) {
+func (p *proc) readLogs(r io.Reader, wantListen, wantAdmin, wantGossip bool) {
 	sc := bufio.NewScanner(r)
 	sc.Buffer(make([]byte, 64<<10), 1<<20)
 	signalled := false
@@ -139,7 +148,7 @@ func (p *proc) readLogs(r io.Reader, wantAdmin, wantGossip bool) {
 		case "gossip listening":
 			p.gossip = entry.Addr
 		}
-		if !signalled && p.addr != "" && (!wantAdmin || p.admin != "") && (!wantGossip || p.gossip != "") {
+		if !signalled && (p.addr != "" || !wantListen) && (!wantAdmin || p.admin != "") && (!wantGossip || p.gossip != "") {
 			signalled = true
 			close(p.ready)
 		}
