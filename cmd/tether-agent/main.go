@@ -302,4 +302,3 @@ func reloadKeys(o options, m *gateway.Member, log *zap.Logger) {
 	}
 	log.Info("SIGHUP: gossip keyring reloaded", zap.String("file", o.gossip.KeyFile), zap.Int("keys", len(keys)))
 }
-

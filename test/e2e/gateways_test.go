@@ -219,4 +219,3 @@ func TestGoGatewayOutsideModule(t *testing.T) {
 	waitRing(t, 10*time.Second, 1, 0, p)
 	t.Logf("examples/go-gateway (%d lines, built outside the module): %d of 200 keys, drained and exited 0", strings.Count(string(src), "\n"), owners["gw-9"])
 }
-
