@@ -78,7 +78,7 @@ func TestForeignGatewayWithAgent(t *testing.T) {
 	}
 
 	restarted := time.Now()
-	py = pythonGateway(t, "gw-py", py.addr)
+	pythonGateway(t, "gw-py", py.addr)
 	waitRing(t, 5*time.Second, 3, 0, p)
 	backAfter := time.Since(restarted)
 	after := ownersVia(t, []*proc{p}, keys)
