@@ -54,7 +54,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	fs.StringVar(&o.from, "from", "", "comma-separated local source `IPS`, one per hop in turn (e.g. 127.0.0.2,127.0.0.3 to play a WiFi→4G switch); empty lets the kernel choose")
 	fs.IntVar(&o.hops, "hops", 2, "number of connections to make (`N`)")
 	fs.DurationVar(&o.timeout, "timeout", 5*time.Second, "per-hop deadline (`DURATION`)")
-	fs.BoolVar(&o.raw, "raw", false, "expect no reply frame: only check that the message echoes (the gateway cannot be named, so hops are not compared)")
+	fs.BoolVar(&o.raw, "raw", false, "expect no reply frame: only check that the message echoes (a plain echo may return the hello too); the gateway cannot be named, so hops are not compared")
 	fs.Usage = func() {
 		fmt.Fprint(fs.Output(), usageHead)
 		cli.PrintFlags(fs.Output(), fs)
@@ -159,6 +159,17 @@ func hop(o options, via, from string, n int) (client.Reply, error) {
 	echo := make([]byte, len(msg))
 	if _, err := io.ReadFull(c, echo); err != nil {
 		return rep, fmt.Errorf("echo: %w", err)
+	}
+	if o.raw && !bytes.Equal(echo, msg) {
+		// A plain echo server sends the hello back too.
+		all := append(frame, msg...)
+		if bytes.HasPrefix(all, echo) {
+			rest := make([]byte, len(frame))
+			if _, err := io.ReadFull(c, rest); err != nil {
+				return rep, fmt.Errorf("echo: %w", err)
+			}
+			echo = append(echo, rest...)[len(frame):]
+		}
 	}
 	if !bytes.Equal(echo, msg) {
 		return rep, fmt.Errorf("echo mismatch: sent %q, got %q", msg, echo)

@@ -497,3 +497,30 @@ func (f *fakeMembership) Gateways() []GatewayInfo {
 }
 
 func (f *fakeMembership) Changes() <-chan struct{} { return f.changes }
+
+// TestDownLeavesTheRing: a down gateway is not in the ring at all (not even
+// at weight 0), also over a static entry of its ID; its meta round-trips.
+func TestDownLeavesTheRing(t *testing.T) {
+	m := gatewayMeta("gw-d")
+	m.State = StateDown
+	b, err := m.Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, err := DecodeMeta(b); err != nil || got.State != StateDown {
+		t.Fatalf("down meta: %+v %v", got, err)
+	}
+	r, err := BuildRing([]ring.Member{{ID: "gw-d", Addr: "static:1", Weight: 1}, {ID: "s", Addr: "s:1", Weight: 1}},
+		[]GatewayInfo{{Node: "gw-d", ID: "gw-d", Addr: "d:1", Weight: 1, State: StateDown}}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := r.Member("gw-d"); ok || len(r.Members()) != 1 {
+		t.Fatalf("ring %v", r.Members())
+	}
+	// Among claimants, active beats draining beats down.
+	chosen, _ := Claims([]GatewayInfo{{Node: "a", ID: "x", State: StateDown}, {Node: "b", ID: "x", State: StateDraining}})
+	if chosen["x"].Node != "b" {
+		t.Fatalf("draining should beat down: %v", chosen)
+	}
+}

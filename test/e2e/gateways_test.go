@@ -219,3 +219,41 @@ func TestGoGatewayOutsideModule(t *testing.T) {
 	waitRing(t, 10*time.Second, 1, 0, p)
 	t.Logf("examples/go-gateway (%d lines, built outside the module): %d of 200 keys, drained and exited 0", strings.Count(string(src), "\n"), owners["gw-9"])
 }
+
+// TestClientRaw: tether-client works against any gateway that speaks the
+// documented reply (here the stub, two hops), and with --raw against one
+// that sends no reply at all (a bare echo behind --proxy-protocol-out off).
+func TestClientRaw(t *testing.T) {
+	client := filepath.Join(binDir, "tether-client")
+	gw := gatewayStub(t, 1, 0)
+	p := proxyFor(t, []*proc{gw})
+	out, err := exec.Command(client, "--key", "alice", "--via", p.addr, "--from", "127.0.0.2,127.0.0.3", "--hops", "2").CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "same gateway") {
+		t.Fatalf("tether-client against the stub: %v\n%s", err, out)
+	}
+
+	ln, err := net.Listen("tcp", "127.0.1.8:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() { defer c.Close(); _, _ = io.Copy(c, c) }()
+		}
+	}()
+	bare := start(t, "proxy", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--proxy-protocol-out", "off",
+		"--gateway", "bare="+ln.Addr().String())
+	out, err = exec.Command(client, "--key", "bob", "--via", bare.addr, "--raw", "--timeout", "2s").CombinedOutput()
+	if err != nil || !strings.Contains(string(out), "echo ok (raw") {
+		t.Fatalf("tether-client --raw against a bare echo: %v\n%s", err, out)
+	}
+	out, err = exec.Command(client, "--key", "bob", "--via", bare.addr, "--timeout", "2s").CombinedOutput()
+	if err == nil || !strings.Contains(string(out), "--raw") {
+		t.Fatalf("without --raw a gateway without replies must fail with a hint: %v\n%s", err, out)
+	}
+}
