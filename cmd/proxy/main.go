@@ -30,6 +30,7 @@ import (
 	"github.com/tether-proxy/tether/pkg/proxy"
 	"github.com/tether-proxy/tether/pkg/ring"
 	"github.com/tether-proxy/tether/pkg/route"
+	"github.com/tether-proxy/tether/pkg/route/redisbind"
 )
 
 func main() {
@@ -99,8 +100,8 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.StringVar(&o.proxyProtocolIn, "proxy-protocol-in", proxy.ProxyInOff, "`MODE` for PROXY headers (v1 or v2) from the load balancer: off (the TCP peer is the client), optional (use a header from a trusted peer when present) or require (only trusted peers, always with a header). A header from any other peer is rejected")
 	fs.StringVar(&o.trusted, "trusted-proxies", "", "comma-separated `CIDRS` (or addresses) of load balancers whose PROXY headers are believed; required with --proxy-protocol-in optional|require")
 	fs.StringVar(&o.redisURL, "redis", "", "Redis `URL` for key→gateway bindings (redis://host:port/db; ?master_name=M for Sentinel; redis+cluster://host:port for Cluster). Bindings keep sessions on their gateway while the fleet changes; off when empty")
-	fs.DurationVar(&o.bindingTTL, "binding-ttl", route.DefaultBindingTTL, "a binding lives this `DURATION` after the key's last connect")
-	fs.DurationVar(&o.redisTimeout, "redis-timeout", route.DefaultRedisTimeout, "bound on the Redis work of one connect (`DURATION`); slower or down Redis means routing by the ring")
+	fs.DurationVar(&o.bindingTTL, "binding-ttl", redisbind.DefaultTTL, "a binding lives this `DURATION` after the key's last connect")
+	fs.DurationVar(&o.redisTimeout, "redis-timeout", redisbind.DefaultTimeout, "bound on the Redis work of one connect (`DURATION`); slower or down Redis means routing by the ring")
 	fs.DurationVar(&o.handshakeTimeout, "handshake-timeout", proxy.DefaultHandshakeTimeout, "the PROXY header and whole hello must arrive within this `DURATION`, or the client is closed without a reply")
 	fs.StringVar(&o.keyFrom, "key-from", "hello", "where the session key is, as a comma-separated fallback `LIST`: hello (the tether hello frame), prefix:OFF:LEN (fixed bytes), lv:OFF:SIZE (a SIZE-byte big-endian length at OFF, then the key, like HAProxy req.payload_lv), header:NAME, cookie:NAME, query:NAME (HTTP/WebSocket upgrades; every byte is still forwarded unchanged)")
 	fs.StringVar(&o.noKey, "no-key", "reject", "`ACTION` when the first bytes carry no key: reject (HTTP gets a 400, anything else is closed without a byte) or hash-source (route by client IP, counted)")
@@ -190,7 +191,7 @@ func (o *options) validate() error {
 		if o.bindingTTL <= 0 || o.redisTimeout <= 0 {
 			return errors.New("--binding-ttl and --redis-timeout must be > 0")
 		}
-		c, err := route.NewRedisClient(o.redisURL, o.redisTimeout)
+		c, err := redisbind.NewClient(o.redisURL, o.redisTimeout)
 		if err != nil {
 			return err
 		}
@@ -321,17 +322,17 @@ func serve(args []string, o options, sigs <-chan os.Signal, log *zap.Logger, lev
 
 	var resolver route.Resolver = &route.RingResolver{Ring: &holder, Candidates: o.maxTries}
 	if o.redisURL != "" {
-		rc, err := route.NewRedisClient(o.redisURL, o.redisTimeout)
+		rc, err := redisbind.NewClient(o.redisURL, o.redisTimeout)
 		if err != nil {
 			return err
 		}
 		defer rc.Close()
-		br, err := route.NewBindingResolver(route.BindingConfig{
+		br, err := redisbind.New(redisbind.Config{
 			Client: rc, Ring: &holder, Candidates: o.maxTries, TTL: o.bindingTTL, Timeout: o.redisTimeout,
 			Logger: log.Named("redis"),
 			OnError: func(err error) {
 				metrics.RedisErrors.Inc()
-				if route.IsWriteRefused(err) {
+				if redisbind.IsWriteRefused(err) {
 					metrics.RedisRefusals.Inc()
 				}
 			},

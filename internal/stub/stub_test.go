@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/tether-proxy/tether/pkg/proto"
+	"github.com/tether-proxy/tether/pkg/proxy"
 )
 
 func serve(t *testing.T, mode string) string {
@@ -56,11 +57,11 @@ func exchange(t *testing.T, addr string, prefix []byte) (Reply, string, error) {
 
 func TestModes(t *testing.T) {
 	client := &net.TCPAddr{IP: net.IPv4(10, 1, 2, 3), Port: 4567}
-	hdr, err := proto.AppendProxyV2(nil, client, &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 1}, []byte("k"))
+	hdr, err := proxy.AppendProxyV2(nil, client, &net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 1}, []byte("k"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	local, err := proto.AppendProxyV2(nil, &net.UnixAddr{}, &net.TCPAddr{}, nil)
+	local, err := proxy.AppendProxyV2(nil, &net.UnixAddr{}, &net.TCPAddr{}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

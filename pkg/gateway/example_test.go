@@ -11,6 +11,7 @@ import (
 
 	"github.com/tether-proxy/tether/pkg/gateway"
 	"github.com/tether-proxy/tether/pkg/proto"
+	"github.com/tether-proxy/tether/pkg/proxy"
 )
 
 // A gateway behind tether proxies: every accepted connection already knows
@@ -37,7 +38,7 @@ func Example() {
 		}
 		defer c.Close()
 		phone := &net.TCPAddr{IP: net.IPv4(100, 64, 1, 2), Port: 40000}
-		hdr, _ := proto.AppendProxyV2(nil, phone, c.RemoteAddr(), []byte("user-42"))
+		hdr, _ := proxy.AppendProxyV2(nil, phone, c.RemoteAddr(), []byte("user-42"))
 		hello, _ := proto.AppendHello(nil, []byte("user-42"), []byte("v=3"))
 		_, _ = c.Write(append(append(hdr, hello...), "ping"...))
 		_, _ = io.Copy(io.Discard, c)

@@ -15,6 +15,7 @@ import (
 
 	"github.com/tether-proxy/tether/pkg/cluster"
 	"github.com/tether-proxy/tether/pkg/proto"
+	"github.com/tether-proxy/tether/pkg/proxy"
 )
 
 // listen starts a Listener on loopback and returns it with a channel of
@@ -45,7 +46,7 @@ func header(t *testing.T, client net.Addr, key string) []byte {
 	if key != "" {
 		k = []byte(key)
 	}
-	b, err := proto.AppendProxyV2(nil, client, &net.TCPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 9000}, k)
+	b, err := proxy.AppendProxyV2(nil, client, &net.TCPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 9000}, k)
 	if err != nil {
 		t.Fatal(err)
 	}

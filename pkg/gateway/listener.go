@@ -40,7 +40,7 @@ const (
 
 // KeyTLV is the PROXY v2 TLV type in which tether proxies send the session
 // key (0xE0, in the range the PROXY spec leaves to applications).
-const KeyTLV = 0xE0
+const KeyTLV = proto.KeyTLV
 
 // Defaults of Config.
 const (

@@ -553,7 +553,7 @@ func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash ui
 	// headroom right in front of the bytes read.
 	out := buf[headroom : headroom+n]
 	if s.cfg.ProxyProtocolOut {
-		hdr, err := proto.AppendProxyV2(buf[:0:headroom], c.RemoteAddr(), c.LocalAddr(), key)
+		hdr, err := AppendProxyV2(buf[:0:headroom], c.RemoteAddr(), c.LocalAddr(), key)
 		if err != nil || len(hdr) > headroom {
 			s.log.Error("cannot build PROXY v2 header", zap.Uint64("conn", id), zap.Error(err))
 			ses.abort("internal_error")

@@ -12,7 +12,6 @@ import (
 
 	"github.com/tether-proxy/tether/internal/cli"
 	"github.com/tether-proxy/tether/internal/stub"
-	"github.com/tether-proxy/tether/pkg/proto"
 	"github.com/tether-proxy/tether/pkg/ring"
 )
 
@@ -37,13 +36,13 @@ func TestProxyProtocolIn(t *testing.T) {
 	gw := gateway(t, "gw-1", stub.ProxyRequire)
 	spoofed := &net.TCPAddr{IP: net.IPv4(6, 6, 6, 6), Port: 666}
 	header := func(t *testing.T) []byte {
-		b, err := proto.AppendProxyV2(nil, spoofed, &net.TCPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 443}, nil)
+		b, err := AppendProxyV2(nil, spoofed, &net.TCPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 443}, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
 		return b
 	}
-	local, _ := proto.AppendProxyV2(nil, &net.UnixAddr{}, &net.TCPAddr{}, nil)
+	local, _ := AppendProxyV2(nil, &net.UnixAddr{}, &net.TCPAddr{}, nil)
 	garbage := append([]byte("\r\n\r\n\x00\r\nQUIT\n"), 0x21, 0x11, 0, 3, 1, 2, 3)
 	tests := []struct {
 		name    string
@@ -121,7 +120,7 @@ func TestProxyProtocolIn(t *testing.T) {
 func TestProxyHeaderInPieces(t *testing.T) {
 	gw := gateway(t, "gw-1", stub.ProxyRequire)
 	src := &net.TCPAddr{IP: net.IPv4(6, 6, 6, 6), Port: 666}
-	v2, err := proto.AppendProxyV2(nil, src, &net.TCPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 443}, nil)
+	v2, err := AppendProxyV2(nil, src, &net.TCPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 443}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

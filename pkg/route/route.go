@@ -26,6 +26,9 @@ const (
 	SourceRing Source = "ring"
 	// SourceBinding means a stored key→gateway binding chose the owner.
 	SourceBinding Source = "binding"
+	// SourceFallback means the binding store did not answer in time (or
+	// refused to store a new binding) and the ring chose.
+	SourceFallback Source = "fallback"
 )
 
 // Routing outcomes. Callers tell them apart with errors.Is.

@@ -11,6 +11,7 @@ import (
 	"github.com/tether-proxy/tether/internal/testenv"
 	"github.com/tether-proxy/tether/pkg/ring"
 	"github.com/tether-proxy/tether/pkg/route"
+	"github.com/tether-proxy/tether/pkg/route/redisbind"
 )
 
 // TestRedisPausedFallbackLatency: with Redis frozen (SIGSTOP), every lookup
@@ -19,7 +20,7 @@ import (
 // timeout; lookups in between skip Redis.
 func TestRedisPausedFallbackLatency(t *testing.T) {
 	rd := testenv.StartRedis(t)
-	c, err := route.NewRedisClient("redis://"+rd.Addr, route.DefaultRedisTimeout)
+	c, err := redisbind.NewClient("redis://"+rd.Addr, redisbind.DefaultTimeout)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -30,7 +31,7 @@ func TestRedisPausedFallbackLatency(t *testing.T) {
 	}
 	var h ring.Holder
 	h.Store(r)
-	b, err := route.NewBindingResolver(route.BindingConfig{Client: c, Ring: &h})
+	b, err := redisbind.New(redisbind.Config{Client: c, Ring: &h})
 	if err != nil {
 		t.Fatal(err)
 	}

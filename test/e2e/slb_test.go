@@ -13,6 +13,7 @@ import (
 
 	"github.com/tether-proxy/tether/internal/testenv"
 	"github.com/tether-proxy/tether/pkg/proto"
+	"github.com/tether-proxy/tether/pkg/proxy"
 	"github.com/tether-proxy/tether/pkg/ring"
 )
 
@@ -219,7 +220,7 @@ func TestUntrustedProxyHeader(t *testing.T) {
 	gw := gatewayStub(t, 1, 0)
 	strict := proxyFor(t, []*proc{gw}, "--proxy-protocol-in", "require", "--trusted-proxies", "127.0.0.1/32", "--log-level", "debug")
 	lax := proxyFor(t, []*proc{gw}, "--proxy-protocol-in", "optional", "--trusted-proxies", "127.0.0.1/32", "--log-level", "debug")
-	spoof, err := proto.AppendProxyV2(nil, &net.TCPAddr{IP: net.IPv4(6, 6, 6, 6), Port: 666},
+	spoof, err := proxy.AppendProxyV2(nil, &net.TCPAddr{IP: net.IPv4(6, 6, 6, 6), Port: 666},
 		&net.TCPAddr{IP: net.IPv4(10, 0, 0, 1), Port: 443}, nil)
 	if err != nil {
 		t.Fatal(err)

@@ -1,4 +1,10 @@
-package route
+// Package redisbind is tether's Redis binding resolver: a key stays on the
+// gateway it was first routed to (tether:bind:<key> → gateway ID, with a
+// TTL refreshed on each connect) while the fleet changes, with the ring as
+// the fallback whenever Redis is slow, down or refusing writes. It is a leaf
+// package so that pkg/route, the Resolver interface and ring resolver, does
+// not depend on go-redis.
+package redisbind
 
 import (
 	"context"
@@ -13,17 +19,17 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tether-proxy/tether/pkg/ring"
+	"github.com/tether-proxy/tether/pkg/route"
 )
 
-// SourceFallback means Redis did not answer in time and the ring chose.
-const SourceFallback Source = "fallback"
-
-// Binding defaults (DESIGN §2 --binding-ttl, --redis-timeout).
+// Defaults of the proxy's --binding-ttl and --redis-timeout.
 const (
-	DefaultBindingTTL   = 30 * time.Minute
-	DefaultRedisTimeout = 50 * time.Millisecond
-	// BindingKeyPrefix prefixes every binding key in Redis.
-	BindingKeyPrefix = "tether:bind:"
+	// DefaultTTL is how long a binding lives after its key's last connect.
+	DefaultTTL = 30 * time.Minute
+	// DefaultTimeout bounds the Redis work of one connect.
+	DefaultTimeout = 50 * time.Millisecond
+	// KeyPrefix prefixes every binding key in Redis.
+	KeyPrefix = "tether:bind:"
 	// breakerPeriod is how long Redis is skipped after a failure before the
 	// next connection probes it again: while Redis is down, connections
 	// do not each pay the timeout.
@@ -52,21 +58,21 @@ end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return cur`)
 
-// BindingConfig configures a BindingResolver.
-type BindingConfig struct {
-	// Client talks to Redis; required. Build it with NewRedisClient so
+// Config configures a Resolver.
+type Config struct {
+	// Client talks to Redis; required. Build it with NewClient so
 	// every call fails fast.
 	Client redis.UniversalClient
 	// Ring holds the current gateways; required.
 	Ring *ring.Holder
 	// Candidates is how many gateways a Route carries; 0 means
-	// DefaultCandidates.
+	// route.DefaultCandidates.
 	Candidates int
 	// TTL is the binding lifetime, refreshed on every connect; 0 means
-	// DefaultBindingTTL.
+	// DefaultTTL.
 	TTL time.Duration
 	// Timeout bounds each Resolve's Redis work; 0 means
-	// DefaultRedisTimeout.
+	// DefaultTimeout.
 	Timeout time.Duration
 	// Logger receives state changes (Redis lost, writes refused, Redis
 	// back), once each; nil means none.
@@ -93,36 +99,36 @@ func IsWriteRefused(err error) bool {
 	return err != nil && !errors.Is(err, redis.Nil) && errors.As(err, &re)
 }
 
-// BindingResolver resolves keys through Redis bindings (tether:bind:<key> →
+// Resolver resolves keys through Redis bindings (tether:bind:<key> →
 // gateway ID), falling back to the ring. A binding to a live, non-draining
 // gateway wins; a new key is bound to its ring owner with SET NX GET, so two
 // proxies racing on it agree; a binding to a dead or draining gateway is
 // moved to the ring owner with a compare-and-set. The common path — a new
 // key or a live binding — is one round trip: one EVALSHA running SET NX GET
 // and, for an existing binding, PEXPIRE.
-type BindingResolver struct {
-	cfg           BindingConfig
+type Resolver struct {
+	cfg           Config
 	log           *zap.Logger
 	state         atomic.Int32 // redisHealthy, redisDown or redisWritesRefused
 	skipUntil     atomic.Int64 // unix nanos before which Redis is not tried
 	readOnlyUntil atomic.Int64 // unix nanos before which only reads are tried
 }
 
-var _ Resolver = (*BindingResolver)(nil)
+var _ route.Resolver = (*Resolver)(nil)
 
-// NewBindingResolver checks cfg and returns a resolver.
-func NewBindingResolver(cfg BindingConfig) (*BindingResolver, error) {
+// New checks cfg and returns a resolver.
+func New(cfg Config) (*Resolver, error) {
 	if cfg.Client == nil || cfg.Ring == nil {
 		return nil, errors.New("route: binding resolver needs a Redis client and a ring")
 	}
 	if cfg.Candidates <= 0 {
-		cfg.Candidates = DefaultCandidates
+		cfg.Candidates = route.DefaultCandidates
 	}
 	if cfg.TTL <= 0 {
-		cfg.TTL = DefaultBindingTTL
+		cfg.TTL = DefaultTTL
 	}
 	if cfg.Timeout <= 0 {
-		cfg.Timeout = DefaultRedisTimeout
+		cfg.Timeout = DefaultTimeout
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
@@ -130,27 +136,27 @@ func NewBindingResolver(cfg BindingConfig) (*BindingResolver, error) {
 	if cfg.Now == nil {
 		cfg.Now = time.Now
 	}
-	return &BindingResolver{cfg: cfg, log: cfg.Logger}, nil
+	return &Resolver{cfg: cfg, log: cfg.Logger}, nil
 }
 
 // Resolve implements Resolver. It never fails because of Redis: when Redis
 // is slow or down it answers from the ring within the timeout, with
-// SourceFallback. When Redis answers but refuses writes (full under
+// route.SourceFallback. When Redis answers but refuses writes (full under
 // noeviction, a read-only replica, an ACL), existing bindings are still
 // read and honoured; new keys go to their ring owner without being stored.
-func (b *BindingResolver) Resolve(ctx context.Context, key []byte) (Route, error) {
+func (b *Resolver) Resolve(ctx context.Context, key []byte) (route.Route, error) {
 	rg := b.cfg.Ring.Load()
-	cands := make([]Gateway, min(b.cfg.Candidates, rg.Len()))
+	cands := make([]route.Gateway, min(b.cfg.Candidates, rg.Len()))
 	if rg.LookupN(key, cands) == 0 {
-		return Route{}, ErrNoGateway
+		return route.Route{}, route.ErrNoGateway
 	}
 	now := b.cfg.Now().UnixNano()
 	if now < b.skipUntil.Load() {
-		return Route{Source: SourceFallback, Candidates: cands}, nil
+		return route.Route{Source: route.SourceFallback, Candidates: cands}, nil
 	}
 	ctx, cancel := context.WithTimeout(ctx, b.cfg.Timeout)
 	defer cancel()
-	rkey := BindingKeyPrefix + string(key)
+	rkey := KeyPrefix + string(key)
 	if now < b.readOnlyUntil.Load() {
 		return b.readOnly(ctx, rg, rkey, cands, nil)
 	}
@@ -161,7 +167,7 @@ func (b *BindingResolver) Resolve(ctx context.Context, key []byte) (Route, error
 	switch {
 	case errors.Is(err, redis.Nil): // no binding: ours is stored
 		b.setState(redisHealthy, nil)
-		return Route{Source: SourceRing, Candidates: cands}, nil
+		return route.Route{Source: route.SourceRing, Candidates: cands}, nil
 	case IsWriteRefused(err):
 		return b.readOnly(ctx, rg, rkey, cands, err)
 	case err != nil:
@@ -176,27 +182,27 @@ func (b *BindingResolver) Resolve(ctx context.Context, key []byte) (Route, error
 	cur, err := rebindScript.Run(ctx, b.cfg.Client, []string{rkey}, bound, owner, ttl).Text()
 	if IsWriteRefused(err) {
 		b.refused(err)
-		return Route{Source: SourceFallback, Candidates: cands}, nil
+		return route.Route{Source: route.SourceFallback, Candidates: cands}, nil
 	}
 	if err != nil {
 		return b.fallback(cands, err)
 	}
 	if r, ok := bindingRoute(rg, cur, cands); ok {
 		if cur == owner {
-			r.Source = SourceRing
+			r.Source = route.SourceRing
 		}
 		return r, nil
 	}
 	// Someone bound it to a gateway we do not consider live either: our
 	// view may be stale; serve from the ring without fighting over it.
-	return Route{Source: SourceRing, Candidates: cands}, nil
+	return route.Route{Source: route.SourceRing, Candidates: cands}, nil
 }
 
 // readOnly serves a key while Redis refuses writes (werr, or nil inside the
 // window after a refusal): a plain GET honours the binding in force; a key
 // without a live one goes to its ring owner, unstored. For breakerPeriod
 // after a refusal connects skip the write and pay one round trip.
-func (b *BindingResolver) readOnly(ctx context.Context, rg *ring.Ring, rkey string, cands []Gateway, werr error) (Route, error) {
+func (b *Resolver) readOnly(ctx context.Context, rg *ring.Ring, rkey string, cands []route.Gateway, werr error) (route.Route, error) {
 	if werr != nil {
 		b.refused(werr)
 	}
@@ -215,12 +221,12 @@ func (b *BindingResolver) readOnly(ctx context.Context, rg *ring.Ring, rkey stri
 			return r, nil
 		}
 	}
-	return Route{Source: SourceFallback, Candidates: cands}, nil
+	return route.Route{Source: route.SourceFallback, Candidates: cands}, nil
 }
 
 // refused records a write refusal: counted, logged once per state change,
 // and writes skipped for breakerPeriod.
-func (b *BindingResolver) refused(err error) {
+func (b *Resolver) refused(err error) {
 	b.readOnlyUntil.Store(b.cfg.Now().Add(breakerPeriod).UnixNano())
 	if b.cfg.OnError != nil {
 		b.cfg.OnError(err)
@@ -229,7 +235,7 @@ func (b *BindingResolver) refused(err error) {
 }
 
 // setState logs a change of Redis health once.
-func (b *BindingResolver) setState(st int32, err error) {
+func (b *Resolver) setState(st int32, err error) {
 	prev := b.state.Swap(st)
 	if prev == st {
 		return
@@ -252,33 +258,33 @@ func (b *BindingResolver) setState(st int32, err error) {
 // bindingRoute puts a live, non-draining bound gateway first, followed by
 // the ring candidates without it. It reports false if the gateway is not
 // live or draining.
-func bindingRoute(rg *ring.Ring, id string, cands []Gateway) (Route, bool) {
+func bindingRoute(rg *ring.Ring, id string, cands []route.Gateway) (route.Route, bool) {
 	m, ok := rg.Member(id)
 	if !ok || m.Weight <= 0 {
-		return Route{}, false
+		return route.Route{}, false
 	}
-	out := make([]Gateway, 0, len(cands))
+	out := make([]route.Gateway, 0, len(cands))
 	out = append(out, m)
 	for _, c := range cands {
 		if c.ID != id && len(out) < len(cands) {
 			out = append(out, c)
 		}
 	}
-	return Route{Source: SourceBinding, Candidates: out}, true
+	return route.Route{Source: route.SourceBinding, Candidates: out}, true
 }
 
-func (b *BindingResolver) fallback(cands []Gateway, err error) (Route, error) {
+func (b *Resolver) fallback(cands []route.Gateway, err error) (route.Route, error) {
 	b.skipUntil.Store(b.cfg.Now().Add(breakerPeriod).UnixNano())
 	if b.cfg.OnError != nil {
 		b.cfg.OnError(err)
 	}
 	b.setState(redisDown, err)
-	return Route{Source: SourceFallback, Candidates: cands}, nil
+	return route.Route{Source: route.SourceFallback, Candidates: cands}, nil
 }
 
 // Preload loads the scripts into Redis so the first connections do not pay
 // a NOSCRIPT round trip. Failure is harmless (scripts load on first use).
-func (b *BindingResolver) Preload(ctx context.Context) error {
+func (b *Resolver) Preload(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 10*b.cfg.Timeout)
 	defer cancel()
 	if err := bindScript.Load(ctx, b.cfg.Client).Err(); err != nil {
@@ -287,16 +293,16 @@ func (b *BindingResolver) Preload(ctx context.Context) error {
 	return rebindScript.Load(ctx, b.cfg.Client).Err()
 }
 
-// NewRedisClient builds a client from a URL, configured to fail fast
+// NewClient builds a client from a URL, configured to fail fast
 // (context deadlines honoured, one retry, short dial and pool timeouts) so a
 // dead Redis never stalls connects. Accepted forms:
 //
 //	redis://[user:pass@]host:port[/db]              a single node (rediss:// for TLS)
 //	redis://host:port?master_name=NAME[&addr=...]   Sentinel
 //	redis+cluster://host:port[?addr=host:port...]   Redis Cluster
-func NewRedisClient(rawURL string, timeout time.Duration) (redis.UniversalClient, error) {
+func NewClient(rawURL string, timeout time.Duration) (redis.UniversalClient, error) {
 	if timeout <= 0 {
-		timeout = DefaultRedisTimeout
+		timeout = DefaultTimeout
 	}
 	u, err := url.Parse(rawURL)
 	if err != nil {

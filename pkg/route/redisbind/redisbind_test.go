@@ -1,4 +1,4 @@
-package route
+package redisbind
 
 import (
 	"context"
@@ -16,6 +16,7 @@ import (
 
 	"github.com/tether-proxy/tether/internal/testenv"
 	"github.com/tether-proxy/tether/pkg/ring"
+	"github.com/tether-proxy/tether/pkg/route"
 )
 
 func holder(t *testing.T, ms ...ring.Member) *ring.Holder {
@@ -50,7 +51,7 @@ func (h *countingHook) ProcessPipelineHook(next redis.ProcessPipelineHook) redis
 
 func newClient(t *testing.T, addr string) redis.UniversalClient {
 	t.Helper()
-	c, err := NewRedisClient("redis://"+addr, time.Second)
+	c, err := NewClient("redis://"+addr, time.Second)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -58,9 +59,9 @@ func newClient(t *testing.T, addr string) redis.UniversalClient {
 	return c
 }
 
-func resolver(t *testing.T, c redis.UniversalClient, h *ring.Holder, ttl time.Duration) *BindingResolver {
+func resolver(t *testing.T, c redis.UniversalClient, h *ring.Holder, ttl time.Duration) *Resolver {
 	t.Helper()
-	b, err := NewBindingResolver(BindingConfig{Client: c, Ring: h, TTL: ttl, Timeout: time.Second})
+	b, err := New(Config{Client: c, Ring: h, TTL: ttl, Timeout: time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -81,10 +82,10 @@ func TestBindingNewKeyAndLiveBinding(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if rt.Source != SourceRing {
+	if rt.Source != route.SourceRing {
 		t.Fatalf("new key source %s", rt.Source)
 	}
-	if v := c.Get(ctx, BindingKeyPrefix+"new-key").Val(); v != rt.Candidates[0].ID {
+	if v := c.Get(ctx, KeyPrefix+"new-key").Val(); v != rt.Candidates[0].ID {
 		t.Fatalf("stored %q, routed to %s", v, rt.Candidates[0].ID)
 	}
 
@@ -94,12 +95,12 @@ func TestBindingNewKeyAndLiveBinding(t *testing.T) {
 	if owner == other {
 		other = "gw-2"
 	}
-	c.Set(ctx, BindingKeyPrefix+"new-key", other, time.Minute)
+	c.Set(ctx, KeyPrefix+"new-key", other, time.Minute)
 	rt, err = b.Resolve(ctx, []byte("new-key"))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if rt.Source != SourceBinding || rt.Candidates[0].ID != other || len(rt.Candidates) != 3 {
+	if rt.Source != route.SourceBinding || rt.Candidates[0].ID != other || len(rt.Candidates) != 3 {
 		t.Fatalf("route %+v, want binding to %s first", rt, other)
 	}
 	seen := map[string]bool{}
@@ -116,7 +117,7 @@ func TestBindingTTLRefresh(t *testing.T) {
 	c := newClient(t, rd.Addr)
 	b := resolver(t, c, holder(t, gws(1, 1)...), 30*time.Second)
 	ctx := context.Background()
-	key := BindingKeyPrefix + "k"
+	key := KeyPrefix + "k"
 	if _, err := b.Resolve(ctx, []byte("k")); err != nil {
 		t.Fatal(err)
 	}
@@ -183,27 +184,27 @@ func TestBindingRebind(t *testing.T) {
 	b := resolver(t, c, h, time.Minute)
 	ctx := context.Background()
 	for _, dead := range []string{"gw-gone", "gw-2"} {
-		c.Set(ctx, BindingKeyPrefix+"k", dead, time.Minute)
+		c.Set(ctx, KeyPrefix+"k", dead, time.Minute)
 		rt, err := b.Resolve(ctx, []byte("k"))
 		if err != nil {
 			t.Fatal(err)
 		}
 		owner, _ := h.Load().Lookup([]byte("k"))
-		if rt.Candidates[0].ID != owner.ID || rt.Source != SourceRing {
+		if rt.Candidates[0].ID != owner.ID || rt.Source != route.SourceRing {
 			t.Fatalf("bound to %s: route %+v, want ring owner %s", dead, rt, owner.ID)
 		}
-		if v := c.Get(ctx, BindingKeyPrefix+"k").Val(); v != owner.ID {
+		if v := c.Get(ctx, KeyPrefix+"k").Val(); v != owner.ID {
 			t.Fatalf("binding %q after rebind from %s", v, dead)
 		}
 	}
 	// Stale proxy: it still believes the binding is "gw-gone" but another
 	// proxy moved it to gw-3; the compare-and-set must keep gw-3.
-	c.Set(ctx, BindingKeyPrefix+"s", "gw-3", time.Minute)
-	cur, err := rebindScript.Run(ctx, c, []string{BindingKeyPrefix + "s"}, "gw-gone", "gw-1", 60000).Text()
+	c.Set(ctx, KeyPrefix+"s", "gw-3", time.Minute)
+	cur, err := rebindScript.Run(ctx, c, []string{KeyPrefix + "s"}, "gw-gone", "gw-1", 60000).Text()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if cur != "gw-3" || c.Get(ctx, BindingKeyPrefix+"s").Val() != "gw-3" {
+	if cur != "gw-3" || c.Get(ctx, KeyPrefix+"s").Val() != "gw-3" {
 		t.Fatalf("stale CAS overwrote a fresh binding: %q", cur)
 	}
 }
@@ -249,25 +250,25 @@ func TestBindingOneRoundTrip(t *testing.T) {
 // ring; when it returns, bindings are used again by the same resolver.
 func TestBindingRedisDown(t *testing.T) {
 	rd := testenv.StartRedis(t)
-	c, err := NewRedisClient("redis://"+rd.Addr, 50*time.Millisecond)
+	c, err := NewClient("redis://"+rd.Addr, 50*time.Millisecond)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
 	var errs atomic.Int64
 	h := holder(t, gws(1, 1, 1)...)
-	b, err := NewBindingResolver(BindingConfig{Client: c, Ring: h, OnError: func(error) { errs.Add(1) }})
+	b, err := New(Config{Client: c, Ring: h, OnError: func(error) { errs.Add(1) }})
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	if rt, err := b.Resolve(ctx, []byte("k")); err != nil || rt.Source != SourceRing {
+	if rt, err := b.Resolve(ctx, []byte("k")); err != nil || rt.Source != route.SourceRing {
 		t.Fatalf("%+v %v", rt, err)
 	}
 	rd.Kill()
 	for i := range 50 {
 		rt, err := b.Resolve(ctx, []byte(fmt.Sprintf("down-%d", i)))
-		if err != nil || rt.Source != SourceFallback || len(rt.Candidates) == 0 {
+		if err != nil || rt.Source != route.SourceFallback || len(rt.Candidates) == 0 {
 			t.Fatalf("with Redis down: %+v %v", rt, err)
 		}
 	}
@@ -281,7 +282,7 @@ func TestBindingRedisDown(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if rt.Source != SourceFallback {
+		if rt.Source != route.SourceFallback {
 			break // Redis used again: new binding (ring) after the restart wiped data
 		}
 		if time.Now().After(deadline) {
@@ -293,17 +294,17 @@ func TestBindingRedisDown(t *testing.T) {
 
 func TestNewRedisClientURLs(t *testing.T) {
 	for _, u := range []string{"redis://127.0.0.1:6379/0", "redis://h:1?master_name=m&addr=h:2", "redis+cluster://h:1?addr=h:2"} {
-		c, err := NewRedisClient(u, 0)
+		c, err := NewClient(u, 0)
 		if err != nil {
 			t.Errorf("%s: %v", u, err)
 			continue
 		}
 		c.Close()
 	}
-	if _, err := NewRedisClient("http://x", 0); err == nil {
+	if _, err := NewClient("http://x", 0); err == nil {
 		t.Error("http URL accepted")
 	}
-	if _, err := NewBindingResolver(BindingConfig{}); err == nil {
+	if _, err := New(Config{}); err == nil {
 		t.Error("empty config accepted")
 	}
 }
@@ -366,13 +367,13 @@ func TestBindingWritesRefused(t *testing.T) {
 			ctx := context.Background()
 			const bound = 100
 			for i := range bound {
-				if err := write.Set(ctx, BindingKeyPrefix+fmt.Sprintf("bound-%d", i), "gw-2", time.Hour).Err(); err != nil {
+				if err := write.Set(ctx, KeyPrefix+fmt.Sprintf("bound-%d", i), "gw-2", time.Hour).Err(); err != nil {
 					t.Fatal(err)
 				}
 			}
 			// The replica has them once it synced.
 			deadline := time.Now().Add(10 * time.Second)
-			for read.Get(ctx, BindingKeyPrefix+fmt.Sprintf("bound-%d", bound-1)).Val() != "gw-2" {
+			for read.Get(ctx, KeyPrefix+fmt.Sprintf("bound-%d", bound-1)).Val() != "gw-2" {
 				if time.Now().After(deadline) {
 					t.Fatal("bindings never reached the Redis the resolver reads")
 				}
@@ -383,7 +384,7 @@ func TestBindingWritesRefused(t *testing.T) {
 			core, logs := observer.New(zap.InfoLevel)
 			clock := &fakeClock{now: time.Unix(1000, 0)}
 			var errs atomic.Int64
-			b, err := NewBindingResolver(BindingConfig{Client: read, Ring: holder(t, gws(1, 1, 1)...), Timeout: time.Second,
+			b, err := New(Config{Client: read, Ring: holder(t, gws(1, 1, 1)...), Timeout: time.Second,
 				Logger: zap.New(core), Now: clock.Now, OnError: func(err error) {
 					if !IsWriteRefused(err) {
 						t.Errorf("refusal reported as an outage: %v", err)
@@ -396,17 +397,17 @@ func TestBindingWritesRefused(t *testing.T) {
 			for round := range 3 { // inside and after the read-only window
 				for i := range bound {
 					rt, err := b.Resolve(ctx, []byte(fmt.Sprintf("bound-%d", i)))
-					if err != nil || rt.Source != SourceBinding || rt.Candidates[0].ID != "gw-2" {
+					if err != nil || rt.Source != route.SourceBinding || rt.Candidates[0].ID != "gw-2" {
 						t.Fatalf("round %d: bound key %d: %+v %v", round, i, rt, err)
 					}
 				}
 				rt, err := b.Resolve(ctx, []byte(fmt.Sprintf("new-%d", round)))
-				if err != nil || rt.Source != SourceFallback {
+				if err != nil || rt.Source != route.SourceFallback {
 					t.Fatalf("new key: %+v %v", rt, err)
 				}
 				clock.Add(2 * breakerPeriod)
 			}
-			if n := read.Exists(ctx, BindingKeyPrefix+"new-0").Val(); n != 0 {
+			if n := read.Exists(ctx, KeyPrefix+"new-0").Val(); n != 0 {
 				t.Fatal("a new key was stored while Redis refused writes")
 			}
 			if errs.Load() == 0 {
@@ -422,10 +423,10 @@ func TestBindingWritesRefused(t *testing.T) {
 
 			allow()
 			clock.Add(2 * breakerPeriod)
-			if rt, err := b.Resolve(ctx, []byte("after")); err != nil || rt.Source != SourceRing {
+			if rt, err := b.Resolve(ctx, []byte("after")); err != nil || rt.Source != route.SourceRing {
 				t.Fatalf("after writes resumed: %+v %v", rt, err)
 			}
-			if read.Get(ctx, BindingKeyPrefix+"after").Val() == "" {
+			if read.Get(ctx, KeyPrefix+"after").Val() == "" {
 				t.Fatal("binding not stored after writes resumed")
 			}
 			if logs.FilterMessageSnippet("accepts writes again").Len() != 1 {
@@ -433,4 +434,16 @@ func TestBindingWritesRefused(t *testing.T) {
 			}
 		})
 	}
+}
+
+type fakeClock struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+func (c *fakeClock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.now }
+func (c *fakeClock) Add(d time.Duration) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.now = c.now.Add(d)
 }
