@@ -1,6 +1,6 @@
 // Package admin serves the proxy's operator HTTP endpoints: Prometheus
 // metrics, liveness, readiness, route lookups, the gateway list and
-// per-proxy drain/undrain (DESIGN §4).
+// per-proxy drain/undrain (docs/operating.md).
 //
 // It is meant for a loopback or private address: /route answers with gateway
 // addresses, which clients must never see.

@@ -14,7 +14,7 @@ const HelloVersion = 1
 const HelloHeaderSize = 4 + 1 + 1
 
 // DefaultMaxHello is the default bound on a hello frame's length field
-// (DESIGN §1 --max-hello).
+// (the proxy's --max-hello).
 const DefaultMaxHello = 4096
 
 // MaxKeyLen is the longest key a hello frame can carry (keylen is one byte).

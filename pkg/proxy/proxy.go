@@ -1,7 +1,7 @@
 // Package proxy accepts client connections, reads the session key from the
 // first bytes, dials the owning gateway and splices the two streams.
 //
-// The data path follows DESIGN §5: the first bytes land in a pooled buffer,
+// The data path (docs/design.md): the first bytes land in a pooled buffer,
 // the PROXY v2 header and those bytes go to the gateway in one write, and
 // then each direction moves with splice(2) in the kernel and half-closes
 // on its own. On Linux the parker does the splicing and holds idle
@@ -31,7 +31,7 @@ import (
 )
 
 // DefaultHandshakeTimeout bounds how long a client may take to send its
-// whole hello (DESIGN §1 --handshake-timeout).
+// whole hello (--handshake-timeout).
 const DefaultHandshakeTimeout = 5 * time.Second
 
 // headroom is the space kept in front of the read buffer for the PROXY v2
