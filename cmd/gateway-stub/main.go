@@ -99,6 +99,14 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	if o.gossip.Bind == "" && o.advertise != "" {
 		return o, errors.New("--advertise needs --gossip-bind")
 	}
+	if err := cli.CheckAddr("listen", o.listen, true, true); err != nil {
+		return o, err
+	}
+	if o.advertise != "" {
+		if err := cli.CheckAddr("advertise", o.advertise, false, false); err != nil {
+			return o, err
+		}
+	}
 	p, err := cli.ParsePrefixes(o.trusted)
 	if err != nil {
 		return o, fmt.Errorf("--trusted-proxies: %w", err)

@@ -156,6 +156,14 @@ func (o *options) validate() error {
 	case o.maxConns < 0:
 		return fmt.Errorf("--max-conns %d: want >= 0", o.maxConns)
 	}
+	if err := cli.CheckAddr("listen", o.listen, true, true); err != nil {
+		return err
+	}
+	if o.admin != "" {
+		if err := cli.CheckAddr("admin", o.admin, true, true); err != nil {
+			return err
+		}
+	}
 	if _, err := cli.ParseLevel(o.logLevel); err != nil {
 		return err
 	}

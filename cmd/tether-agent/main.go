@@ -100,8 +100,8 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 	case o.fails < 1:
 		return o, fmt.Errorf("--health-fails %d: want >= 1", o.fails)
 	}
-	if _, _, err := net.SplitHostPort(o.service); err != nil {
-		return o, fmt.Errorf("--service %q: %w", o.service, err)
+	if err := cli.CheckAddr("service", o.service, false, false); err != nil {
+		return o, err
 	}
 	if o.health != "tcp" {
 		u, err := url.Parse(o.health)

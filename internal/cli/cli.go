@@ -14,6 +14,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"time"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -85,21 +86,21 @@ func (g *GatewayList) Set(s string) error {
 func ParseGateway(s string) (ring.Member, error) {
 	id, rest, ok := strings.Cut(s, "=")
 	if !ok || id == "" {
-		return ring.Member{}, fmt.Errorf("gateway %q: want ID=HOST:PORT[,weight=W]", s)
+		return ring.Member{}, fmt.Errorf("%q: want ID=HOST:PORT[,weight=W]", s)
 	}
 	addr, opts, _ := strings.Cut(rest, ",")
-	if _, _, err := net.SplitHostPort(addr); err != nil {
-		return ring.Member{}, fmt.Errorf("gateway %q: address: %w", s, err)
+	if err := checkHostPort(addr, false, false); err != nil {
+		return ring.Member{}, fmt.Errorf("%q: %w", s, err)
 	}
 	m := ring.Member{ID: id, Addr: addr, Weight: 1}
 	if opts != "" {
 		k, v, _ := strings.Cut(opts, "=")
 		if k != "weight" {
-			return ring.Member{}, fmt.Errorf("gateway %q: unknown option %q (only weight=W)", s, k)
+			return ring.Member{}, fmt.Errorf("%q: unknown option %q (only weight=W)", s, k)
 		}
 		w, err := strconv.ParseFloat(v, 64)
 		if err != nil || w < 0 {
-			return ring.Member{}, fmt.Errorf("gateway %q: weight %q: want a number >= 0", s, v)
+			return ring.Member{}, fmt.Errorf("%q: weight %q: want a number >= 0", s, v)
 		}
 		m.Weight = w
 	}
@@ -245,6 +246,14 @@ func (g GossipFlags) Validate() error {
 		}
 		return nil
 	}
+	if err := CheckAddr("gossip-bind", g.Bind, true, true); err != nil {
+		return err
+	}
+	for _, j := range SplitList(g.Join) {
+		if err := CheckAddr("join", j, false, false); err != nil {
+			return err
+		}
+	}
 	if g.KeyFile != "" {
 		_, err := g.Keys()
 		return err
@@ -296,12 +305,122 @@ func (g *GossipFlags) Register(fs *flag.FlagSet, nodeNameHelp string) {
 
 // Parse parses args like fs.Parse but prints the full usage only for
 // --help: a mistyped flag gets one line from the caller, not a page.
+//
+// A value a flag rejects is reported as "--NAME: want FORM, got VALUE"
+// (FORM from the flag's type: a duration like 2s, a whole number, ...),
+// here and in ApplyConfig.
 func Parse(fs *flag.FlagSet, args []string, stderr io.Writer) error {
+	explain(fs)
 	fs.SetOutput(io.Discard)
 	err := fs.Parse(args)
 	fs.SetOutput(stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		fs.Usage()
+		return err
 	}
-	return err
+	if err != nil {
+		var bad error
+		fs.VisitAll(func(f *flag.Flag) {
+			if ev, ok := f.Value.(*explained); ok && ev.err != nil && bad == nil {
+				bad = ev.err
+			}
+		})
+		if bad != nil {
+			return bad
+		}
+		// Unknown flags and the like: say them with two dashes.
+		return errors.New(strings.Replace(err.Error(), " -", " --", 1))
+	}
+	return nil
+}
+
+// explained wraps a flag's value so that a rejected value is reported with
+// the flag's name and the form it wants.
+type explained struct {
+	flag.Value
+	name string
+	err  error
+}
+
+// IsBoolFlag keeps --flag (without =true) working for bool flags.
+func (e *explained) IsBoolFlag() bool {
+	b, ok := e.Value.(interface{ IsBoolFlag() bool })
+	return ok && b.IsBoolFlag()
+}
+
+// Get implements flag.Getter.
+func (e *explained) Get() any {
+	if g, ok := e.Value.(flag.Getter); ok {
+		return g.Get()
+	}
+	return nil
+}
+
+func (e *explained) Set(s string) error {
+	err := e.Value.Set(s)
+	if err == nil {
+		return nil
+	}
+	e.err = valueError("--"+e.name, e.Value, s, err)
+	return e.err
+}
+
+// explain wraps every flag of fs once.
+func explain(fs *flag.FlagSet) {
+	fs.VisitAll(func(f *flag.Flag) {
+		if _, done := f.Value.(*explained); !done {
+			f.Value = &explained{Value: f.Value, name: f.Name}
+		}
+	})
+}
+
+// valueError says what form a flag (label "--name", or a config key) wants,
+// by the type of its value.
+func valueError(label string, v flag.Value, got string, err error) error {
+	var want string
+	if g, ok := v.(flag.Getter); ok {
+		switch g.Get().(type) {
+		case time.Duration:
+			want = "a duration like 2s, 500ms or 1m30s"
+		case int, int64, uint, uint64:
+			want = "a whole number"
+		case float64:
+			want = "a number"
+		case bool:
+			want = "true or false"
+		}
+	}
+	if want == "" {
+		return fmt.Errorf("%s: %w", label, err)
+	}
+	return fmt.Errorf("%s: want %s, got %q", label, want, got)
+}
+
+// CheckAddr checks a HOST:PORT flag value: the port a number in 0..65535
+// (1..65535 unless zeroOK), and a host unless emptyHostOK (":7000" listens
+// everywhere, but proxies cannot connect to it).
+func CheckAddr(name, addr string, emptyHostOK, zeroOK bool) error {
+	if err := checkHostPort(addr, emptyHostOK, zeroOK); err != nil {
+		return fmt.Errorf("--%s %q: %w", name, addr, err)
+	}
+	return nil
+}
+
+func checkHostPort(addr string, emptyHostOK, zeroOK bool) error {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return errors.New("want HOST:PORT")
+	}
+	n, err := strconv.Atoi(port)
+	if err != nil || n < 0 || n > 65535 || (n == 0 && !zeroOK) {
+		lo := 1
+		if zeroOK {
+			lo = 0
+		}
+		return fmt.Errorf("port %q is not a number in %d..65535", port, lo)
+	}
+	if host == "" && !emptyHostOK {
+		return errors.New("needs a host (a name or an address others can connect to)")
+	}
+	return nil
 }

@@ -81,8 +81,12 @@ func ApplyConfig(fs *flag.FlagSet, path string, skip map[string]bool, notInConfi
 			}
 			continue
 		}
-		if err := f.Value.Set(strings.Join(values, ",")); err != nil {
-			return fmt.Errorf("config %s line %d: %s: %w", path, v.Line, name, err)
+		val, fv := strings.Join(values, ","), f.Value
+		if ev, ok := fv.(*explained); ok {
+			fv = ev.Value // the file names keys without dashes
+		}
+		if err := fv.Set(val); err != nil {
+			return fmt.Errorf("config %s line %d: %w", path, v.Line, valueError(name, fv, val, err))
 		}
 	}
 	return nil

@@ -27,4 +27,3 @@ func AppendProxyV2(dst []byte, client, local net.Addr, key []byte) ([]byte, erro
 	}
 	return append(dst, b...), nil
 }
-

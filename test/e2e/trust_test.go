@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -484,5 +485,30 @@ func TestDrainLastActiveNeedsForce(t *testing.T) {
 	p.stop()
 	if errs := p.errorLines(); len(errs) != 0 {
 		t.Fatalf("a clean shutdown logged errors:\n%s", strings.Join(errs, "\n"))
+	}
+}
+
+// TestQuietShutdown: SIGTERM with sessions open (some parked, some busy)
+// drains, closes the rest at the drain timeout and exits 0 without a line
+// at error level.
+func TestQuietShutdown(t *testing.T) {
+	gw := gatewayStub(t, 1, 0)
+	p := proxyFor(t, []*proc{gw}, "--drain-timeout", "500ms", "--park-after", "50ms")
+	var open []net.Conn
+	for i := range 6 {
+		c, _ := openSession(t, p.addr, fmt.Sprintf("quiet-%d", i))
+		defer c.Close()
+		open = append(open, c)
+	}
+	waitFor(t, 5*time.Second, "idle sessions to park", func() bool { return metrics(t, p)["tether_parked_directions"] >= 2 })
+	echoOnce(t, open[0], "busy right before the signal")
+	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if code := p.exitCode(10 * time.Second); code != 0 {
+		t.Fatalf("exit %d after SIGTERM with open sessions, want 0", code)
+	}
+	if errs := p.errorLines(); len(errs) != 0 {
+		t.Fatalf("shutdown with open sessions logged errors:\n%s", strings.Join(errs, "\n"))
 	}
 }
