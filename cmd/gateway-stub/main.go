@@ -286,7 +286,7 @@ func startGossip(o options, listenAddr string, log *zap.Logger) (*gateway.Member
 	m, err := gateway.Join(gateway.MemberConfig{
 		ID: o.id, Addr: adv, Weight: o.weight,
 		NodeName: o.gossip.NodeName, BindAddr: o.gossip.Bind, Join: cli.SplitList(o.gossip.Join),
-		Keys: keys, Profile: o.gossip.Profile, Logger: log.Named("gossip"),
+		Keys: keys, Profile: gateway.Profile(o.gossip.Profile), Logger: log.Named("gossip"),
 	})
 	if err != nil {
 		return nil, err

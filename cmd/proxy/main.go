@@ -97,7 +97,7 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.BoolVar(&o.pprof, "pprof", false, "serve Go's profiler under /debug/pprof/ on the admin server (behind --admin-token if set)")
 	fs.Var(&o.gateways, "gateway", "a gateway as `ID=HOST:PORT[,weight=W]`; repeat for each gateway.\nThe ID is what keys hash to: keep it stable when the address changes. weight=0 drains the gateway (no new keys)")
 	fs.StringVar(&o.proxyProtocolOut, "proxy-protocol-out", "v2", "`MODE` toward gateways: v2 sends a PROXY v2 header with the client address and the key (TLV 0xE0); off sends nothing extra")
-	fs.StringVar(&o.proxyProtocolIn, "proxy-protocol-in", proxy.ProxyInOff, "`MODE` for PROXY headers (v1 or v2) from the load balancer: off (the TCP peer is the client), optional (use a header from a trusted peer when present) or require (only trusted peers, always with a header). A header from any other peer is rejected")
+	fs.StringVar(&o.proxyProtocolIn, "proxy-protocol-in", string(proxy.ProxyInOff), "`MODE` for PROXY headers (v1 or v2) from the load balancer: off (the TCP peer is the client), optional (use a header from a trusted peer when present) or require (only trusted peers, always with a header). A header from any other peer is rejected")
 	fs.StringVar(&o.trusted, "trusted-proxies", "", "comma-separated `CIDRS` (or addresses) of load balancers whose PROXY headers are believed; required with --proxy-protocol-in optional|require")
 	fs.StringVar(&o.redisURL, "redis", "", "Redis `URL` for key→gateway bindings (redis://host:port/db; ?master_name=M for Sentinel; redis+cluster://host:port for Cluster). Bindings keep sessions on their gateway while the fleet changes; off when empty")
 	fs.DurationVar(&o.bindingTTL, "binding-ttl", redisbind.DefaultTTL, "a binding lives this `DURATION` after the key's last connect")
@@ -181,7 +181,7 @@ func (o *options) validate() error {
 	if _, err := cluster.BuildRing(o.gateways, nil, nil); err != nil {
 		return fmt.Errorf("--gateway: %w", err)
 	}
-	switch o.proxyProtocolIn {
+	switch proxy.ProxyInMode(o.proxyProtocolIn) {
 	case proxy.ProxyInOff:
 	case proxy.ProxyInOptional, proxy.ProxyInRequire:
 		p, err := cli.ParsePrefixes(o.trusted)
@@ -272,7 +272,7 @@ func serve(args []string, o options, sigs <-chan os.Signal, log *zap.Logger, lev
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
-	ln, err := proxy.ProxyProtocolListener(tcpLn, o.proxyProtocolIn, o.trustedPrefixes, o.handshakeTimeout, metrics, log.Named("proxy"))
+	ln, err := proxy.ProxyProtocolListener(tcpLn, proxy.ProxyInMode(o.proxyProtocolIn), o.trustedPrefixes, o.handshakeTimeout, metrics, log.Named("proxy"))
 	if err != nil {
 		tcpLn.Close()
 		return err
@@ -536,7 +536,7 @@ func startGossip(o options, listenAddr string, log *zap.Logger) (*cluster.Cluste
 		BindAddr: o.gossip.Bind,
 		Join:     cli.SplitList(o.gossip.Join),
 		Keys:     keys,
-		Profile:  o.gossip.Profile,
+		Profile:  cluster.Profile(o.gossip.Profile),
 		Meta:     cluster.Meta{Role: cluster.RoleProxy, Addr: listenAddr},
 		Logger:   log.Named("gossip"),
 	})

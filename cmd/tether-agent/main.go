@@ -139,7 +139,7 @@ func run(args []string, sigs <-chan os.Signal, stderr io.Writer) int {
 	m, err := gateway.Join(gateway.MemberConfig{
 		ID: o.id, Addr: o.service, Weight: o.weight,
 		NodeName: o.gossip.NodeName, BindAddr: o.gossip.Bind, Join: cli.SplitList(o.gossip.Join),
-		Keys: keys, Profile: o.gossip.Profile, Logger: log.Named("gossip"),
+		Keys: keys, Profile: gateway.Profile(o.gossip.Profile), Logger: log.Named("gossip"),
 	})
 	if err != nil {
 		log.Error("gossip failed to start", zap.Error(err))

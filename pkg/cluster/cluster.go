@@ -46,14 +46,17 @@ type GatewayInfo struct {
 	State State `json:"state"`
 }
 
-// Profile names memberlist timing presets.
+// Profile names a memberlist timing preset (--gossip-profile).
+type Profile string
+
+// Gossip timing profiles.
 const (
 	// ProfileLAN is memberlist's LAN defaults: probe every 1s, a failed
 	// node is declared dead after about 5s in small clusters.
-	ProfileLAN = "lan"
+	ProfileLAN Profile = "lan"
 	// ProfileLocal is memberlist's local-network preset: faster probes
 	// and suspicion (about 3-4s to declare a node dead).
-	ProfileLocal = "local"
+	ProfileLocal Profile = "local"
 )
 
 // PushPullInterval is how often a node exchanges its full member list with
@@ -83,7 +86,7 @@ type Config struct {
 	// Meta is what this node publishes. An empty ID means the node name.
 	Meta Meta
 	// Profile is ProfileLAN (default) or ProfileLocal.
-	Profile string
+	Profile Profile
 	// JoinBackoffMax caps the wait between join attempts; 0 means 5s.
 	JoinBackoffMax time.Duration
 	// Logger receives this package's and memberlist's logs; nil means none.

@@ -345,7 +345,7 @@ func TestMember(t *testing.T) {
 	}
 	waitState := func(want string) {
 		t.Helper()
-		deadline := time.Now().Add(10 * time.Second)
+		deadline := time.Now().Add(30 * time.Second)
 		for stateOf("gw-1") != want {
 			if time.Now().After(deadline) {
 				t.Fatalf("gw-1 is %s on the observer, want %s", stateOf("gw-1"), want)

@@ -17,6 +17,9 @@ import (
 // (Announce); the gateway must not take keys.
 var ErrIDConflict = cluster.ErrIDConflict
 
+// Profile is a gossip timing preset for MemberConfig.Profile.
+type Profile = cluster.Profile
+
 // Gossip timing profiles for MemberConfig.Profile.
 const (
 	// ProfileLAN is memberlist's LAN timing: a dead member is noticed in
@@ -50,7 +53,7 @@ type MemberConfig struct {
 	// unencrypted gossip, which is only safe on loopback.
 	Keys [][]byte
 	// Profile is ProfileLAN (default) or ProfileLocal.
-	Profile string
+	Profile Profile
 	// OpenSessions, if set, tells Drain how many sessions are still open
 	// (Listener.Open does); nil makes Drain wait for its context.
 	OpenSessions func() int

@@ -377,11 +377,11 @@ func (p *parker) work(d *parkedDir) {
 }
 
 // reason labels a session that ends because this direction failed.
-func (d *parkedDir) reason() string {
+func (d *parkedDir) reason() endReason {
 	if d == &d.ps.dirs[1] {
-		return reasonGatewayError
+		return endGatewayError
 	}
-	return reasonClientError
+	return endClientError
 }
 
 // inlineMax is the most a wakeup moves in the loop itself; a direction
@@ -482,7 +482,7 @@ func (p *parker) sleep(d *parkedDir) {
 			p.m.ParkErrors.Inc()
 			p.log.Warn("park: cannot watch an idle session; closing it", zap.Error(err))
 		}
-		ps.ses.abort("park_error")
+		ps.ses.abort(endParkError)
 	}
 }
 

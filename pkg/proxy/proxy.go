@@ -275,7 +275,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Unlock()
 	// Abort outside the lock: a parked session's end unregisters itself.
 	for _, ses := range open {
-		ses.abort("drain_timeout")
+		ses.abort(endDrainTimeout)
 	}
 	n := len(open)
 	s.log.Info("drain timeout: closed open sessions", zap.Int("sessions", n))
@@ -312,6 +312,32 @@ func (s *Server) SessionsByGateway() map[string]int {
 	return out
 }
 
+// endReason says why a session ended: the "reason" of its "session end"
+// log line and the label of tether_session_ends_total. Every value is
+// listed in docs/operating.md.
+type endReason string
+
+// Session end reasons.
+const (
+	// endClosed: both directions ended cleanly (FIN each way).
+	endClosed endReason = "closed"
+	// endClientError: the client's side reset, timed out or became
+	// unreachable, whichever direction noticed.
+	endClientError endReason = "client_error"
+	// endGatewayError: the gateway's side did.
+	endGatewayError endReason = "gateway_error"
+	// endDrainTimeout: still open when the drain after SIGTERM ended.
+	endDrainTimeout endReason = "drain_timeout"
+	// endParkError: epoll would not watch the idle session.
+	endParkError endReason = "park_error"
+	// Ends before splicing began (not counted as sessions): the server
+	// was shutting down, the PROXY header could not be built, or the
+	// first write to the gateway failed.
+	endShutdown          endReason = "shutdown"
+	endInternalError     endReason = "internal_error"
+	endGatewayWriteError endReason = "gateway_write_error"
+)
+
 // session is one client connection and, once dialled, its gateway.
 type session struct {
 	client, gw net.Conn
@@ -324,7 +350,7 @@ type session struct {
 	// closed the connections, so a parked session knows it is over.
 	parked aborter
 	once   sync.Once
-	reason string // why the session was aborted; set once
+	reason endReason // why the session was aborted; set once
 }
 
 // aborter is told that its session was aborted.
@@ -332,14 +358,14 @@ type aborter interface{ aborted() }
 
 // abort closes both sides with RST so both peers learn the session ended
 // abnormally, and unblocks both copy directions.
-func (ses *session) abort(reason string) {
+func (ses *session) abort(reason endReason) {
 	ses.abortFrom(nil, reason)
 }
 
 // abortFrom aborts the session after failed, a side whose connection already
 // broke (it was reset or timed out): that side is just closed, since a
 // reset there would tell nobody anything, and the other side gets the RST.
-func (ses *session) abortFrom(failed net.Conn, reason string) {
+func (ses *session) abortFrom(failed net.Conn, reason endReason) {
 	aborted := false
 	ses.once.Do(func() {
 		aborted = true
@@ -361,8 +387,8 @@ func (ses *session) abortFrom(failed net.Conn, reason string) {
 
 // closeReason ends the session's abort window (a later abort is a no-op)
 // and says why it ended.
-func (ses *session) closeReason() string {
-	ses.once.Do(func() { ses.reason = "closed" })
+func (ses *session) closeReason() endReason {
+	ses.once.Do(func() { ses.reason = endClosed })
 	return ses.reason
 }
 
@@ -545,7 +571,7 @@ func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash ui
 	ses := &session{client: c, gw: gw, gwID: res.Gateway.ID, id: id, start: start, keyHash: keyHash, hello: int64(n)}
 	if !s.register(ses) {
 		s.m.Rejected.WithLabelValues("shutdown").Inc()
-		ses.abort("shutdown")
+		ses.abort(endShutdown)
 		return nil
 	}
 
@@ -556,7 +582,7 @@ func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash ui
 		hdr, err := AppendProxyV2(buf[:0:headroom], c.RemoteAddr(), c.LocalAddr(), key)
 		if err != nil || len(hdr) > headroom {
 			s.log.Error("cannot build PROXY v2 header", zap.Uint64("conn", id), zap.Error(err))
-			ses.abort("internal_error")
+			ses.abort(endInternalError)
 			s.unregister(ses)
 			return nil
 		}
@@ -567,7 +593,7 @@ func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash ui
 	if _, err := gw.Write(out); err != nil {
 		s.m.DialFailures.WithLabelValues(res.Gateway.ID).Inc()
 		s.log.Debug("write to gateway failed", zap.Uint64("conn", id), zap.String("gateway", res.Gateway.ID), zap.Error(err))
-		ses.abort("gateway_write_error")
+		ses.abort(endGatewayWriteError)
 		s.unregister(ses)
 		return nil
 	}
@@ -598,7 +624,7 @@ func (s *Server) endSession(ses *session, up, down int64) {
 	s.m.Bytes.WithLabelValues("client_to_gateway").Add(float64(up + hello))
 	s.m.Bytes.WithLabelValues("gateway_to_client").Add(float64(down))
 	s.m.SessionSeconds.Observe(d.Seconds())
-	s.m.SessionEnds.WithLabelValues(reason).Inc()
+	s.m.SessionEnds.WithLabelValues(string(reason)).Inc()
 	s.log.Info("session end",
 		zap.Uint64("conn", id),
 		zap.String("key_hash", hashString(keyHash)),
@@ -607,7 +633,7 @@ func (s *Server) endSession(ses *session, up, down int64) {
 		zap.Int64("bytes_in", up+hello),
 		zap.Int64("bytes_out", down),
 		zap.Duration("duration", d),
-		zap.String("reason", reason))
+		zap.String("reason", string(reason)))
 }
 
 func (s *Server) register(ses *session) bool {
@@ -637,9 +663,9 @@ func (s *Server) splice(ses *session) (up, down int64) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		up = pipe(ses, ses.gw, ses.client, reasonClientError)
+		up = pipe(ses, ses.gw, ses.client, endClientError)
 	}()
-	down = pipe(ses, ses.client, ses.gw, reasonGatewayError)
+	down = pipe(ses, ses.client, ses.gw, endGatewayError)
 	<-done
 	ses.client.Close()
 	ses.gw.Close()
@@ -650,7 +676,7 @@ func (s *Server) splice(ses *session) (up, down int64) {
 // it). On EOF it half-closes dst so the peer sees FIN and the other
 // direction keeps flowing; on an error it aborts the whole session, which
 // also unblocks the other direction.
-func pipe(ses *session, dst, src net.Conn, reason string) int64 {
+func pipe(ses *session, dst, src net.Conn, reason endReason) int64 {
 	n, err := io.Copy(dst, src)
 	ses.endDirection(dst, src, err, reason)
 	return n
@@ -663,7 +689,7 @@ func pipe(ses *session, dst, src net.Conn, reason string) int64 {
 // client that vanished breaks the write toward it as well as the read from
 // it. A side that itself broke (reset, timed out, unreachable) is just
 // closed: a reset there would tell nobody anything.
-func (ses *session) endDirection(dst, src net.Conn, err error, reason string) {
+func (ses *session) endDirection(dst, src net.Conn, err error, reason endReason) {
 	if err == nil {
 		if tc := rawTCP(dst); tc != nil && tc.CloseWrite() == nil {
 			return
@@ -674,18 +700,12 @@ func (ses *session) endDirection(dst, src net.Conn, err error, reason string) {
 	failed := brokenSide(dst, src, err)
 	switch failed {
 	case ses.client:
-		reason = reasonClientError
+		reason = endClientError
 	case ses.gw:
-		reason = reasonGatewayError
+		reason = endGatewayError
 	}
 	ses.abortFrom(failed, reason)
 }
-
-// Session end reasons for a side that failed.
-const (
-	reasonClientError  = "client_error"
-	reasonGatewayError = "gateway_error"
-)
 
 // brokenSide finds which connection of a direction broke: the one the
 // kernel already closed (reset or timed out), else the source for a failed

@@ -427,11 +427,11 @@ func TestClientResetBlamesClient(t *testing.T) {
 				_ = c.SetLinger(0)
 				c.Close()
 				waitFor(t, func() bool {
-					return testutil.ToFloat64(h.m.SessionEnds.WithLabelValues(reasonClientError))+
-						testutil.ToFloat64(h.m.SessionEnds.WithLabelValues(reasonGatewayError)) == float64(i+1)
+					return testutil.ToFloat64(h.m.SessionEnds.WithLabelValues(string(endClientError)))+
+						testutil.ToFloat64(h.m.SessionEnds.WithLabelValues(string(endGatewayError))) == float64(i+1)
 				})
 			}
-			if n := testutil.ToFloat64(h.m.SessionEnds.WithLabelValues(reasonGatewayError)); n != 0 {
+			if n := testutil.ToFloat64(h.m.SessionEnds.WithLabelValues(string(endGatewayError))); n != 0 {
 				t.Fatalf("%v of %d client resets blamed on the gateway", n, sessions)
 			}
 		})

@@ -15,17 +15,21 @@ import (
 	"go.uber.org/zap"
 )
 
+// ProxyInMode is how the proxy treats PROXY headers from its load
+// balancer (--proxy-protocol-in).
+type ProxyInMode string
+
 // PROXY protocol modes for --proxy-protocol-in.
 const (
 	// ProxyInOff reads no PROXY header: the TCP peer is the client.
-	ProxyInOff = "off"
+	ProxyInOff ProxyInMode = "off"
 	// ProxyInOptional honours a header from a trusted peer when present;
 	// a header from any other peer is rejected, a connection without one is
 	// served with its TCP peer address.
-	ProxyInOptional = "optional"
+	ProxyInOptional ProxyInMode = "optional"
 	// ProxyInRequire serves only trusted peers that send a header; every
 	// other connection is closed.
-	ProxyInRequire = "require"
+	ProxyInRequire ProxyInMode = "require"
 )
 
 // Handshake failure reasons for PROXY headers.
@@ -40,7 +44,7 @@ const (
 // in Accept, so one slow peer cannot stall the accept loop; timeout bounds
 // the read. Connections an untrusted peer opens in require mode are closed
 // in Accept (zero bytes written), counted and logged at debug.
-func ProxyProtocolListener(ln net.Listener, mode string, trusted []netip.Prefix, timeout time.Duration, m *Metrics, log *zap.Logger) (net.Listener, error) {
+func ProxyProtocolListener(ln net.Listener, mode ProxyInMode, trusted []netip.Prefix, timeout time.Duration, m *Metrics, log *zap.Logger) (net.Listener, error) {
 	switch mode {
 	case ProxyInOff, "":
 		return ln, nil

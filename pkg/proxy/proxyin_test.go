@@ -46,7 +46,7 @@ func TestProxyProtocolIn(t *testing.T) {
 	garbage := append([]byte("\r\n\r\n\x00\r\nQUIT\n"), 0x21, 0x11, 0, 3, 1, 2, 3)
 	tests := []struct {
 		name    string
-		mode    string
+		mode    ProxyInMode
 		trusted string
 		prefix  []byte
 		client  string // expected client in the reply; "" means rejected
