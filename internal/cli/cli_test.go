@@ -209,3 +209,27 @@ func TestParsePrefixes(t *testing.T) {
 		}
 	}
 }
+
+// TestApplyConfigAfterParse: the flag wrappers Parse installs (for clear
+// value errors) keep lists working in the config file.
+func TestApplyConfigAfterParse(t *testing.T) {
+	var gws GatewayList
+	var d time.Duration
+	fs := flag.NewFlagSet("t", flag.ContinueOnError)
+	fs.Var(&gws, "gateway", "")
+	fs.DurationVar(&d, "dial-timeout", time.Second, "")
+	if err := Parse(fs, nil, io.Discard); err != nil {
+		t.Fatal(err)
+	}
+	path := filepath.Join(t.TempDir(), "c.yaml")
+	if err := os.WriteFile(path, []byte("gateway:\n  - a=10.0.0.1:1\n  - b=10.0.0.2:1\ndial-timeout: 5\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	err := ApplyConfig(fs, path, nil)
+	if len(gws) != 2 || err == nil || !strings.Contains(err.Error(), `line 4: dial-timeout: want a duration like 2s`) {
+		t.Fatalf("gateways %v, err %v", gws, err)
+	}
+	if err := Parse(fs, []string{"--dial-timeout", "x"}, io.Discard); err == nil || err.Error() != `--dial-timeout: want a duration like 2s, 500ms or 1m30s, got "x"` {
+		t.Fatalf("flag error: %v", err)
+	}
+}

@@ -72,7 +72,11 @@ func ApplyConfig(fs *flag.FlagSet, path string, skip map[string]bool, notInConfi
 		if err != nil {
 			return fmt.Errorf("config %s line %d: %s: %w", path, v.Line, name, err)
 		}
-		if rep, ok := f.Value.(Repeatable); ok {
+		fv := f.Value
+		if ev, ok := fv.(*explained); ok {
+			fv = ev.Value // the file names keys without dashes
+		}
+		if rep, ok := fv.(Repeatable); ok {
 			rep.Reset()
 			for _, s := range values {
 				if err := rep.Set(s); err != nil {
@@ -81,10 +85,7 @@ func ApplyConfig(fs *flag.FlagSet, path string, skip map[string]bool, notInConfi
 			}
 			continue
 		}
-		val, fv := strings.Join(values, ","), f.Value
-		if ev, ok := fv.(*explained); ok {
-			fv = ev.Value // the file names keys without dashes
-		}
+		val := strings.Join(values, ",")
 		if err := fv.Set(val); err != nil {
 			return fmt.Errorf("config %s line %d: %w", path, v.Line, valueError(name, fv, val, err))
 		}

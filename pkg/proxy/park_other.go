@@ -17,7 +17,7 @@ type parkedSession struct{}
 func newParker(*zap.Logger, *Metrics, time.Duration, func(*session, int64, int64)) (*parker, error) {
 	return nil, nil
 }
-func (p *parker) park(*session) *parkedSession { return nil }
-func (p *parker) runClient(*parkedSession)     {}
-func (p *parker) close()                       {}
-func (p *parker) parkedCount() int             { return 0 }
+func (p *parker) adopt(*session) *parkedSession { return nil }
+func (p *parker) runClient(*parkedSession)      {}
+func (p *parker) close()                        {}
+func (p *parker) parkedCount() int              { return 0 }

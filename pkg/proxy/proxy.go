@@ -598,7 +598,7 @@ func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash ui
 		return nil
 	}
 	if s.parker != nil {
-		if ps := s.parker.park(ses); ps != nil {
+		if ps := s.parker.adopt(ses); ps != nil {
 			return ps
 		}
 	}

@@ -1,0 +1,165 @@
+//go:build linux
+
+package proxy
+
+import (
+	"errors"
+	"net"
+	"os"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+)
+
+// loop waits in Go's poller until the epoll set has events, then takes
+// them all without blocking and wakes each direction.
+func (p *parker) loop(rc syscall.RawConn) {
+	defer close(p.done)
+	events := make([]unix.EpollEvent, 256)
+	var werr error
+	drain := func(fd uintptr) bool {
+		for {
+			n, err := unix.EpollWait(int(fd), events, 0)
+			if err != nil {
+				if errors.Is(err, unix.EINTR) {
+					continue
+				}
+				werr = err
+				return true
+			}
+			now := time.Now().UnixNano()
+			for _, ev := range events[:n] {
+				if d := p.lookup(uint32(ev.Fd), uint32(ev.Pad)); d != nil {
+					p.wake(d, ev.Events, now)
+				}
+			}
+			if n < len(events) {
+				// Drained: the poller is edge-triggered on the set,
+				// so wait for the next event to arrive.
+				return false
+			}
+		}
+	}
+	err := rc.Read(drain)
+	switch {
+	case werr != nil:
+		p.log.Error("park: epoll_wait failed; parked sessions stall", zap.Error(werr))
+	case err != nil && !errors.Is(err, os.ErrClosed) && !p.closing.Load():
+		p.log.Error("park: waiting for parked sessions failed; they stall", zap.Error(err))
+	}
+}
+
+func (p *parker) lookup(slot, gen uint32) *parkedDir {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if int(slot) < len(p.slots) {
+		if d := p.slots[slot]; d != nil && d.gen == gen {
+			return d
+		}
+	}
+	return nil
+}
+
+// arm (re)registers a direction's source for one readiness event. Both
+// descriptors are used inside their RawConn's Control, so neither can be
+// closed (and its number reused) during the epoll_ctl.
+func (p *parker) arm(d *parkedDir, op int) error {
+	ev := unix.EpollEvent{
+		Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT,
+		Fd:     int32(d.slot),
+		Pad:    int32(d.gen),
+	}
+	var err, serr error
+	eerr := p.epRC.Control(func(epfd uintptr) {
+		serr = d.srcRC.Control(func(fd uintptr) { err = unix.EpollCtl(int(epfd), op, int(fd), &ev) })
+	})
+	return errors.Join(eerr, serr, err)
+}
+
+// inlineMax is the most a wakeup moves in the loop itself; a direction
+// that brings more is streaming and gets a worker.
+const inlineMax = 64 << 10
+
+// wake handles a readiness event of a parked direction, in the loop's
+// goroutine. A direction quiet for parkAfter that brings a small message
+// (a heartbeat, a push) is served right here: two non-blocking splices and
+// a re-arm, no goroutine, which keeps the first message after a long idle
+// nearly as fast as on an unparked session. Everything else — a chatty or
+// streaming direction, EOF, a hangup, a destination that cannot take the
+// bytes now — goes to a worker goroutine, so the loop never blocks and
+// busy sessions keep their own goroutines.
+func (p *parker) wake(d *parkedDir, events uint32, now int64) {
+	if !p.claim(d) {
+		return
+	}
+	if events&unix.EPOLLIN == 0 || events&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 ||
+		time.Duration(now-d.parkedAt) < p.parkAfter {
+		p.wakesWorker.Inc()
+		go p.work(d)
+		return
+	}
+	mv := d.mv
+	err := p.moveOnce(d)
+	switch {
+	case err != nil:
+		p.putMover(d)
+		d.ps.ses.endDirection(d.dst, d.src, err, d.reason())
+		p.finish(d, true)
+	case mv.left == 0 && !mv.eof && mv.n < inlineMax:
+		// Moved (or, if the event raced a read, found nothing): park again.
+		p.wakesInline.Inc()
+		p.putMover(d)
+		p.parkDir(d)
+		p.finish(d, false)
+	default:
+		// EOF, a stream, or a destination that is full: the worker
+		// flushes what is left and carries on.
+		p.wakesWorker.Inc()
+		go p.work(d)
+	}
+}
+
+// parkDir parks a direction whose worker is about to end: it is marked parked
+// and armed for one readiness event, which wakes it again (maybe before
+// this worker has returned). If epoll refuses the socket the session is
+// aborted, since nothing would ever wake the direction.
+func (p *parker) parkDir(d *parkedDir) {
+	ps := d.ps
+	op := unix.EPOLL_CTL_MOD
+	if d.slot == 0 {
+		op = unix.EPOLL_CTL_ADD
+		p.addSlot(d) // before the first arm: its event may come at once
+	}
+	d.parkedAt = time.Now().UnixNano()
+	ps.mu.Lock()
+	d.parked = true
+	p.parkedDelta(1)
+	ps.mu.Unlock()
+	if err := p.arm(d, op); err != nil {
+		// Closed meanwhile: an abort or drain already finished every
+		// direction, and this abort does nothing. Otherwise the epoll
+		// set is full (fs.epoll.max_user_watches) or broken.
+		if !errors.Is(err, net.ErrClosed) {
+			p.m.ParkErrors.Inc()
+			p.log.Warn("park: cannot watch an idle session; closing it", zap.Error(err))
+		}
+		ps.ses.abort(endParkError)
+	}
+}
+
+func (p *parker) addSlot(d *parkedDir) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.nextGen++
+	d.gen = p.nextGen
+	if n := len(p.free); n > 0 {
+		d.slot = p.free[n-1]
+		p.free = p.free[:n-1]
+		p.slots[d.slot] = d
+	} else {
+		d.slot = uint32(len(p.slots))
+		p.slots = append(p.slots, d)
+	}
+}

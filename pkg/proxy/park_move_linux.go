@@ -1,0 +1,205 @@
+//go:build linux
+
+package proxy
+
+import (
+	"errors"
+	"os"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// moverFns are a mover's callbacks for RawConn, bound once when the mover
+// is made so that handing them over allocates nothing: read and write wait
+// in Go's poller (workers), readNow and writeNow never wait (the loop).
+type moverFns struct {
+	read, write       func(fd uintptr) bool
+	readNow, writeNow func(fd uintptr)
+}
+
+// mover is the scratch state of one direction's move while it is claimed;
+// pooled, so a parked direction carries none of it and the callbacks handed
+// to RawConn are bound once, not per message.
+type mover struct {
+	d          *parkedDir
+	pipe       *pipePair
+	n, left    int64 // read into the pipe; still to write out of it
+	rerr, perr error // last splice error; pipe error
+	eof        bool  // the loop read the source's EOF but did not act on it
+	fns        moverFns
+}
+
+func (p *parker) getMover(d *parkedDir) *mover {
+	mv, _ := p.movers.Get().(*mover)
+	if mv == nil {
+		mv = &mover{}
+		mv.fns = moverFns{read: mv.readOnce, write: mv.writeOnce, readNow: func(fd uintptr) { mv.readOnce(fd) }, writeNow: mv.writeNow}
+	}
+	mv.d = d
+	d.mv = mv
+	return mv
+}
+
+// putMover returns the direction's mover with its pipe: to the pool if the
+// pipe is empty, closed if bytes may be left in it (a failed write).
+func (p *parker) putMover(d *parkedDir) {
+	mv := d.mv
+	if mv.pipe != nil {
+		p.putPipe(mv.pipe, mv.left == 0)
+	}
+	*mv = mover{fns: mv.fns}
+	d.mv = nil
+	p.movers.Put(mv)
+}
+
+// readOnce is the RawConn.Read callback: splice what the socket has into
+// the pipe; on would-block give the pipe back and let Go's poller wait.
+func (mv *mover) readOnce(fd uintptr) bool {
+	p := mv.d.ps.p
+	if mv.pipe == nil {
+		if mv.pipe, mv.perr = p.getPipe(); mv.perr != nil {
+			return true
+		}
+	}
+	for {
+		mv.n, mv.rerr = unix.Splice(int(fd), nil, mv.pipe.w, nil, maxSplice, unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+		if !errors.Is(mv.rerr, unix.EINTR) {
+			break
+		}
+	}
+	if errors.Is(mv.rerr, unix.EAGAIN) {
+		p.putPipe(mv.pipe, true) // empty: nothing was read
+		mv.pipe = nil
+		return false // wait for data, EOF or the deadline
+	}
+	return true
+}
+
+// writeOnce is the RawConn.Write callback: move pipe bytes to the socket;
+// on would-block let Go's poller wait for the peer to drain.
+func (mv *mover) writeOnce(fd uintptr) bool {
+	var m int64
+	for {
+		m, mv.rerr = unix.Splice(mv.pipe.r, nil, int(fd), nil, int(mv.left), unix.SPLICE_F_MOVE|unix.SPLICE_F_NONBLOCK)
+		if !errors.Is(mv.rerr, unix.EINTR) {
+			break
+		}
+	}
+	if mv.rerr == nil {
+		mv.left -= m
+		mv.d.bytes += m
+	}
+	return !errors.Is(mv.rerr, unix.EAGAIN)
+}
+
+// writeNow is the loop's RawConn.Control callback: write until the pipe is
+// empty, the socket is full (EAGAIN) or the write fails; never wait.
+func (mv *mover) writeNow(fd uintptr) {
+	for mv.left > 0 && mv.writeOnce(fd) && mv.rerr == nil {
+	}
+}
+
+// moveOnce is the loop's non-blocking move: one splice from the source
+// into a pipe and as much of it to the destination as it takes now. The
+// mover records what was read (mv.n, 0 if nothing was there), an EOF
+// (mv.eof), and what the destination did not take (mv.left, in mv.pipe).
+func (p *parker) moveOnce(d *parkedDir) error {
+	mv := d.mv
+	if err := d.srcRC.Control(mv.fns.readNow); err != nil {
+		return err
+	}
+	switch {
+	case mv.perr != nil:
+		return mv.perr
+	case errors.Is(mv.rerr, unix.EAGAIN):
+		mv.n = 0
+		return nil
+	case mv.rerr != nil:
+		return mv.rerr
+	case mv.n == 0:
+		mv.eof = true
+		return nil
+	}
+	mv.left = mv.n
+	if err := d.dstRC.Control(mv.fns.writeNow); err != nil {
+		return err
+	}
+	if mv.rerr != nil && !errors.Is(mv.rerr, unix.EAGAIN) {
+		return mv.rerr
+	}
+	return nil
+}
+
+// serve moves data while the direction is active and returns when it has
+// been idle for its wait (eof and err nil: park it), at EOF, or on error.
+// It first finishes what the loop's inline move left: an EOF it read, or
+// bytes the destination had no room for.
+//
+// Reads happen inside RawConn.Read: a splice that would block releases the
+// pipe and lets Go's poller wait for the next byte (Go prepares the wait
+// before the first attempt, so no wakeup is lost between the two), bounded
+// by a read deadline. That is the same three system calls per message as
+// io.Copy's splice path, without holding a pipe while waiting.
+func (p *parker) serve(d *parkedDir) (eof bool, err error) {
+	mv := d.mv
+	if mv.eof {
+		return true, nil
+	}
+	if err := p.flush(mv); err != nil {
+		return false, err
+	}
+	now := time.Now()
+	wait := p.waitFor(d.ps, now)
+	deadline := now.Add(wait)
+	if err := d.src.SetReadDeadline(deadline); err != nil {
+		return false, err
+	}
+	for moved := false; ; moved = true {
+		// Once data flows, move the idle deadline forward only when half
+		// of the wait is used up: one timer update per wait/2, not one
+		// per message.
+		if moved {
+			if now = time.Now(); deadline.Sub(now) < wait/2 {
+				wait = p.waitFor(d.ps, now)
+				deadline = now.Add(wait)
+				if err := d.src.SetReadDeadline(deadline); err != nil {
+					return false, err
+				}
+			}
+		}
+		mv.n, mv.rerr, mv.perr = 0, nil, nil
+		err := d.srcRC.Read(mv.fns.read)
+		switch {
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			return false, d.src.SetReadDeadline(time.Time{}) // idle: park
+		case err != nil:
+			return false, err
+		case mv.perr != nil:
+			return false, mv.perr
+		case mv.rerr != nil:
+			return false, mv.rerr
+		case mv.n == 0:
+			return true, nil
+		}
+		mv.left = mv.n
+		if err := p.flush(mv); err != nil {
+			return false, err
+		}
+	}
+}
+
+// flush writes the mv.left bytes waiting in mv.pipe, waiting in Go's
+// poller while the destination is full.
+func (p *parker) flush(mv *mover) error {
+	for mv.left > 0 {
+		mv.rerr = nil
+		if err := mv.d.dstRC.Write(mv.fns.write); err != nil {
+			return err
+		}
+		if mv.rerr != nil {
+			return mv.rerr
+		}
+	}
+	return nil
+}
