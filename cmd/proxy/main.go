@@ -15,7 +15,6 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
-	"sort"
 	"syscall"
 	"time"
 
@@ -47,22 +46,40 @@ var errForced = errors.New("second stop signal: closed every session at once")
 
 // options are the parsed flags (and config file).
 type options struct {
-	config, listen, admin, adminToken string
-	checkConfig, pprof, noPark        bool
-	gateways                          cli.GatewayList
-	proxyProtocolOut                  string
-	handshakeTimeout, dialTimeout     time.Duration
-	cooldown, drainTimeout            time.Duration
-	maxHello, maxTries, maxConns      int
-	logLevel, logFormat               string
-	gossip                            cli.GossipFlags
-	proxyProtocolIn, trusted          string
-	trustedPrefixes                   []netip.Prefix
-	redisURL                          string
-	bindingTTL, redisTimeout          time.Duration
-	clientKeepAlive, parkAfter        time.Duration
-	keyFrom, noKey                    string
-	extractor                         proto.Extractor
+	config      string        // --config: YAML file of flags (command line wins)
+	checkConfig bool          // --check-config: validate, print, exit
+	listen      string        // --listen: client address
+	admin       string        // --admin: admin HTTP address ("" off)
+	adminToken  string        // --admin-token: bearer token for the admin API
+	pprof       bool          // --pprof: profiler on the admin server
+	noPark      bool          // --no-park: goroutine and pipe per direction instead of parking
+	parkAfter   time.Duration // --park-after: idle time before a direction parks
+
+	gateways         cli.GatewayList // --gateway: the static list
+	gossip           cli.GossipFlags // --gossip-bind, --join, --node-name, --gossip-key, ...
+	proxyProtocolOut string          // --proxy-protocol-out: v2 or off
+	proxyProtocolIn  string          // --proxy-protocol-in: off, optional or require
+	trusted          string          // --trusted-proxies as given
+	trustedPrefixes  []netip.Prefix  // ... parsed by validate
+
+	keyFrom   string          // --key-from as given
+	extractor proto.Extractor // ... parsed by validate
+	noKey     string          // --no-key: reject or hash-source
+	maxHello  int             // --max-hello: bytes
+
+	handshakeTimeout time.Duration // --handshake-timeout
+	dialTimeout      time.Duration // --dial-timeout: per gateway attempt
+	maxTries         int           // --max-tries: gateways per connection
+	cooldown         time.Duration // --gateway-cooldown
+	clientKeepAlive  time.Duration // --client-keepalive (0 off)
+	maxConns         int           // --max-conns (0 no limit)
+	drainTimeout     time.Duration // --drain-timeout: after SIGTERM
+
+	redisURL     string        // --redis ("" off)
+	bindingTTL   time.Duration // --binding-ttl
+	redisTimeout time.Duration // --redis-timeout: per connect
+
+	logLevel, logFormat string // --log-level, --log-format
 }
 
 const usageHead = `Usage: proxy --gateway ID=HOST:PORT [--gateway ...] [flags]
@@ -259,106 +276,124 @@ func onOff(b bool) string {
 // serve runs the proxy until SIGTERM/SIGINT. args are kept so SIGHUP can
 // re-read the config file exactly as at start.
 func serve(args []string, o options, sigs <-chan os.Signal, log *zap.Logger, level zap.AtomicLevel, stderr io.Writer) error {
-	var holder ring.Holder
-	reg := prometheus.NewRegistry()
-	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	metrics := proxy.NewMetrics(reg)
-
-	lc := net.ListenConfig{KeepAlive: -1}
-	if o.clientKeepAlive > 0 {
-		lc.KeepAliveConfig = net.KeepAliveConfig{Enable: true, Idle: o.clientKeepAlive, Interval: 15 * time.Second, Count: 4}
+	p := &process{o: o, log: log}
+	defer p.close()
+	for _, step := range []func() error{p.listen, p.joinGossip, p.keepRing, p.newServer, p.startAdmin} {
+		if err := step(); err != nil {
+			return err
+		}
 	}
-	tcpLn, err := lc.Listen(context.Background(), "tcp", o.listen)
+	return p.run(args, sigs, level, stderr)
+}
+
+// process is a running proxy's parts, built in steps by serve; close
+// undoes the steps that succeeded, last first.
+type process struct {
+	o       options
+	log     *zap.Logger
+	reg     *prometheus.Registry
+	metrics *proxy.Metrics
+	holder  ring.Holder
+	tcpLn   net.Listener     // the client listener, for its address
+	ln      net.Listener     // tcpLn, reading PROXY headers per --proxy-protocol-in
+	node    *cluster.Cluster // nil without gossip
+	syncer  *cluster.Syncer
+	dialer  *route.Dialer
+	srv     *proxy.Server
+	admin   *http.Server // nil without --admin
+	undo    []func()
+}
+
+func (p *process) close() {
+	for i := len(p.undo) - 1; i >= 0; i-- {
+		p.undo[i]()
+	}
+}
+
+// listen opens the client listener (first, so a taken port fails fast) and
+// the metrics registry.
+func (p *process) listen() error {
+	p.reg = prometheus.NewRegistry()
+	p.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	p.metrics = proxy.NewMetrics(p.reg)
+	lc := net.ListenConfig{KeepAlive: -1}
+	if p.o.clientKeepAlive > 0 {
+		lc.KeepAliveConfig = net.KeepAliveConfig{Enable: true, Idle: p.o.clientKeepAlive, Interval: 15 * time.Second, Count: 4}
+	}
+	tcpLn, err := lc.Listen(context.Background(), "tcp", p.o.listen)
 	if err != nil {
 		return fmt.Errorf("listen: %w", err)
 	}
-	ln, err := proxy.ProxyProtocolListener(tcpLn, proxy.ProxyInMode(o.proxyProtocolIn), o.trustedPrefixes, o.handshakeTimeout, metrics, log.Named("proxy"))
+	ln, err := proxy.ProxyProtocolListener(tcpLn, proxy.ProxyInMode(p.o.proxyProtocolIn), p.o.trustedPrefixes, p.o.handshakeTimeout, p.metrics, p.log.Named("proxy"))
 	if err != nil {
 		tcpLn.Close()
 		return err
 	}
-	defer ln.Close()
+	p.tcpLn, p.ln = tcpLn, ln
+	p.undo = append(p.undo, func() { ln.Close() })
+	return nil
+}
 
-	// Membership: the static list, gossip when enabled, and operator
-	// drains; the Syncer keeps the ring current.
-	var members cluster.Membership
-	var node *cluster.Cluster
-	if o.gossip.Bind != "" {
-		if node, err = startGossip(o, tcpLn.Addr().String(), log); err != nil {
-			return err
-		}
-		members = node
-		metrics.GossipEncrypted.Set(map[bool]float64{true: 1}[node.Encrypted()])
-		defer func() {
-			if err := node.Leave(5 * time.Second); err != nil {
-				log.Warn("gossip leave not confirmed", zap.Error(err))
-			}
-			_ = node.Shutdown()
-		}()
+// joinGossip starts the gossip node when --gossip-bind is set.
+func (p *process) joinGossip() error {
+	if p.o.gossip.Bind == "" {
+		return nil
 	}
-	var syncer *cluster.Syncer
-	syncer, err = cluster.NewSyncer(members, o.gateways, &holder, log.Named("ring"), func(r *ring.Ring) {
-		metrics.ObserveRing(r)
-		if node != nil {
-			metrics.ClusterMembers.Set(float64(node.Members()))
+	node, err := startGossip(p.o, p.tcpLn.Addr().String(), p.log)
+	if err != nil {
+		return err
+	}
+	p.node = node
+	p.metrics.GossipEncrypted.Set(map[bool]float64{true: 1}[node.Encrypted()])
+	p.undo = append(p.undo, func() {
+		if err := node.Leave(5 * time.Second); err != nil {
+			p.log.Warn("gossip leave not confirmed", zap.Error(err))
 		}
-		if syncer != nil {
-			metrics.IDConflicts.Set(float64(len(syncer.Conflicts())))
+		_ = node.Shutdown()
+	})
+	return nil
+}
+
+// keepRing builds the ring from the static list, gossip and operator
+// drains, and keeps it current.
+func (p *process) keepRing() error {
+	var members cluster.Membership
+	if p.node != nil {
+		members = p.node
+	}
+	syncer, err := cluster.NewSyncer(members, p.o.gateways, &p.holder, p.log.Named("ring"), func(r *ring.Ring) {
+		p.metrics.ObserveRing(r)
+		if p.node != nil {
+			p.metrics.ClusterMembers.Set(float64(p.node.Members()))
+		}
+		if p.syncer != nil {
+			p.metrics.IDConflicts.Set(float64(len(p.syncer.Conflicts())))
 		}
 	})
 	if err != nil {
 		return fmt.Errorf("gateway list: %w", err)
 	}
-	syncCtx, stopSync := context.WithCancel(context.Background())
-	syncDone := make(chan struct{})
-	go func() { defer close(syncDone); syncer.Run(syncCtx) }()
-	defer func() { stopSync(); <-syncDone }()
+	p.syncer = syncer
+	ctx, stop := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); syncer.Run(ctx) }()
+	p.undo = append(p.undo, func() { stop(); <-done })
+	return nil
+}
 
-	dialer := &route.Dialer{MaxTries: o.maxTries, DialTimeout: o.dialTimeout, Cooldown: o.cooldown, Logger: log.Named("dial")}
-	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-		Name: "tether_gateways_unreachable",
-		Help: "Gateways in the ring this proxy is skipping after a failed connection attempt (--gateway-cooldown).",
-	}, func() float64 {
-		n := 0
-		for _, m := range holder.Load().Members() {
-			if dialer.CoolingDown(m.ID) {
-				n++
-			}
-		}
-		return float64(n)
-	}))
-
-	var resolver route.Resolver = &route.RingResolver{Ring: &holder, Candidates: o.maxTries}
-	if o.redisURL != "" {
-		rc, err := redisbind.NewClient(o.redisURL, o.redisTimeout)
-		if err != nil {
-			return err
-		}
-		defer rc.Close()
-		br, err := redisbind.New(redisbind.Config{
-			Client: rc, Ring: &holder, Candidates: o.maxTries, TTL: o.bindingTTL, Timeout: o.redisTimeout,
-			Logger: log.Named("redis"),
-			OnError: func(err error) {
-				metrics.RedisErrors.Inc()
-				if redisbind.IsWriteRefused(err) {
-					metrics.RedisRefusals.Inc()
-				}
-			},
-		})
-		if err != nil {
-			return err
-		}
-		if err := br.Preload(context.Background()); err != nil {
-			log.Warn("redis not reachable at start: routing by the ring until it answers", zap.Error(err))
-		} else {
-			log.Info("redis bindings on", zap.Duration("binding_ttl", o.bindingTTL), zap.Duration("redis_timeout", o.redisTimeout))
-		}
-		resolver = br
+// newServer builds the resolver (ring, or Redis bindings over it), the
+// dialer and the proxy server.
+func (p *process) newServer() error {
+	o := p.o
+	p.dialer = &route.Dialer{MaxTries: o.maxTries, DialTimeout: o.dialTimeout, Cooldown: o.cooldown, Logger: p.log.Named("dial")}
+	p.metrics.WatchDialer(p.reg, &p.holder, p.dialer)
+	resolver, err := p.newResolver()
+	if err != nil {
+		return err
 	}
-
-	srv, err := proxy.New(proxy.Config{
+	p.srv, err = proxy.New(proxy.Config{
 		Resolver:         resolver,
-		Dialer:           dialer,
+		Dialer:           p.dialer,
 		Extractor:        o.extractor,
 		NoKeyHashSource:  o.noKey == "hash-source",
 		HandshakeTimeout: o.handshakeTimeout,
@@ -366,90 +401,123 @@ func serve(args []string, o options, sigs <-chan os.Signal, log *zap.Logger, lev
 		MaxConns:         o.maxConns,
 		Park:             !o.noPark,
 		ParkAfter:        o.parkAfter,
-		Logger:           log.Named("proxy"),
-		Metrics:          metrics,
+		Logger:           p.log.Named("proxy"),
+		Metrics:          p.metrics,
+	})
+	return err
+}
+
+func (p *process) newResolver() (route.Resolver, error) {
+	o := p.o
+	if o.redisURL == "" {
+		return &route.RingResolver{Ring: &p.holder, Candidates: o.maxTries}, nil
+	}
+	rc, err := redisbind.NewClient(o.redisURL, o.redisTimeout)
+	if err != nil {
+		return nil, err
+	}
+	p.undo = append(p.undo, func() { rc.Close() })
+	br, err := redisbind.New(redisbind.Config{
+		Client: rc, Ring: &p.holder, Candidates: o.maxTries, TTL: o.bindingTTL, Timeout: o.redisTimeout,
+		Logger:  p.log.Named("redis"),
+		OnError: func(err error) { p.metrics.RedisError(redisbind.IsWriteRefused(err)) },
 	})
 	if err != nil {
-		return err
+		return nil, err
 	}
-	log.Info("listening", zap.String("addr", tcpLn.Addr().String()), zap.Int("static_gateways", len(o.gateways)),
+	if err := br.Preload(context.Background()); err != nil {
+		p.log.Warn("redis not reachable at start: routing by the ring until it answers", zap.Error(err))
+	} else {
+		p.log.Info("redis bindings on", zap.Duration("binding_ttl", o.bindingTTL), zap.Duration("redis_timeout", o.redisTimeout))
+	}
+	return br, nil
+}
+
+// startAdmin serves the admin API when --admin is set.
+func (p *process) startAdmin() error {
+	o := p.o
+	p.log.Info("listening", zap.String("addr", p.tcpLn.Addr().String()), zap.Int("static_gateways", len(o.gateways)),
 		zap.String("proxy_protocol_in", o.proxyProtocolIn), zap.String("proxy_protocol_out", o.proxyProtocolOut),
 		zap.Int("max_conns", o.maxConns))
-
-	var adminSrv *http.Server
-	if o.admin != "" {
-		aln, err := net.Listen("tcp", o.admin)
-		if err != nil {
-			return fmt.Errorf("admin listen: %w", err)
-		}
-		adminSrv = &http.Server{
-			Handler: admin.Handler(admin.Config{
-				Gatherer: reg,
-				Resolver: resolver,
-				Ready:    func() bool { return !srv.Closing() && holder.Load().Len() > 0 },
-				Gateways: func() []admin.GatewayStatus { return gatewayStatus(&holder, syncer, dialer, srv) },
-				Drain: func(id string, drain, force bool) error {
-					if err := syncer.SetDrained(id, drain, force); err != nil {
-						return err
-					}
-					log.Info("admin drain", zap.String("gateway", id), zap.Bool("drained", drain), zap.Bool("forced", force))
-					return nil
-				},
-				Token: o.adminToken,
-				Pprof: o.pprof,
-			}),
-			ReadHeaderTimeout: 5 * time.Second,
-		}
-		log.Info("admin listening", zap.String("addr", aln.Addr().String()), zap.Bool("token", o.adminToken != ""))
-		go func() {
-			if err := adminSrv.Serve(aln); !errors.Is(err, http.ErrServerClosed) && !errors.Is(err, net.ErrClosed) {
-				log.Error("admin server stopped", zap.Error(err))
-			}
-		}()
+	if o.admin == "" {
+		return nil
 	}
+	aln, err := net.Listen("tcp", o.admin)
+	if err != nil {
+		return fmt.Errorf("admin listen: %w", err)
+	}
+	srv, syncer := p.srv, p.syncer
+	p.admin = &http.Server{
+		Handler: admin.Handler(admin.Config{
+			Gatherer: p.reg,
+			Resolver: srv.Resolver(),
+			Ready:    func() bool { return !srv.Closing() && p.holder.Load().Len() > 0 },
+			Gateways: admin.GatewayView{Ring: &p.holder, Syncer: syncer, Live: func(id string) bool { return !p.dialer.CoolingDown(id) },
+				Sessions: srv.SessionsByGateway}.Rows,
+			Drain: func(id string, drain, force bool) error {
+				if err := syncer.SetDrained(id, drain, force); err != nil {
+					return err
+				}
+				p.log.Info("admin drain", zap.String("gateway", id), zap.Bool("drained", drain), zap.Bool("forced", force))
+				return nil
+			},
+			Token: o.adminToken,
+			Pprof: o.pprof,
+		}),
+		ReadHeaderTimeout: 5 * time.Second,
+	}
+	p.log.Info("admin listening", zap.String("addr", aln.Addr().String()), zap.Bool("token", o.adminToken != ""))
+	go func() {
+		if err := p.admin.Serve(aln); !errors.Is(err, http.ErrServerClosed) {
+			p.log.Error("admin server stopped", zap.Error(err))
+		}
+	}()
+	p.undo = append(p.undo, func() { _ = p.admin.Close() })
+	return nil
+}
 
+// run serves until a stop signal (SIGHUP reloads), then drains; a second
+// stop signal closes every session at once (errForced).
+func (p *process) run(args []string, sigs <-chan os.Signal, level zap.AtomicLevel, stderr io.Writer) error {
 	errc := make(chan error, 1)
-	go func() { errc <- srv.Serve(ln) }()
+	go func() { errc <- p.srv.Serve(p.ln) }()
 	for stopping := false; !stopping; {
 		select {
 		case err := <-errc:
 			return fmt.Errorf("serve: %w", err)
 		case sig := <-sigs:
 			if sig == syscall.SIGHUP {
-				reload(args, o, syncer, node, level, log, stderr)
+				reload(args, p.o, p.syncer, p.node, level, p.log, stderr)
 				continue
 			}
-			log.Info("shutting down: draining open sessions (a second signal closes them at once)", zap.String("signal", sig.String()),
-				zap.Int("sessions", srv.Active()), zap.Duration("drain_timeout", o.drainTimeout))
+			p.log.Info("shutting down: draining open sessions (a second signal closes them at once)", zap.String("signal", sig.String()),
+				zap.Int("sessions", p.srv.Active()), zap.Duration("drain_timeout", p.o.drainTimeout))
 			stopping = true
 		}
 	}
-	dctx, cancel := context.WithTimeout(context.Background(), o.drainTimeout)
+	dctx, cancel := context.WithTimeout(context.Background(), p.o.drainTimeout)
 	defer cancel()
 	drained := make(chan error, 1)
-	go func() { drained <- srv.Shutdown(dctx) }()
+	go func() { drained <- p.srv.Shutdown(dctx) }()
 	var forced error
 	for waiting := true; waiting; {
 		select {
 		case err := <-drained:
 			if err != nil && forced == nil {
-				log.Info("drain timeout reached; remaining sessions closed")
+				p.log.Info("drain timeout reached; remaining sessions closed")
 			}
 			waiting = false
 		case sig := <-sigs:
 			if sig == syscall.SIGHUP || forced != nil {
 				continue
 			}
-			log.Warn("second stop signal: closing every session now", zap.String("signal", sig.String()), zap.Int("sessions", srv.Active()))
+			p.log.Warn("second stop signal: closing every session now", zap.String("signal", sig.String()), zap.Int("sessions", p.srv.Active()))
 			forced = errForced
 			cancel()
 		}
 	}
 	<-errc
-	if adminSrv != nil {
-		_ = adminSrv.Close()
-	}
-	log.Info("stopped")
+	p.log.Info("stopped")
 	return forced
 }
 
@@ -497,32 +565,6 @@ func reloadKeys(g cli.GossipFlags, node *cluster.Cluster, log *zap.Logger) {
 		return
 	}
 	log.Info("SIGHUP: gossip keyring reloaded", zap.String("file", g.KeyFile), zap.Int("keys", len(keys)))
-}
-
-// gatewayStatus assembles /gateways from the ring, the sources, the dialer
-// and the sessions.
-func gatewayStatus(h *ring.Holder, syncer *cluster.Syncer, d *route.Dialer, srv *proxy.Server) []admin.GatewayStatus {
-	sources, states, sessions := syncer.Sources(), syncer.States(), srv.SessionsByGateway()
-	conflicts := map[string][]admin.Claimant{}
-	for _, c := range syncer.Conflicts() {
-		for i, g := range c.Claimants {
-			conflicts[c.ID] = append(conflicts[c.ID], admin.Claimant{Node: g.Node, Addr: g.Addr, State: string(g.State), Routing: i == 0})
-		}
-	}
-	var out []admin.GatewayStatus
-	for _, m := range h.Load().Members() {
-		st := admin.GatewayStatus{
-			ID: m.ID, Addr: m.Addr, Weight: m.Weight, State: string(cluster.StateActive),
-			Live: !d.CoolingDown(m.ID), Source: sources[m.ID], AdminDrained: syncer.Drained(m.ID),
-			ActiveSessions: sessions[m.ID], Conflict: conflicts[m.ID],
-		}
-		if m.Weight == 0 || states[m.ID] == cluster.StateDraining || st.AdminDrained {
-			st.State = string(cluster.StateDraining)
-		}
-		out = append(out, st)
-	}
-	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
-	return out
 }
 
 // startGossip joins the cluster as a proxy node.

@@ -4,6 +4,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/tether-proxy/tether/pkg/ring"
+	"github.com/tether-proxy/tether/pkg/route"
 )
 
 // Metrics are the proxy's Prometheus instruments. The names are part of the
@@ -42,6 +43,31 @@ func (m *Metrics) ObserveRing(r *ring.Ring) {
 	all := len(r.Members())
 	m.Gateways.WithLabelValues("active").Set(float64(r.Len()))
 	m.Gateways.WithLabelValues("draining").Set(float64(all - r.Len()))
+}
+
+// WatchDialer registers tether_gateways_unreachable: the gateways of the
+// ring in h that d is skipping after a failed connection attempt.
+func (m *Metrics) WatchDialer(reg prometheus.Registerer, h *ring.Holder, d *route.Dialer) {
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "tether_gateways_unreachable",
+		Help: "Gateways in the ring this proxy is skipping after a failed connection attempt (--gateway-cooldown).",
+	}, func() float64 {
+		n := 0
+		for _, g := range h.Load().Members() {
+			if d.CoolingDown(g.ID) {
+				n++
+			}
+		}
+		return float64(n)
+	}))
+}
+
+// RedisError counts a failed Redis call (the binding resolver's OnError).
+func (m *Metrics) RedisError(refused bool) {
+	m.RedisErrors.Inc()
+	if refused {
+		m.RedisRefusals.Inc()
+	}
 }
 
 // Handshake failure reasons beyond those of proto.Reason.

@@ -178,6 +178,10 @@ func New(cfg Config) (*Server, error) {
 	return s, nil
 }
 
+// Resolver is the resolver the server routes with (for lookups that must
+// answer exactly like a connect).
+func (s *Server) Resolver() route.Resolver { return s.cfg.Resolver }
+
 // Active is the number of client connections open now.
 func (s *Server) Active() int { return int(s.active.Load()) }
 
@@ -460,7 +464,7 @@ func (s *Server) handleConn(c net.Conn) *parkedSession {
 		}
 		if err == nil {
 			s.localOK()
-			return s.serveSession(c, id, start, keyHash, buf, n, key, res)
+			return s.serveSession(&handshake{client: c, id: id, start: start, buf: buf, n: n, key: key, keyHash: keyHash}, res)
 		}
 	}
 	reason := "unreachable"
@@ -560,15 +564,28 @@ func (s *Server) handshakeFailed(c net.Conn, id uint64, reason string, err error
 	abort(c)
 }
 
+// handshake is what a client connection's handshake learned: all that
+// serveSession needs to start the session.
+type handshake struct {
+	client  net.Conn
+	id      uint64    // for logs
+	start   time.Time // accepted
+	buf     []byte    // pooled: headroom for the PROXY header, then the bytes read
+	n       int       // bytes read after the headroom (all forwarded)
+	key     []byte    // the session key; aliases buf
+	keyHash uint64
+}
+
 // serveSession writes the PROXY header and the first bytes to the gateway,
 // then splices until both directions end — in this goroutine, or, when the
-// parker takes the session, from the parker. It reports whether it parked.
-func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash uint64, buf []byte, n int, key []byte, res route.Result) *parkedSession {
+// parker adopts the session, from the parker, whose session it returns.
+func (s *Server) serveSession(hs *handshake, res route.Result) *parkedSession {
+	c, id, buf, n := hs.client, hs.id, hs.buf, hs.n
 	gw := res.Conn
 	if res.Attempts > 1 {
 		s.m.Failovers.WithLabelValues(res.Gateway.ID).Inc()
 	}
-	ses := &session{client: c, gw: gw, gwID: res.Gateway.ID, id: id, start: start, keyHash: keyHash, hello: int64(n)}
+	ses := &session{client: c, gw: gw, gwID: res.Gateway.ID, id: id, start: hs.start, keyHash: hs.keyHash, hello: int64(n)}
 	if !s.register(ses) {
 		s.m.Rejected.WithLabelValues("shutdown").Inc()
 		ses.abort(endShutdown)
@@ -579,7 +596,7 @@ func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash ui
 	// headroom right in front of the bytes read.
 	out := buf[headroom : headroom+n]
 	if s.cfg.ProxyProtocolOut {
-		hdr, err := AppendProxyV2(buf[:0:headroom], c.RemoteAddr(), c.LocalAddr(), key)
+		hdr, err := AppendProxyV2(buf[:0:headroom], c.RemoteAddr(), c.LocalAddr(), hs.key)
 		if err != nil || len(hdr) > headroom {
 			s.log.Error("cannot build PROXY v2 header", zap.Uint64("conn", id), zap.Error(err))
 			ses.abort(endInternalError)
@@ -589,7 +606,7 @@ func (s *Server) serveSession(c net.Conn, id uint64, start time.Time, keyHash ui
 		copy(buf[headroom-len(hdr):], hdr)
 		out = buf[headroom-len(hdr) : headroom+n]
 	}
-	s.m.HandshakeSeconds.Observe(time.Since(start).Seconds())
+	s.m.HandshakeSeconds.Observe(time.Since(hs.start).Seconds())
 	if _, err := gw.Write(out); err != nil {
 		s.m.DialFailures.WithLabelValues(res.Gateway.ID).Inc()
 		s.log.Debug("write to gateway failed", zap.Uint64("conn", id), zap.String("gateway", res.Gateway.ID), zap.Error(err))
