@@ -35,6 +35,7 @@ type parker struct {
 	log       *zap.Logger
 	m         *Metrics
 	parkAfter time.Duration
+	now       func() time.Time // when a direction parked and woke (not socket deadlines)
 	onEnd     func(ses *session, up, down int64) // a session ended; both connections are closed
 	ep        *os.File                           // the epoll set, in Go's poller: parked wakeups need no thread of their own
 	epRC      syscall.RawConn                    // every syscall on the epoll descriptor goes through it
@@ -96,7 +97,7 @@ type parkedDir struct {
 	parked       bool   // waiting in the epoll set; guarded by ps.mu
 }
 
-func newParker(log *zap.Logger, m *Metrics, parkAfter time.Duration, onEnd func(*session, int64, int64)) (*parker, error) {
+func newParker(log *zap.Logger, m *Metrics, parkAfter time.Duration, now func() time.Time, onEnd func(*session, int64, int64)) (*parker, error) {
 	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
 		return nil, err
@@ -115,7 +116,7 @@ func newParker(log *zap.Logger, m *Metrics, parkAfter time.Duration, onEnd func(
 		ep.Close()
 		return nil, err
 	}
-	p := &parker{log: log, m: m, parkAfter: parkAfter, onEnd: onEnd, ep: ep, epRC: rc,
+	p := &parker{log: log, m: m, parkAfter: parkAfter, now: now, onEnd: onEnd, ep: ep, epRC: rc,
 		wakesInline: m.Wakeups.WithLabelValues("inline"), wakesWorker: m.Wakeups.WithLabelValues("worker"),
 		slots: make([]*parkedDir, 1), // slot 0 means "never armed"
 		pipes: make(chan *pipePair, pipePool), done: make(chan struct{})}

@@ -29,7 +29,7 @@ func (p *parker) loop(rc syscall.RawConn) {
 				werr = err
 				return true
 			}
-			now := time.Now().UnixNano()
+			now := p.now().UnixNano()
 			for _, ev := range events[:n] {
 				if d := p.lookup(uint32(ev.Fd), uint32(ev.Pad)); d != nil {
 					p.wake(d, ev.Events, now)
@@ -132,7 +132,7 @@ func (p *parker) parkDir(d *parkedDir) {
 		op = unix.EPOLL_CTL_ADD
 		p.addSlot(d) // before the first arm: its event may come at once
 	}
-	d.parkedAt = time.Now().UnixNano()
+	d.parkedAt = p.now().UnixNano()
 	ps.mu.Lock()
 	d.parked = true
 	p.parkedDelta(1)

@@ -14,7 +14,7 @@ type parker struct{}
 // parkedSession is the parker's state of a session; never created here.
 type parkedSession struct{}
 
-func newParker(*zap.Logger, *Metrics, time.Duration, func(*session, int64, int64)) (*parker, error) {
+func newParker(*zap.Logger, *Metrics, time.Duration, func() time.Time, func(*session, int64, int64)) (*parker, error) {
 	return nil, nil
 }
 func (p *parker) adopt(*session) *parkedSession { return nil }

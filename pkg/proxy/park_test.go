@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"runtime"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -298,11 +299,16 @@ func rawGateway(t *testing.T) (addr string, conn <-chan *net.TCPConn) {
 // --park-after is moved by the epoll loop itself (no goroutine), both
 // ways, and the session parks again at once.
 func TestParkedWakeInline(t *testing.T) {
-	h := startParking(t)
+	gw := gateway(t, "gw-1", stub.ProxyRequire)
+	clock := newStepClock()
+	cfg := parkFast()
+	cfg.Now = clock.Now
+	h := start(t, cfg, ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
 	c := openParked(t, h, "inline", 0)
 	p := h.srv.parker
 	for i := range 5 {
-		time.Sleep(2 * p.parkAfter) // quiet for longer than parkAfter
+		waitFor(t, func() bool { return p.parkedCount() == 2 })
+		clock.Step(2 * p.parkAfter) // quiet for longer than parkAfter
 		msg := []byte{'m', byte('0' + i)}
 		if _, err := c.Write(msg); err != nil {
 			t.Fatal(err)
@@ -313,10 +319,10 @@ func TestParkedWakeInline(t *testing.T) {
 		}
 		waitFor(t, func() bool { return p.parkedCount() == 2 })
 	}
-	// Each message woke both directions; all but the first few (while
-	// the session was younger than parkAfter) were served inline.
-	if n := testutil.ToFloat64(p.wakesInline); n < 6 {
-		t.Fatalf("%v wakeups served inline, want most of 10", n)
+	// Each message woke both directions, parked for longer than
+	// parkAfter by the clock: every wakeup was served inline.
+	if n := testutil.ToFloat64(p.wakesInline); n != 10 {
+		t.Fatalf("%v wakeups served inline, want all 10", n)
 	}
 }
 
@@ -353,6 +359,8 @@ func TestParkedWakeSlowClient(t *testing.T) {
 	const chunks, size = 20, 8 << 10
 	var want []byte
 	for i := range chunks {
+		// Real time, not a clock: the direction's worker must really
+		// go idle for parkAfter in Go's poller before it parks.
 		time.Sleep(2 * p.parkAfter)
 		chunk := bytes.Repeat([]byte{byte('a' + i)}, size)
 		want = append(want, chunk...)
@@ -372,3 +380,15 @@ func TestParkedWakeSlowClient(t *testing.T) {
 		t.Fatalf("inline %v, worker %v: want both paths taken", in, w)
 	}
 }
+
+// stepClock is a clock tests step by hand.
+type stepClock struct {
+	mu  sync.Mutex
+	now time.Time
+}
+
+func newStepClock() *stepClock { return &stepClock{now: time.Unix(1_000_000, 0)} }
+
+func (c *stepClock) Now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.now }
+
+func (c *stepClock) Step(d time.Duration) { c.mu.Lock(); c.now = c.now.Add(d); c.mu.Unlock() }

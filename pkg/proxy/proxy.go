@@ -84,6 +84,10 @@ type Config struct {
 	// session keeps a goroutine and, while blocked, a pipe per direction.
 	// DefaultConfig turns it on.
 	Park bool
+	// Now is the clock for decisions that are not socket deadlines (how
+	// long a parked direction was quiet, when exhaustion ended); nil means
+	// time.Now. Tests step it instead of sleeping.
+	Now func() time.Time
 	// ParkAfter is how long a direction must be idle before it is parked;
 	// until then a goroutine waits for it in Go's poller, so busy sessions
 	// pay nothing for parking. 0 means DefaultParkAfter.
@@ -153,6 +157,9 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Metrics == nil {
 		cfg.Metrics = NewMetrics(nil)
 	}
+	if cfg.Now == nil {
+		cfg.Now = time.Now
+	}
 	s := &Server{
 		cfg:      cfg,
 		log:      cfg.Logger,
@@ -169,7 +176,7 @@ func New(cfg Config) (*Server, error) {
 			cfg.ParkAfter = DefaultParkAfter
 			s.cfg.ParkAfter = DefaultParkAfter
 		}
-		p, err := newParker(s.log, s.m, cfg.ParkAfter, s.parkedEnd)
+		p, err := newParker(s.log, s.m, cfg.ParkAfter, cfg.Now, s.parkedEnd)
 		if err != nil {
 			return nil, fmt.Errorf("proxy: park: %w", err)
 		}
@@ -487,7 +494,7 @@ func (s *Server) handleConn(c net.Conn) *parkedSession {
 // localFailed records that this process ran out of descriptors or ports;
 // the first such failure after a quiet spell is logged.
 func (s *Server) localFailed(op string, err error) {
-	if s.local.fail(time.Now()) {
+	if s.local.fail(s.cfg.Now()) {
 		s.log.Warn("out of local resources (file descriptors or ports): new clients are closed until they free up; gateways are not blamed",
 			zap.String("op", op), zap.Error(err), zap.Int("open_connections", s.Active()))
 	}
@@ -496,7 +503,7 @@ func (s *Server) localFailed(op string, err error) {
 // localOK records a connection that got what it needed; after a quiet
 // spell it ends the exhaustion state, logged once.
 func (s *Server) localOK() {
-	if over, n := s.local.ok(time.Now()); over {
+	if over, n := s.local.ok(s.cfg.Now()); over {
 		s.log.Warn("local resources available again", zap.Int("failures_meanwhile", n))
 	}
 }

@@ -5,6 +5,7 @@ package e2e
 import (
 	"context"
 	"fmt"
+	"sync"
 	"testing"
 	"time"
 
@@ -31,7 +32,10 @@ func TestRedisPausedFallbackLatency(t *testing.T) {
 	}
 	var h ring.Holder
 	h.Store(r)
-	b, err := redisbind.New(redisbind.Config{Client: c, Ring: &h})
+	var mu sync.Mutex
+	now := time.Unix(1_000_000, 0)
+	clock := func() time.Time { mu.Lock(); defer mu.Unlock(); return now }
+	b, err := redisbind.New(redisbind.Config{Client: c, Ring: &h, Now: clock})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -61,7 +65,9 @@ func TestRedisPausedFallbackLatency(t *testing.T) {
 			}
 			worst = max(worst, d)
 		}
-		time.Sleep(600 * time.Millisecond) // past the retry window: the next lookup tries Redis again
+		mu.Lock()
+		now = now.Add(600 * time.Millisecond) // past the retry window: the next lookup tries Redis again
+		mu.Unlock()
 	}
 	if timed < 5 {
 		t.Fatalf("only %d lookups waited for the timeout: Redis was not retried", timed)
