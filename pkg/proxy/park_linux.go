@@ -35,7 +35,7 @@ type parker struct {
 	log       *zap.Logger
 	m         *Metrics
 	parkAfter time.Duration
-	now       func() time.Time // when a direction parked and woke (not socket deadlines)
+	now       func() time.Time                   // when a direction parked and woke (not socket deadlines)
 	onEnd     func(ses *session, up, down int64) // a session ended; both connections are closed
 	ep        *os.File                           // the epoll set, in Go's poller: parked wakeups need no thread of their own
 	epRC      syscall.RawConn                    // every syscall on the epoll descriptor goes through it
