@@ -44,8 +44,13 @@ const KeyTLV = proto.KeyTLV
 
 // Defaults of Config.
 const (
+	// DefaultHandshakeTimeout bounds the PROXY header and the hello.
 	DefaultHandshakeTimeout = 5 * time.Second
-	DefaultMaxPending       = 1024
+	// DefaultMaxPending bounds handshakes in flight: enough for a
+	// reconnect storm of thousands of sessions arriving at once (each
+	// costs a goroutine and an 8 KiB buffer until its hello is read, about
+	// 16 KiB: 128 MiB at the bound).
+	DefaultMaxPending = 8192
 )
 
 // Handshake outcomes, as given to Config.OnReject. Hello errors from
