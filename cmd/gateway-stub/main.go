@@ -183,7 +183,11 @@ func run(args []string, sigs <-chan os.Signal, stderr io.Writer) int {
 			return exitConflict
 		case sig := <-sigs:
 			if sig == syscall.SIGHUP {
-				reloadKeys(o, member, log)
+				var set func([][]byte) error
+				if member != nil {
+					set = member.SetKeys
+				}
+				cli.ReloadKeys(log, o.gossip, set)
 				continue
 			}
 			stopping = true
@@ -246,23 +250,6 @@ func announce(ctx context.Context, m *gateway.Member, o options, log *zap.Logger
 	}
 	log.Info("announced: taking new keys", zap.String("id", o.id), zap.Float64("weight", o.weight))
 	return nil
-}
-
-// reloadKeys re-reads the --gossip-key keyring on SIGHUP (key rotation).
-func reloadKeys(o options, m *gateway.Member, log *zap.Logger) {
-	if m == nil || o.gossip.KeyFile == "" {
-		log.Warn("SIGHUP ignored: no --gossip-key to reload")
-		return
-	}
-	keys, err := o.gossip.Keys()
-	if err == nil {
-		err = m.SetKeys(keys)
-	}
-	if err != nil {
-		log.Error("SIGHUP: gossip keyring not reloaded; keeping the running one", zap.String("file", o.gossip.KeyFile), zap.Error(err))
-		return
-	}
-	log.Info("SIGHUP: gossip keyring reloaded", zap.String("file", o.gossip.KeyFile), zap.Int("keys", len(keys)))
 }
 
 // startGossip joins the cluster as a gateway publishing its service

@@ -527,7 +527,7 @@ func (p *process) run(args []string, sigs <-chan os.Signal, level zap.AtomicLeve
 // level. Anything invalid leaves the running configuration as is.
 func reload(args []string, old options, syncer *cluster.Syncer, node *cluster.Cluster, level zap.AtomicLevel, log *zap.Logger, stderr io.Writer) {
 	if node != nil && old.gossip.KeyFile != "" {
-		reloadKeys(old.gossip, node, log)
+		cli.ReloadKeys(log, old.gossip, node.SetKeys)
 	}
 	if old.config == "" {
 		if node == nil || old.gossip.KeyFile == "" {
@@ -552,19 +552,6 @@ func reload(args []string, old options, syncer *cluster.Syncer, node *cluster.Cl
 	}
 	log.Info("SIGHUP: reloaded gateway list and log level", zap.String("config", old.config),
 		zap.Strings("static_gateways", ids), zap.String("log_level", o.logLevel))
-}
-
-// reloadKeys installs the --gossip-key file's keyring in a running node.
-func reloadKeys(g cli.GossipFlags, node *cluster.Cluster, log *zap.Logger) {
-	keys, err := g.Keys()
-	if err == nil {
-		err = node.SetKeys(keys)
-	}
-	if err != nil {
-		log.Error("SIGHUP: gossip keyring not reloaded; keeping the running one", zap.String("file", g.KeyFile), zap.Error(err))
-		return
-	}
-	log.Info("SIGHUP: gossip keyring reloaded", zap.String("file", g.KeyFile), zap.Int("keys", len(keys)))
 }
 
 // startGossip joins the cluster as a proxy node.

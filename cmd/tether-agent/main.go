@@ -176,7 +176,7 @@ func run(args []string, sigs <-chan os.Signal, stderr io.Writer) int {
 			}
 		case sig := <-sigs:
 			if sig == syscall.SIGHUP {
-				reloadKeys(o, m, log)
+				cli.ReloadKeys(log, o.gossip, m.SetKeys)
 				continue
 			}
 			return drain(m, o, sigs, log)
@@ -284,21 +284,4 @@ func drain(m *gateway.Member, o options, sigs <-chan os.Signal, log *zap.Logger)
 	}
 	log.Info("left the cluster")
 	return 0
-}
-
-// reloadKeys re-reads the --gossip-key keyring on SIGHUP (key rotation).
-func reloadKeys(o options, m *gateway.Member, log *zap.Logger) {
-	if o.gossip.KeyFile == "" {
-		log.Warn("SIGHUP ignored: no --gossip-key to reload")
-		return
-	}
-	keys, err := o.gossip.Keys()
-	if err == nil {
-		err = m.SetKeys(keys)
-	}
-	if err != nil {
-		log.Error("SIGHUP: gossip keyring not reloaded; keeping the running one", zap.String("file", o.gossip.KeyFile), zap.Error(err))
-		return
-	}
-	log.Info("SIGHUP: gossip keyring reloaded", zap.String("file", o.gossip.KeyFile), zap.Int("keys", len(keys)))
 }

@@ -265,6 +265,25 @@ func (g GossipFlags) Validate() error {
 	return nil
 }
 
+// ReloadKeys re-reads the --gossip-key keyring into a running gossip node
+// (set is its SetKeys) on SIGHUP, and logs the outcome; a broken file keeps
+// the running keyring.
+func ReloadKeys(log *zap.Logger, g GossipFlags, set func([][]byte) error) {
+	if g.KeyFile == "" || set == nil {
+		log.Warn("SIGHUP: no --gossip-key to reload")
+		return
+	}
+	keys, err := g.Keys()
+	if err == nil {
+		err = set(keys)
+	}
+	if err != nil {
+		log.Error("SIGHUP: gossip keyring not reloaded; keeping the running one", zap.String("file", g.KeyFile), zap.Error(err))
+		return
+	}
+	log.Info("SIGHUP: gossip keyring reloaded", zap.String("file", g.KeyFile), zap.Int("keys", len(keys)))
+}
+
 // WarnInsecureGossip logs, at every start, that gossip beyond loopback runs
 // without a key (--gossip-insecure).
 func WarnInsecureGossip(log *zap.Logger, g GossipFlags) {
