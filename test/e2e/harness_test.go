@@ -430,7 +430,9 @@ type traffic struct {
 }
 
 // startTraffic runs workers that each loop session(via, src, key(w, i))
-// until Stop; every failed session is reported as a test error.
+// until Stop; every failed session is reported as a test error. No two
+// workers may use one key at once: a gateway resets the older of two open
+// sessions of a key (newest session wins), as it should for one client.
 func startTraffic(t *testing.T, workers int, via, src string, key func(w, i int) string) *traffic {
 	tr := &traffic{stop: make(chan struct{})}
 	for w := range workers {

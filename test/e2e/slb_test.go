@@ -182,7 +182,7 @@ func TestRedisDiesMidRun(t *testing.T) {
 		return total
 	}
 	// Clients run continuously across the outage.
-	tr := startTraffic(t, 8, e.lb.Bind, "127.0.0.2", func(w, i int) string { return keys[(w*31+i)%len(keys)] })
+	tr := startTraffic(t, 8, e.lb.Bind, "127.0.0.2", func(w, i int) string { return keys[w*25+i%25] })
 	waitFor(t, 10*time.Second, "traffic", func() bool { return tr.served.Load() > 200 })
 	e.redis.Kill()
 	errsAtKill := sum("tether_redis_errors_total")

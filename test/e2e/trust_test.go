@@ -155,7 +155,7 @@ func TestGossipKeyRotation(t *testing.T) {
 	keys := keyList("rot", 200)
 	before := ownersVia(t, proxies, keys)
 
-	bg := startTraffic(t, 4, proxies[0].addr, "127.0.0.2", func(w, i int) string { return keys[(w*50+i)%len(keys)] })
+	bg := startTraffic(t, 4, proxies[0].addr, "127.0.0.2", func(w, i int) string { return keys[w*50+i%50] })
 	nodes := []*proc{gw1, gw2, gw3, proxies[0], proxies[1]}
 	steps := []struct {
 		name string
