@@ -289,11 +289,11 @@ func run(o options) (string, error) {
 		res, err := rounds(e.targets, o.rounds, func(t target) (float64, error) {
 			var before procStats
 			if t.p != nil {
-				before, _ = statsOf(t.p.cmd.Process.Pid)
+				before, _ = statsOf(t.p.Pid())
 			}
 			v, err := bulk(t.addr, streams, o.bulkBytes, run.idle)
 			if t.p != nil {
-				after, _ := statsOf(t.p.cmd.Process.Pid)
+				after, _ := statsOf(t.p.Pid())
 				cpu[t.name] += after.cpu - before.cpu
 				moved[t.name] += 2 * o.bulkBytes
 			}
@@ -394,7 +394,7 @@ func idleSection(b *strings.Builder, o options) error {
 			return 0, 0, err
 		}
 		defer p.stop()
-		return idleCost(p.addr, p.cmd.Process.Pid, n, max(settle, hold), hold > 0)
+		return idleCost(p.addr, p.Pid(), n, max(settle, hold), hold > 0)
 	}
 	sizes := slices.Clone(o.idleSizes)
 	var tFD float64

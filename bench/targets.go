@@ -3,9 +3,7 @@
 package main
 
 import (
-	"bufio"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"os/exec"
@@ -13,14 +11,15 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"syscall"
 	"time"
+
+	"github.com/tether-proxy/tether/internal/procrun"
 )
 
 // proc is a process the runner started.
 type proc struct {
 	name string
-	cmd  *exec.Cmd
+	*procrun.Proc
 	addr string
 	out  *lineLog
 }
@@ -31,24 +30,20 @@ type lineLog struct {
 	mu    sync.Mutex
 	lines []string
 	addr  chan string
+	sent  bool
 }
 
-func (l *lineLog) run(r io.Reader) {
-	sc := bufio.NewScanner(r)
-	sent := false
-	for sc.Scan() {
-		line := sc.Text()
-		l.mu.Lock()
-		l.lines = append(l.lines, line)
-		if len(l.lines) > 50 {
-			l.lines = l.lines[1:]
-		}
-		l.mu.Unlock()
-		if i := strings.Index(line, `"msg":"listening","addr":"`); i >= 0 && !sent {
-			rest := line[i+len(`"msg":"listening","addr":"`):]
-			l.addr <- rest[:strings.IndexByte(rest, '"')]
-			sent = true
-		}
+func (l *lineLog) add(line string) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.lines = append(l.lines, line)
+	if len(l.lines) > 50 {
+		l.lines = l.lines[1:]
+	}
+	if i := strings.Index(line, `"msg":"listening","addr":"`); i >= 0 && !l.sent {
+		rest := line[i+len(`"msg":"listening","addr":"`):]
+		l.addr <- rest[:strings.IndexByte(rest, '"')]
+		l.sent = true
 	}
 }
 
@@ -61,22 +56,18 @@ func (l *lineLog) String() string {
 // startProc runs a binary; for tether binaries (announce=true) it waits for
 // the "listening" line, otherwise for addr to accept connections.
 func startProc(name, addr string, announce bool, bin string, args ...string) (*proc, error) {
-	p := &proc{name: name, cmd: exec.Command(bin, args...), out: &lineLog{addr: make(chan string, 1)}}
-	pr, pw := io.Pipe()
-	p.cmd.Stdout, p.cmd.Stderr = pw, pw
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := p.cmd.Start(); err != nil {
+	p := &proc{name: name, out: &lineLog{addr: make(chan string, 1)}}
+	pr, err := procrun.Start(bin, args, procrun.Options{OnLine: p.out.add})
+	if err != nil {
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
-	go p.out.run(pr)
-	exited := make(chan struct{})
-	go func() { _ = p.cmd.Wait(); pw.Close(); close(exited) }()
+	p.Proc = pr
 	deadline := time.After(20 * time.Second)
 	if announce {
 		select {
 		case p.addr = <-p.out.addr:
 			return p, nil
-		case <-exited:
+		case <-p.Done():
 		case <-deadline:
 		}
 		p.stop()
@@ -89,7 +80,7 @@ func startProc(name, addr string, announce bool, bin string, args ...string) (*p
 			return p, nil
 		}
 		select {
-		case <-exited:
+		case <-p.Done():
 			return nil, fmt.Errorf("%s exited:\n%s", name, p.out)
 		case <-deadline:
 			p.stop()
@@ -100,17 +91,10 @@ func startProc(name, addr string, announce bool, bin string, args ...string) (*p
 }
 
 func (p *proc) stop() {
-	if p == nil || p.cmd.Process == nil {
+	if p == nil || p.Proc == nil {
 		return
 	}
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
-	done := make(chan struct{})
-	go func() { _ = p.cmd.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(5 * time.Second):
-		_ = p.cmd.Process.Kill()
-	}
+	p.Stop(5 * time.Second)
 }
 
 // procStats reads CPU time, RSS and open descriptors of a process.

@@ -3,53 +3,43 @@
 package testenv
 
 import (
-	"bufio"
 	"fmt"
 	"io"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
+
+	"github.com/tether-proxy/tether/internal/procrun"
 )
 
 // Proc is an external program run by a test; its output is kept for
 // failure reports.
 type Proc struct {
-	Cmd  *exec.Cmd
-	done chan struct{}
-	mu   sync.Mutex
-	out  strings.Builder
+	*procrun.Proc
+	mu  sync.Mutex
+	out strings.Builder
 }
 
 // Start runs bin with args and env (added to the test's environment) and
 // stops it (SIGTERM, then SIGKILL) when the test ends.
 func Start(t testing.TB, env []string, bin string, args ...string) *Proc {
 	t.Helper()
-	p := &Proc{Cmd: exec.Command(bin, args...), done: make(chan struct{})}
-	p.Cmd.Env = append(os.Environ(), env...)
-	pr, pw := io.Pipe()
-	p.Cmd.Stdout, p.Cmd.Stderr = pw, pw
-	if err := p.Cmd.Start(); err != nil {
+	p := &Proc{}
+	pr, err := procrun.Start(bin, args, procrun.Options{Env: env, OnLine: func(l string) {
+		p.mu.Lock()
+		if p.out.Len() < 1<<20 {
+			p.out.WriteString(l + "\n")
+		}
+		p.mu.Unlock()
+	}})
+	if err != nil {
 		t.Fatal(err)
 	}
-	read := make(chan struct{})
-	go func() {
-		defer close(read)
-		sc := bufio.NewScanner(pr)
-		for sc.Scan() {
-			p.mu.Lock()
-			if p.out.Len() < 1<<20 {
-				p.out.WriteString(sc.Text() + "\n")
-			}
-			p.mu.Unlock()
-		}
-	}()
-	go func() { _ = p.Cmd.Wait(); pw.Close(); <-read; close(p.done) }()
+	p.Proc = pr
 	t.Cleanup(func() {
 		p.Stop()
 		if t.Failed() {
@@ -66,29 +56,8 @@ func (p *Proc) Output() string {
 	return p.out.String()
 }
 
-// Exited reports whether the program has ended.
-func (p *Proc) Exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
-
 // Stop ends the program: SIGTERM, then SIGKILL after 5s.
-func (p *Proc) Stop() {
-	if p.Exited() {
-		return
-	}
-	_ = p.Cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case <-p.done:
-	case <-time.After(5 * time.Second):
-		_ = p.Cmd.Process.Kill()
-		<-p.done
-	}
-}
+func (p *Proc) Stop() { p.Proc.Stop(5 * time.Second) }
 
 // HAProxy is a running haproxy with a runtime API socket.
 type HAProxy struct {

@@ -17,6 +17,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/tether-proxy/tether/internal/procrun"
 )
 
 // Need returns the path of program, or skips (fails under CI=true) when it
@@ -62,9 +64,9 @@ func FreePort(t testing.TB, ip string) int {
 type Redis struct {
 	// Addr is HOST:PORT.
 	Addr  string
-	cmd   *exec.Cmd
+	bin   string
 	extra []string
-	done  chan struct{}
+	proc  *procrun.Proc
 }
 
 // StartRedis runs a throwaway redis-server (no persistence) on a loopback
@@ -77,12 +79,10 @@ func StartRedis(t testing.TB, extra ...string) *Redis {
 	var lastErr error
 	for range 3 {
 		port := FreePort(t, "127.0.0.1")
-		r := &Redis{Addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), extra: extra, done: make(chan struct{})}
-		r.cmd = exec.Command(bin, r.args(port)...)
-		if err := r.cmd.Start(); err != nil {
+		r := &Redis{Addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), bin: bin, extra: extra}
+		if err := r.start(port); err != nil {
 			t.Fatal(err)
 		}
-		go func() { _ = r.cmd.Wait(); close(r.done) }()
 		if lastErr = r.waitPing(10 * time.Second); lastErr == nil {
 			t.Cleanup(r.Kill)
 			return r
@@ -91,6 +91,12 @@ func StartRedis(t testing.TB, extra ...string) *Redis {
 	}
 	t.Fatalf("redis-server did not start: %v", lastErr)
 	return nil
+}
+
+func (r *Redis) start(port int) error {
+	p, err := procrun.Start(r.bin, r.args(port), procrun.Options{})
+	r.proc = p
+	return err
 }
 
 func (r *Redis) args(port int) []string {
@@ -107,7 +113,7 @@ func (r *Redis) waitPing(timeout time.Duration) error {
 			return err
 		}
 		select {
-		case <-r.done:
+		case <-r.proc.Done():
 			return fmt.Errorf("redis-server exited")
 		case <-time.After(20 * time.Millisecond):
 		}
@@ -137,29 +143,22 @@ func (r *Redis) Ping() error {
 
 // Pause stops the server process (SIGSTOP): connections hang, as with a
 // Redis stuck on a slow command or a network partition.
-func (r *Redis) Pause() { _ = r.cmd.Process.Signal(syscall.SIGSTOP) }
+func (r *Redis) Pause() { _ = r.proc.Signal(syscall.SIGSTOP) }
 
 // Resume continues a paused server.
-func (r *Redis) Resume() { _ = r.cmd.Process.Signal(syscall.SIGCONT) }
+func (r *Redis) Resume() { _ = r.proc.Signal(syscall.SIGCONT) }
 
 // Kill stops the server for good (kill -9).
-func (r *Redis) Kill() {
-	_ = r.cmd.Process.Signal(syscall.SIGCONT)
-	_ = r.cmd.Process.Kill()
-	<-r.done
-}
+func (r *Redis) Kill() { r.proc.Kill() }
 
 // Restart starts a new server on the same address after Kill.
 func (r *Redis) Restart(t testing.TB) {
 	t.Helper()
 	_, portStr, _ := net.SplitHostPort(r.Addr)
 	port, _ := strconv.Atoi(portStr)
-	r.done = make(chan struct{})
-	r.cmd = exec.Command(r.cmd.Path, r.args(port)...)
-	if err := r.cmd.Start(); err != nil {
+	if err := r.start(port); err != nil {
 		t.Fatal(err)
 	}
-	go func() { _ = r.cmd.Wait(); close(r.done) }()
 	if err := r.waitPing(10 * time.Second); err != nil {
 		t.Fatalf("redis-server restart: %v", err)
 	}

@@ -3,13 +3,13 @@
 package e2e
 
 import (
-	"bufio"
 	"encoding/json"
 	"fmt"
 	"io"
 	"net"
 	"os"
 	"os/exec"
+	"os/signal"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -19,6 +19,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tether-proxy/tether/internal/procrun"
 	"github.com/tether-proxy/tether/internal/stub"
 	"github.com/tether-proxy/tether/pkg/proto"
 )
@@ -37,7 +38,8 @@ type floodStats struct {
 // and are held once the gateway answers (retried until then), one in four
 // sends nothing and is reopened whenever the proxy closes it at its
 // handshake timeout, so descriptors keep churning at the proxy's limit.
-// It reports, then holds until stdin closes. Bounded in time and count.
+// It reports on stdout, then holds until SIGTERM. Bounded in time and
+// count.
 func floodMain() int {
 	target, src := os.Getenv(floodEnv), os.Getenv("TETHER_E2E_FLOOD_SRC")
 	slots, _ := strconv.Atoi(os.Getenv("TETHER_E2E_FLOOD_SLOTS"))
@@ -85,7 +87,9 @@ func floodMain() int {
 	}
 	wg.Wait()
 	_ = json.NewEncoder(os.Stdout).Encode(floodStats{Held: int(held.Load()), Failed: int(failed.Load()), Silent: int(silent.Load())})
-	_, _ = io.Copy(io.Discard, os.Stdin)
+	term := make(chan os.Signal, 1)
+	signal.Notify(term, syscall.SIGTERM)
+	<-term
 	mu.Lock()
 	for _, c := range keep {
 		c.Close()
@@ -152,27 +156,28 @@ func TestFDFlood(t *testing.T) {
 	// Enough slots that the proxy (two descriptors a session) runs out.
 	flooders := 4
 	slots := int(limit)*3/(4*flooders) + 500
-	var helpers []*exec.Cmd
-	var stdins []io.WriteCloser
-	var outs []*bufio.Reader
+	var helpers []*procrun.Proc
+	stats := make(chan string, flooders)
 	for i := range flooders {
-		cmd := exec.Command(os.Args[0], "-test.run", "^$")
-		cmd.Env = append(os.Environ(), floodEnv+"="+p.addr, fmt.Sprintf("TETHER_E2E_FLOOD_SRC=127.0.0.%d", 10+i),
-			fmt.Sprintf("TETHER_E2E_FLOOD_SLOTS=%d", slots), "TETHER_E2E_FLOOD_FOR=8s", "GORACE=atexit_sleep_ms=0")
-		in, _ := cmd.StdinPipe()
-		out, _ := cmd.StdoutPipe()
-		cmd.Stderr = os.Stderr
-		if err := cmd.Start(); err != nil {
+		h, err := procrun.Start(os.Args[0], []string{"-test.run", "^$"}, procrun.Options{
+			Env: []string{floodEnv + "=" + p.addr, fmt.Sprintf("TETHER_E2E_FLOOD_SRC=127.0.0.%d", 10+i),
+				fmt.Sprintf("TETHER_E2E_FLOOD_SLOTS=%d", slots), "TETHER_E2E_FLOOD_FOR=8s", "GORACE=atexit_sleep_ms=0"},
+			OnLine: func(l string) {
+				if strings.HasPrefix(l, "{") {
+					stats <- l
+				} else {
+					t.Log("flood helper: " + l)
+				}
+			},
+		})
+		if err != nil {
 			t.Fatal(err)
 		}
-		helpers, stdins, outs = append(helpers, cmd), append(stdins, in), append(outs, bufio.NewReader(out))
+		helpers = append(helpers, h)
 	}
 	release := func() {
-		for _, in := range stdins {
-			in.Close()
-		}
 		for _, h := range helpers {
-			_ = h.Wait()
+			h.Stop(10 * time.Second)
 		}
 	}
 	released := false
@@ -205,10 +210,12 @@ func TestFDFlood(t *testing.T) {
 		}()
 	}
 	var total floodStats
-	for _, r := range outs {
-		line, err := r.ReadString('\n')
-		if err != nil {
-			t.Fatalf("flood helper: %v", err)
+	for range helpers {
+		var line string
+		select {
+		case line = <-stats:
+		case <-time.After(60 * time.Second):
+			t.Fatal("a flood helper did not report")
 		}
 		var st floodStats
 		if err := json.Unmarshal([]byte(line), &st); err != nil {

@@ -11,10 +11,12 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/tether-proxy/tether/internal/procrun"
 	"github.com/tether-proxy/tether/internal/testenv"
 )
 
@@ -189,32 +191,22 @@ func TestGoGatewayOutsideModule(t *testing.T) {
 	gw1 := gossipGateway(t, 1, "")
 	p := gossipProxy(t, gw1.gossip)
 	waitRing(t, 20*time.Second, 1, 0, p)
-	cmd := exec.Command(filepath.Join(dir, "gw"), "--id", "gw-9", "--listen", "127.0.1.9:0", "--gossip-bind", "127.0.1.9:0", "--join", gw1.gossip)
+	var mu sync.Mutex
 	var logs strings.Builder
-	cmd.Stderr = &logs
-	if err := cmd.Start(); err != nil {
+	gwProc, err := procrun.Start(filepath.Join(dir, "gw"), []string{"--id", "gw-9", "--listen", "127.0.1.9:0", "--gossip-bind", "127.0.1.9:0", "--join", gw1.gossip},
+		procrun.Options{OnLine: func(l string) { mu.Lock(); logs.WriteString(l + "\n"); mu.Unlock() }})
+	if err != nil {
 		t.Fatal(err)
 	}
-	done := make(chan error, 1)
-	go func() { done <- cmd.Wait() }()
-	defer func() {
-		_ = cmd.Process.Kill()
-		<-done
-	}()
-	waitFor(t, 20*time.Second, "the Go example in the ring", func() bool { a, _ := ringState(t, p); return a == 2 }, logs.String)
+	defer gwProc.Kill()
+	output := func() string { mu.Lock(); defer mu.Unlock(); return logs.String() }
+	waitFor(t, 20*time.Second, "the Go example in the ring", func() bool { a, _ := ringState(t, p); return a == 2 }, output)
 	owners := ownersOf(ownersVia(t, []*proc{p}, keyList("ex", 200)))
 	if owners["gw-9"] < 50 {
 		t.Fatalf("the example gateway served %d of 200 keys: %v", owners["gw-9"], owners)
 	}
-	_ = cmd.Process.Signal(syscall.SIGTERM)
-	select {
-	case err := <-done:
-		done <- err
-		if err != nil {
-			t.Fatalf("example gateway after SIGTERM: %v\n%s", err, logs.String())
-		}
-	case <-time.After(15 * time.Second):
-		t.Fatal("example gateway did not drain and exit")
+	if gwProc.Stop(15*time.Second) || gwProc.ExitCode() != 0 {
+		t.Fatalf("example gateway after SIGTERM: exit %d\n%s", gwProc.ExitCode(), output())
 	}
 	waitRing(t, 10*time.Second, 1, 0, p)
 	t.Logf("examples/go-gateway (%d lines, built outside the module): %d of 200 keys, drained and exited 0", strings.Count(string(src), "\n"), owners["gw-9"])

@@ -25,6 +25,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tether-proxy/tether/internal/procrun"
 	"github.com/tether-proxy/tether/internal/stub"
 	"github.com/tether-proxy/tether/pkg/proto"
 )
@@ -65,13 +66,16 @@ type proc struct {
 	addr   string // from the "listening" line
 	admin  string // from the "admin listening" line
 	gossip string // from the "gossip listening" line
-	done   chan struct{}
+	done   <-chan struct{}
 
-	mu    sync.Mutex
-	tail  []string       // last log lines, for failure reports
-	warns []string       // every warn and error line
-	seen  map[string]int // "msg|reason" → count of such log lines
-	ready chan struct{}
+	wantListen, wantAdmin, wantGossip bool // what ready waits for
+
+	mu        sync.Mutex
+	signalled bool           // ready is closed
+	tail      []string       // last log lines, for failure reports
+	warns     []string       // every warn and error line
+	seen      map[string]int // "msg|reason" → count of such log lines
+	ready     chan struct{}
 }
 
 const keepLines = 200
@@ -88,25 +92,18 @@ func start(t *testing.T, name string, args ...string) *proc {
 // it gossips (it listens for no clients).
 func startCmd(t *testing.T, name, path string, args ...string) *proc {
 	t.Helper()
-	cmd := exec.Command(path, args...)
+	p := &proc{t: t, name: name + " " + strings.Join(args, " "), ready: make(chan struct{}), seen: map[string]int{}}
+	p.wantListen = !strings.HasSuffix(name, "tether-agent")
+	for _, a := range args {
+		p.wantAdmin = p.wantAdmin || a == "--admin"
+		p.wantGossip = p.wantGossip || a == "--gossip-bind"
+	}
 	// Race-built binaries otherwise sleep 1s at exit.
-	cmd.Env = append(os.Environ(), "GORACE=atexit_sleep_ms=0 halt_on_error=0")
-	stderr, err := cmd.StderrPipe()
+	pr, err := procrun.Start(path, args, procrun.Options{Env: []string{"GORACE=atexit_sleep_ms=0 halt_on_error=0"}, OnLine: p.line})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := cmd.Start(); err != nil {
-		t.Fatal(err)
-	}
-	p := &proc{t: t, name: name + " " + strings.Join(args, " "), cmd: cmd, done: make(chan struct{}), ready: make(chan struct{}), seen: map[string]int{}}
-	wantAdmin, wantGossip := false, false
-	wantListen := !strings.HasSuffix(name, "tether-agent")
-	for _, a := range args {
-		wantAdmin = wantAdmin || a == "--admin"
-		wantGossip = wantGossip || a == "--gossip-bind"
-	}
-	go p.readLogs(stderr, wantListen, wantAdmin, wantGossip)
-	go func() { _ = cmd.Wait(); close(p.done) }()
+	p.cmd, p.done = pr.Cmd, pr.Done()
 	t.Cleanup(p.stop)
 	select {
 	case <-p.ready:
@@ -118,44 +115,41 @@ func startCmd(t *testing.T, name, path string, args ...string) *proc {
 	return p
 }
 
-func (p *proc) readLogs(r io.Reader, wantListen, wantAdmin, wantGossip bool) {
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 64<<10), 1<<20)
-	signalled := false
-	for sc.Scan() {
-		line := sc.Text()
-		var entry struct {
-			Level  string `json:"level"`
-			Msg    string `json:"msg"`
-			Addr   string `json:"addr"`
-			Reason string `json:"reason"`
-		}
-		_ = json.Unmarshal([]byte(line), &entry)
-		p.mu.Lock()
-		p.seen[entry.Msg+"|"+entry.Reason]++
-		if entry.Level == "warn" || entry.Level == "error" {
-			p.warns = append(p.warns, line)
-		}
-		p.tail = append(p.tail, line)
-		if len(p.tail) > keepLines {
-			p.tail = p.tail[len(p.tail)-keepLines:]
-		}
-		switch entry.Msg {
-		case "listening":
-			p.addr = entry.Addr
-		case "admin listening":
-			p.admin = entry.Addr
-		case "gossip listening":
-			p.gossip = entry.Addr
-		}
-		if !signalled && (p.addr != "" || !wantListen) && (!wantAdmin || p.admin != "") && (!wantGossip || p.gossip != "") {
-			signalled = true
-			close(p.ready)
-		}
-		p.mu.Unlock()
-		if strings.Contains(line, "WARNING: DATA RACE") {
-			p.t.Errorf("data race in %s", p.name)
-		}
+// line takes one line of the process's output: JSON log lines are counted
+// and their announced addresses kept; ready closes once every address the
+// process was asked for is known.
+func (p *proc) line(line string) {
+	var entry struct {
+		Level  string `json:"level"`
+		Msg    string `json:"msg"`
+		Addr   string `json:"addr"`
+		Reason string `json:"reason"`
+	}
+	_ = json.Unmarshal([]byte(line), &entry)
+	p.mu.Lock()
+	p.seen[entry.Msg+"|"+entry.Reason]++
+	if entry.Level == "warn" || entry.Level == "error" {
+		p.warns = append(p.warns, line)
+	}
+	p.tail = append(p.tail, line)
+	if len(p.tail) > keepLines {
+		p.tail = p.tail[len(p.tail)-keepLines:]
+	}
+	switch entry.Msg {
+	case "listening":
+		p.addr = entry.Addr
+	case "admin listening":
+		p.admin = entry.Addr
+	case "gossip listening":
+		p.gossip = entry.Addr
+	}
+	if !p.signalled && (p.addr != "" || !p.wantListen) && (!p.wantAdmin || p.admin != "") && (!p.wantGossip || p.gossip != "") {
+		p.signalled = true
+		close(p.ready)
+	}
+	p.mu.Unlock()
+	if strings.Contains(line, "WARNING: DATA RACE") {
+		p.t.Errorf("data race in %s", p.name)
 	}
 }
 

@@ -9,7 +9,6 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -20,6 +19,7 @@ import (
 
 	"github.com/redis/go-redis/v9"
 
+	"github.com/tether-proxy/tether/internal/procrun"
 	"github.com/tether-proxy/tether/internal/testenv"
 	gossip "github.com/tether-proxy/tether/pkg/cluster"
 )
@@ -407,55 +407,32 @@ func TestSecondSignalForcesExit(t *testing.T) {
 func TestEarlySIGHUP(t *testing.T) {
 	gw := gatewayStub(t, 1, 0)
 	for i := range 10 {
-		cmd := exec.Command(filepath.Join(binDir, "proxy"), "--listen", "127.0.0.1:0", "--gateway", "gw-1="+gw.addr)
-		cmd.Env = append(os.Environ(), "GORACE=atexit_sleep_ms=0")
-		stderr, err := cmd.StderrPipe()
+		hupped, listening := make(chan string, 1), make(chan struct{}, 1)
+		first := true
+		pr, err := procrun.Start(filepath.Join(binDir, "proxy"), []string{"--listen", "127.0.0.1:0", "--gateway", "gw-1=" + gw.addr},
+			procrun.Options{Env: []string{"GORACE=atexit_sleep_ms=0"}, OnLine: func(l string) {
+				if first { // the first log line: still starting, not listening yet
+					first = false
+					hupped <- l
+				}
+				if strings.Contains(l, `"msg":"listening"`) {
+					listening <- struct{}{}
+				}
+			}})
 		if err != nil {
 			t.Fatal(err)
 		}
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
+		firstLine := <-hupped
+		_ = pr.Signal(syscall.SIGHUP)
+		select {
+		case <-listening:
+		case <-pr.Done():
+			t.Fatalf("run %d: the proxy died after an early SIGHUP (sent on %s): exit %d", i, firstLine, pr.ExitCode())
+		case <-time.After(20 * time.Second):
+			t.Fatalf("run %d: the proxy never listened", i)
 		}
-		lines := make(chan string, 100)
-		go func() {
-			buf := make([]byte, 64<<10)
-			var acc string
-			for {
-				n, err := stderr.Read(buf)
-				acc += string(buf[:n])
-				for {
-					j := strings.IndexByte(acc, '\n')
-					if j < 0 {
-						break
-					}
-					lines <- acc[:j]
-					acc = acc[j+1:]
-				}
-				if err != nil {
-					close(lines)
-					return
-				}
-			}
-		}()
-		first := <-lines
-		_ = cmd.Process.Signal(syscall.SIGHUP)
-		listening := strings.Contains(first, `"msg":"listening"`)
-		for l := range lines {
-			if strings.Contains(l, `"msg":"listening"`) {
-				listening = true
-				break
-			}
-		}
-		if !listening {
-			t.Fatalf("run %d: the proxy died after an early SIGHUP (first line %s): %v", i, first, cmd.Wait())
-		}
-		_ = cmd.Process.Signal(syscall.SIGTERM)
-		go func() {
-			for range lines {
-			}
-		}()
-		if err := cmd.Wait(); err != nil {
-			t.Fatalf("run %d: exit after SIGTERM: %v", i, err)
+		if pr.Stop(10*time.Second) || pr.ExitCode() != 0 {
+			t.Fatalf("run %d: exit %d after SIGTERM", i, pr.ExitCode())
 		}
 	}
 }
