@@ -35,7 +35,6 @@ type Proc struct {
 	// Cmd is the running command (for its Process and ProcessState).
 	Cmd  *exec.Cmd
 	done chan struct{}
-	once sync.Once
 }
 
 // Start runs path with args.
