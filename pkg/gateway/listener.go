@@ -143,7 +143,8 @@ type Listener struct {
 	done    chan struct{}
 	pending atomic.Int64
 	wg      sync.WaitGroup
-	once    sync.Once
+	once    sync.Once // Close
+	stop    sync.Once // closes done
 	errMu   sync.Mutex
 	err     error // why the accept loop stopped
 
@@ -217,7 +218,7 @@ func (l *Listener) AcceptConn() (*Conn, error) {
 func (l *Listener) Close() error {
 	var err error
 	l.once.Do(func() {
-		close(l.done)
+		l.stop.Do(func() { close(l.done) })
 		err = l.ln.Close()
 		l.wg.Wait()
 	})
@@ -265,7 +266,7 @@ func (l *Listener) acceptLoop() {
 			l.errMu.Lock()
 			l.err = err
 			l.errMu.Unlock()
-			l.once.Do(func() { close(l.done) })
+			l.stop.Do(func() { close(l.done) })
 			return
 		}
 		backoff = 0
