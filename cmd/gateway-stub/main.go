@@ -120,12 +120,8 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 
 func run(args []string, sigs <-chan os.Signal, stderr io.Writer) int {
 	o, err := parseFlags(args, stderr)
-	if errors.Is(err, flag.ErrHelp) {
-		return 0
-	}
-	if err != nil {
-		fmt.Fprintf(stderr, "gateway-stub: %v\nRun gateway-stub --help for the flags.\n", err)
-		return 2
+	if code, ok := cli.FlagOutcome("gateway-stub", err, stderr); !ok {
+		return code
 	}
 	log, _, err := cli.NewLogger(o.logLevel, o.logFormat)
 	if err != nil {

@@ -232,12 +232,8 @@ func (o *options) validate() error {
 
 func run(args []string, sigs <-chan os.Signal, stdout, stderr io.Writer) int {
 	o, err := parseFlags(args, stderr)
-	if errors.Is(err, flag.ErrHelp) {
-		return 0
-	}
-	if err != nil {
-		fmt.Fprintf(stderr, "proxy: %v\nRun proxy --help for the flags.\n", err)
-		return 2
+	if code, ok := cli.FlagOutcome("proxy", err, stderr); !ok {
+		return code
 	}
 	if o.checkConfig {
 		src := "flags"

@@ -118,12 +118,8 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 
 func run(args []string, sigs <-chan os.Signal, stderr io.Writer) int {
 	o, err := parseFlags(args, stderr)
-	if errors.Is(err, flag.ErrHelp) {
-		return 0
-	}
-	if err != nil {
-		fmt.Fprintf(stderr, "tether-agent: %v\nRun tether-agent --help for the flags.\n", err)
-		return 2
+	if code, ok := cli.FlagOutcome("tether-agent", err, stderr); !ok {
+		return code
 	}
 	log, _, err := cli.NewLogger(o.logLevel, o.logFormat)
 	if err != nil {

@@ -73,12 +73,8 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 
 func run(args []string, stdout, stderr io.Writer) int {
 	o, err := parseFlags(args, stderr)
-	if errors.Is(err, flag.ErrHelp) {
-		return 0
-	}
-	if err != nil {
-		fmt.Fprintf(stderr, "tether-client: %v\nRun tether-client --help for the flags.\n", err)
-		return 2
+	if code, ok := cli.FlagOutcome("tether-client", err, stderr); !ok {
+		return code
 	}
 	vias := strings.Split(o.via, ",")
 	froms := strings.Split(o.from, ",")

@@ -353,6 +353,20 @@ func Parse(fs *flag.FlagSet, args []string, stderr io.Writer) error {
 	return nil
 }
 
+// FlagOutcome turns the result of a binary's flag parsing into what the
+// binary does next: go on (ok), or exit with code — 0 after --help (the
+// usage was printed), 2 after a bad flag, printed here with a hint.
+func FlagOutcome(name string, err error, stderr io.Writer) (code int, ok bool) {
+	switch {
+	case err == nil:
+		return 0, true
+	case errors.Is(err, flag.ErrHelp):
+		return 0, false
+	}
+	fmt.Fprintf(stderr, "%s: %v\nRun %s --help for the flags.\n", name, err, name)
+	return 2, false
+}
+
 // explained wraps a flag's value so that a rejected value is reported with
 // the flag's name and the form it wants.
 type explained struct {
