@@ -240,11 +240,16 @@ func TestDuplicateGatewayID(t *testing.T) {
 	// (A refused duplicate under its own node name joined as draining for a
 	// moment: the proxies may have logged that conflict already.)
 	const conflictLog = "gateway ID claimed by more than one live member: routing to one of them (active first, then the smaller node name); give each gateway its own --id"
+	const overLog = "gateway ID conflict over: one claimant left"
 	logged, over := map[*proc]int{}, map[*proc]int{}
 	for _, p := range proxies {
 		waitFor(t, 20*time.Second, "the refused duplicate gone from "+p.name, func() bool { return metrics(t, p)["tether_gateway_id_conflicts"] == 0 })
-		logged[p] = p.logCount(conflictLog, "")
-		over[p] = p.logCount("gateway ID conflict over: one claimant left", "")
+		// Log lines arrive through a pipe, after the metric changed: wait
+		// until every conflict logged so far has its end logged too.
+		waitFor(t, 5*time.Second, "the duplicate's conflict, if any, logged as over on "+p.name, func() bool {
+			return p.logCount(conflictLog, "") == p.logCount(overLog, "")
+		})
+		logged[p], over[p] = p.logCount(conflictLog, ""), p.logCount(overLog, "")
 	}
 
 	// A conflict forced with the lower-level API: a member named so that
@@ -261,6 +266,7 @@ func TestDuplicateGatewayID(t *testing.T) {
 	}
 	keys := keyList("conf", 100)
 	for _, p := range proxies {
+		waitFor(t, 5*time.Second, "the conflict's error line on "+p.name, func() bool { return p.logCount(conflictLog, "") > logged[p] })
 		if n := p.logCount(conflictLog, "") - logged[p]; n != 1 {
 			t.Fatalf("%d conflict errors on %s, want 1", n, p.name)
 		}
@@ -280,8 +286,9 @@ func TestDuplicateGatewayID(t *testing.T) {
 	}
 	for _, p := range proxies {
 		waitFor(t, 20*time.Second, "the conflict to clear on "+p.name, func() bool { return metrics(t, p)["tether_gateway_id_conflicts"] == 0 })
-		if p.logCount("gateway ID conflict over: one claimant left", "")-over[p] != 1 {
-			t.Fatalf("conflict end not logged on %s", p.name)
+		waitFor(t, 5*time.Second, "the conflict's end logged on "+p.name, func() bool { return p.logCount(overLog, "") > over[p] })
+		if n := p.logCount(overLog, "") - over[p]; n != 1 {
+			t.Fatalf("conflict end logged %d times on %s, want once", n, p.name)
 		}
 	}
 }
