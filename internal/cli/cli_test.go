@@ -105,7 +105,14 @@ func TestApplyConfig(t *testing.T) {
 		{"duplicate", "listen: a\nlisten: b\n", "already set on line 1"},
 		{"not a mapping", "- a\n- b\n", "want a mapping"},
 		{"nested", "listen: {a: b}\n", "line 1: listen"},
-		{"yaml syntax", "listen: [\n", "config"},
+		{"yaml syntax", "listen: [\n", "line 1: did not find expected node content"},
+		// yaml.v3 itself blames line 1 (0-based start of the mapping) here.
+		{"item in a mapping", "listen: a\n- x\n", "line 2: did not find expected key"},
+		{"indented key", "listen: a\nadmin: b\n  log-level: c\n", "line 3: mapping values"},
+		{"tab", "listen: a\n\tadmin: b\n", "line 2: found a tab"},
+		{"unclosed flow", "listen: a\nadmin: b\ngateway: [a=1:2,\nlog-level: x\n", "line 3: did not find expected ','"},
+		{"after a long flow", "gateway: [a=h:1,\n  b=h:2]\nlisten: a\nlisten b\nadmin: c\n", "line 4: could not find expected ':'"},
+		{"unterminated quote", "listen: a\nadmin: \"x\n", "line 2: found unexpected end of stream"},
 	}
 	for _, tt := range errs {
 		t.Run(tt.name, func(t *testing.T) {

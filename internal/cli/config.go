@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"regexp"
 	"strings"
 
 	"go.yaml.in/yaml/v3"
@@ -40,7 +41,7 @@ func ApplyConfig(fs *flag.FlagSet, path string, skip map[string]bool, notInConfi
 		if errors.Is(err, io.EOF) {
 			return nil // an empty file sets nothing
 		}
-		return fmt.Errorf("config %s: %w", path, err)
+		return syntaxError(path, raw, err)
 	}
 	if len(doc.Content) == 0 {
 		return nil
@@ -91,6 +92,35 @@ func ApplyConfig(fs *flag.FlagSet, path string, skip map[string]bool, notInConfi
 		}
 	}
 	return nil
+}
+
+// yamlLinePrefix is how yaml.v3 starts a syntax error message.
+var yamlLinePrefix = regexp.MustCompile(`^yaml: line [0-9]+: `)
+
+// syntaxError names the line a YAML syntax error is on. yaml.v3 reports a
+// parser error at the start of the enclosing construct, 0-based (the line
+// before it, counted from 1), so its number misleads: the line blamed here
+// is the first one after the longest prefix of whole lines that still
+// parses. A truncated construct (an open bracket, a quote) only fails until
+// it closes, while a syntax error fails every longer prefix, so that line is
+// where the file stopped being YAML.
+func syntaxError(path string, raw []byte, err error) error {
+	msg := yamlLinePrefix.ReplaceAllString(err.Error(), "")
+	msg = strings.TrimPrefix(msg, "yaml: ")
+	lines := bytes.SplitAfter(raw, []byte("\n"))
+	const maxLines = 5000 // config files are short; do not go quadratic on a huge one
+	if len(lines) > maxLines {
+		return fmt.Errorf("config %s: %w", path, err)
+	}
+	good := 0
+	for k := 1; k < len(lines); k++ {
+		var n yaml.Node
+		perr := yaml.NewDecoder(bytes.NewReader(bytes.Join(lines[:k], nil))).Decode(&n)
+		if perr == nil || errors.Is(perr, io.EOF) {
+			good = k
+		}
+	}
+	return fmt.Errorf("config %s line %d: %s (not valid YAML)", path, good+1, msg)
 }
 
 func scalarValues(v *yaml.Node) ([]string, error) {
