@@ -15,6 +15,10 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -23,6 +27,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tether-proxy/tether/internal/cli"
+	"github.com/tether-proxy/tether/internal/upgrade"
 	"github.com/tether-proxy/tether/pkg/admin"
 	"github.com/tether-proxy/tether/pkg/cluster"
 	"github.com/tether-proxy/tether/pkg/proto"
@@ -37,9 +42,12 @@ func main() {
 	// starts is handled once it serves, never by the default action
 	// (which would kill it).
 	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGINT, syscall.SIGTERM)
+	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGINT, syscall.SIGTERM, syscall.SIGUSR2)
 	os.Exit(run(os.Args[1:], sigs, os.Stdout, os.Stderr))
 }
+
+// version is set at build time (-ldflags "-X main.version=...").
+var version = "dev"
 
 // errForced means a second stop signal cut the drain short.
 var errForced = errors.New("second stop signal: closed every session at once")
@@ -74,6 +82,8 @@ type options struct {
 	clientKeepAlive  time.Duration // --client-keepalive (0 off)
 	maxConns         int           // --max-conns (0 no limit)
 	drainTimeout     time.Duration // --drain-timeout: after SIGTERM
+	pidFile          string        // --pid-file ("" none)
+	upgradeTimeout   time.Duration // --upgrade-timeout: each phase of a SIGUSR2 upgrade
 
 	redisURL     string        // --redis ("" off)
 	bindingTTL   time.Duration // --binding-ttl
@@ -96,7 +106,9 @@ lives. Gateways come from --gateway flags, from gossip (--gossip-bind), or both.
 Every flag can also be set in the --config YAML file, under its name without
 the dashes (listen: ":7000", gateway: [ "gw-1=10.0.1.1:9000" ],
 handshake-timeout: "5s"); flags on the command line win. SIGHUP re-reads the
-file's gateway list and log level without dropping sessions.
+file's gateway list and log level without dropping sessions. SIGUSR2 upgrades
+in place: the executable on disk is started again with the same arguments and
+takes over the listeners and every established session (docs/operating.md).
 
 Flags:
 `
@@ -128,7 +140,9 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.DurationVar(&o.cooldown, "gateway-cooldown", route.DefaultCooldown, "after a failed connection attempt, skip the gateway for this `DURATION` (its keys use their next choice)")
 	fs.DurationVar(&o.clientKeepAlive, "client-keepalive", 60*time.Second, "TCP keepalive on client connections: first probe after this idle `DURATION`, so a phone that vanished without a FIN frees its session. Mobile apps usually have their own heartbeat; 0 turns keepalive off (and saves 4 syscalls per connection)")
 	fs.IntVar(&o.maxConns, "max-conns", 0, "accept at most `N` concurrent client connections; more are closed at once (0: no limit)")
-	fs.DurationVar(&o.drainTimeout, "drain-timeout", 10*time.Second, "on SIGTERM/SIGINT, stop accepting and let open sessions run for this `DURATION` before closing them")
+	fs.DurationVar(&o.drainTimeout, "drain-timeout", 10*time.Second, "on SIGTERM/SIGINT, stop accepting and close open sessions one by one, spread evenly over this `DURATION`, so their clients reconnect spread out")
+	fs.StringVar(&o.pidFile, "pid-file", "", "write the process ID to this `FILE` at start; after a SIGUSR2 upgrade the new process rewrites it once it serves (systemd PIDFile=)")
+	fs.DurationVar(&o.upgradeTimeout, "upgrade-timeout", 30*time.Second, "on SIGUSR2, the new process must be ready within this `DURATION`, and the old one hands its sessions over within it again; what it still holds then is drained as on SIGTERM")
 	fs.StringVar(&o.logLevel, "log-level", "info", "`LEVEL`: debug, info, warn or error (failed handshakes are logged at debug)")
 	fs.StringVar(&o.logFormat, "log-format", "json", "`FORMAT`: json or console")
 	o.gossip.Register(fs, "hostname-GOSSIPPORT")
@@ -172,6 +186,8 @@ func (o *options) validate() error {
 		return errors.New("--handshake-timeout and --dial-timeout must be > 0")
 	case o.maxConns < 0:
 		return fmt.Errorf("--max-conns %d: want >= 0", o.maxConns)
+	case o.upgradeTimeout <= 0 || o.drainTimeout < 0:
+		return errors.New("--upgrade-timeout must be > 0 and --drain-timeout >= 0")
 	}
 	if err := cli.CheckAddr("listen", o.listen, true, true); err != nil {
 		return err
@@ -269,17 +285,34 @@ func onOff(b bool) string {
 	return "off"
 }
 
-// serve runs the proxy until SIGTERM/SIGINT. args are kept so SIGHUP can
-// re-read the config file exactly as at start.
+// serve runs the proxy until SIGTERM/SIGINT (or until a SIGUSR2 upgrade
+// handed everything to a new process). args are kept so SIGHUP can re-read
+// the config file exactly as at start.
 func serve(args []string, o options, sigs <-chan os.Signal, log *zap.Logger, level zap.AtomicLevel, stderr io.Writer) error {
-	p := &process{o: o, log: log}
+	p := &process{o: o, log: log, args: args, changed: make(chan struct{}, 1), serveErr: make(chan error, 1)}
 	defer p.close()
+	parent, err := upgrade.Inherit(o.upgradeTimeout)
+	if err != nil {
+		return err
+	}
+	p.parent = parent
 	for _, step := range []func() error{p.listen, p.joinGossip, p.keepRing, p.newServer, p.startAdmin} {
 		if err := step(); err != nil {
+			if parent != nil {
+				parent.Refuse(err)
+			}
 			return err
 		}
 	}
-	return p.run(args, sigs, level, stderr)
+	if parent != nil {
+		if err := p.readyForTakeover(); err != nil {
+			return err
+		}
+	} else {
+		p.startServing(p.ln)
+		p.writePidFile()
+	}
+	return p.run(sigs, level, stderr)
 }
 
 // process is a running proxy's parts, built in steps by serve; close
@@ -287,17 +320,31 @@ func serve(args []string, o options, sigs <-chan os.Signal, log *zap.Logger, lev
 type process struct {
 	o       options
 	log     *zap.Logger
+	args    []string // for SIGHUP and SIGUSR2
 	reg     *prometheus.Registry
 	metrics *proxy.Metrics
+	upm     *upgrade.Metrics
 	holder  ring.Holder
-	tcpLn   net.Listener     // the client listener, for its address
-	ln      net.Listener     // tcpLn, reading PROXY headers per --proxy-protocol-in
-	node    *cluster.Cluster // nil without gossip
+	tcpLn   net.Listener                    // the client listener, for its address and an upgrade
+	ln      net.Listener                    // tcpLn, reading PROXY headers per --proxy-protocol-in
+	node    atomic.Pointer[cluster.Cluster] // nil without gossip (and in a new process until it takes over gossip)
+	relay   *cluster.Relay                  // a new process's membership until its gossip node joined
 	syncer  *cluster.Syncer
+	changed chan struct{} // the ring changed (an upgrade forwards it)
 	dialer  *route.Dialer
 	srv     *proxy.Server
-	admin   *http.Server // nil without --admin
+	adminLn net.Listener // nil without --admin
+	adminH  http.Handler
+	admin   atomic.Pointer[http.Server]
 	undo    []func()
+
+	parent   *upgrade.Parent // set in a process started by an upgrade
+	taken    chan error      // a new process: the takeover ended (nil) or was abandoned
+	serveMu  sync.Mutex
+	serving  chan struct{} // closed when the current Serve returned; nil before the first
+	serveErr chan error    // Serve failed for good
+	gossipMu sync.Mutex    // guards leaving gossip once
+	left     bool
 }
 
 func (p *process) close() {
@@ -307,20 +354,37 @@ func (p *process) close() {
 }
 
 // listen opens the client listener (first, so a taken port fails fast) and
-// the metrics registry.
+// the metrics registry; a process started by an upgrade takes the old
+// one's socket instead.
 func (p *process) listen() error {
 	p.reg = prometheus.NewRegistry()
 	p.reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	p.metrics = proxy.NewMetrics(p.reg)
-	lc := net.ListenConfig{KeepAlive: -1}
-	if p.o.clientKeepAlive > 0 {
-		lc.KeepAliveConfig = net.KeepAliveConfig{Enable: true, Idle: p.o.clientKeepAlive, Interval: 15 * time.Second, Count: 4}
+	p.upm = upgrade.NewMetrics(p.reg)
+	buildInfo(p.reg)
+	ka := p.keepAlive()
+	var tcpLn net.Listener
+	if p.parent != nil {
+		ln, err := p.parent.Listener("client", p.o.listen)
+		if err != nil {
+			return err
+		}
+		if ln == nil {
+			return errors.New("upgrade: the old process passed no client listener")
+		}
+		// Go turns its default keepalive on for accepted connections of
+		// an inherited socket; keepAliveListener sets --client-keepalive.
+		tcpLn = keepAliveListener{ln.(*net.TCPListener), ka}
+		p.upm.Listeners.WithLabelValues("received").Inc()
+	} else {
+		lc := net.ListenConfig{KeepAlive: -1, KeepAliveConfig: ka}
+		ln, err := lc.Listen(context.Background(), "tcp", p.o.listen)
+		if err != nil {
+			return fmt.Errorf("listen: %w", err)
+		}
+		tcpLn = ln
 	}
-	tcpLn, err := lc.Listen(context.Background(), "tcp", p.o.listen)
-	if err != nil {
-		return fmt.Errorf("listen: %w", err)
-	}
-	ln, err := proxy.ProxyProtocolListener(tcpLn, proxy.ProxyInMode(p.o.proxyProtocolIn), p.o.trustedPrefixes, p.o.handshakeTimeout, p.metrics, p.log.Named("proxy"))
+	ln, err := p.wrap(tcpLn)
 	if err != nil {
 		tcpLn.Close()
 		return err
@@ -330,46 +394,102 @@ func (p *process) listen() error {
 	return nil
 }
 
-// joinGossip starts the gossip node when --gossip-bind is set.
+// keepAlive is --client-keepalive as a keepalive configuration.
+func (p *process) keepAlive() net.KeepAliveConfig {
+	if p.o.clientKeepAlive <= 0 {
+		return net.KeepAliveConfig{}
+	}
+	return net.KeepAliveConfig{Enable: true, Idle: p.o.clientKeepAlive, Interval: 15 * time.Second, Count: 4}
+}
+
+// wrap reads PROXY headers on ln per --proxy-protocol-in.
+func (p *process) wrap(ln net.Listener) (net.Listener, error) {
+	return proxy.ProxyProtocolListener(ln, proxy.ProxyInMode(p.o.proxyProtocolIn), p.o.trustedPrefixes, p.o.handshakeTimeout, p.metrics, p.log.Named("proxy"))
+}
+
+// joinGossip starts the gossip node when --gossip-bind is set. A process
+// started by an upgrade does it once the old one released the node name.
 func (p *process) joinGossip() error {
 	if p.o.gossip.Bind == "" {
 		return nil
 	}
-	node, err := startGossip(p.o, p.tcpLn.Addr().String(), p.log)
+	p.undo = append(p.undo, p.leaveGossip)
+	if p.parent != nil {
+		return nil
+	}
+	node, err := startGossip(p.o, p.tcpLn.Addr().String(), nil, p.log)
 	if err != nil {
 		return err
 	}
-	p.node = node
-	p.metrics.GossipEncrypted.Set(map[bool]float64{true: 1}[node.Encrypted()])
-	p.undo = append(p.undo, func() {
-		if err := node.Leave(5 * time.Second); err != nil {
-			p.log.Warn("gossip leave not confirmed", zap.Error(err))
-		}
-		_ = node.Shutdown()
-	})
+	p.setNode(node)
 	return nil
+}
+
+// setNode records the gossip node (left at exit); false if the process is
+// already exiting, in which case node is shut down.
+func (p *process) setNode(node *cluster.Cluster) bool {
+	p.gossipMu.Lock()
+	defer p.gossipMu.Unlock()
+	if p.left {
+		_ = node.Shutdown()
+		return false
+	}
+	p.node.Store(node)
+	p.metrics.GossipEncrypted.Set(map[bool]float64{true: 1}[node.Encrypted()])
+	return true
+}
+
+// leaveGossip leaves the cluster and frees the gossip port, once.
+func (p *process) leaveGossip() {
+	p.gossipMu.Lock()
+	defer p.gossipMu.Unlock()
+	node := p.node.Load()
+	if node == nil || p.left {
+		return
+	}
+	p.left = true
+	if err := node.Leave(5 * time.Second); err != nil {
+		p.log.Warn("gossip leave not confirmed", zap.Error(err))
+	}
+	_ = node.Shutdown()
 }
 
 // keepRing builds the ring from the static list, gossip and operator
 // drains, and keeps it current.
 func (p *process) keepRing() error {
 	var members cluster.Membership
-	if p.node != nil {
-		members = p.node
+	switch {
+	case p.parent != nil && p.o.gossip.Bind != "":
+		snap := p.parent.Snapshot()
+		p.relay = cluster.NewRelay(snap.Gateways)
+		members = p.relay
+	case p.node.Load() != nil:
+		members = p.node.Load()
 	}
 	syncer, err := cluster.NewSyncer(members, p.o.gateways, &p.holder, p.log.Named("ring"), func(r *ring.Ring) {
 		p.metrics.ObserveRing(r)
-		if p.node != nil {
-			p.metrics.ClusterMembers.Set(float64(p.node.Members()))
+		if node := p.node.Load(); node != nil {
+			p.metrics.ClusterMembers.Set(float64(node.Members()))
 		}
 		if p.syncer != nil {
 			p.metrics.IDConflicts.Set(float64(len(p.syncer.Conflicts())))
+		}
+		select {
+		case p.changed <- struct{}{}:
+		default:
 		}
 	})
 	if err != nil {
 		return fmt.Errorf("gateway list: %w", err)
 	}
 	p.syncer = syncer
+	if p.parent != nil {
+		for _, id := range p.parent.Snapshot().Drained {
+			if err := syncer.SetDrained(id, true, true); err != nil {
+				p.log.Warn("upgrade: cannot keep an operator's drain", zap.String("gateway", id), zap.Error(err))
+			}
+		}
+	}
 	ctx, stop := context.WithCancel(context.Background())
 	done := make(chan struct{})
 	go func() { defer close(done); syncer.Run(ctx) }()
@@ -429,67 +549,179 @@ func (p *process) newResolver() (route.Resolver, error) {
 	return br, nil
 }
 
-// startAdmin serves the admin API when --admin is set.
+// startAdmin serves the admin API when --admin is set (on the old
+// process's socket after an upgrade).
 func (p *process) startAdmin() error {
 	o := p.o
 	p.log.Info("listening", zap.String("addr", p.tcpLn.Addr().String()), zap.Int("static_gateways", len(o.gateways)),
 		zap.String("proxy_protocol_in", o.proxyProtocolIn), zap.String("proxy_protocol_out", o.proxyProtocolOut),
-		zap.Int("max_conns", o.maxConns))
+		zap.Int("max_conns", o.maxConns), zap.String("version", version), zap.Int("pid", os.Getpid()))
 	if o.admin == "" {
 		return nil
 	}
-	aln, err := net.Listen("tcp", o.admin)
-	if err != nil {
-		return fmt.Errorf("admin listen: %w", err)
+	var aln net.Listener
+	if p.parent != nil {
+		ln, err := p.parent.Listener("admin", o.admin)
+		if err != nil {
+			return err
+		}
+		if ln != nil {
+			p.upm.Listeners.WithLabelValues("received").Inc()
+		}
+		aln = ln
+	}
+	if aln == nil {
+		ln, err := net.Listen("tcp", o.admin)
+		if err != nil {
+			return fmt.Errorf("admin listen: %w", err)
+		}
+		aln = ln
 	}
 	srv, syncer := p.srv, p.syncer
-	p.admin = &http.Server{
-		Handler: admin.Handler(admin.Config{
-			Gatherer: p.reg,
-			Resolver: srv.Resolver(),
-			Ready:    func() bool { return !srv.Closing() && p.holder.Load().Len() > 0 },
-			Gateways: admin.GatewayView{Ring: &p.holder, Syncer: syncer, Live: func(id string) bool { return !p.dialer.CoolingDown(id) },
-				Sessions: srv.SessionsByGateway}.Rows,
-			Drain: func(id string, drain, force bool) error {
-				if err := syncer.SetDrained(id, drain, force); err != nil {
-					return err
-				}
-				p.log.Info("admin drain", zap.String("gateway", id), zap.Bool("drained", drain), zap.Bool("forced", force))
-				return nil
-			},
-			Token: o.adminToken,
-			Pprof: o.pprof,
-		}),
-		ReadHeaderTimeout: 5 * time.Second,
-	}
+	p.adminH = admin.Handler(admin.Config{
+		Gatherer: p.reg,
+		Resolver: srv.Resolver(),
+		Ready:    func() bool { return !srv.Closing() && p.holder.Load().Len() > 0 },
+		Gateways: admin.GatewayView{Ring: &p.holder, Syncer: syncer, Live: func(id string) bool { return !p.dialer.CoolingDown(id) },
+			Sessions: srv.SessionsByGateway}.Rows,
+		Drain: func(id string, drain, force bool) error {
+			if err := syncer.SetDrained(id, drain, force); err != nil {
+				return err
+			}
+			p.log.Info("admin drain", zap.String("gateway", id), zap.Bool("drained", drain), zap.Bool("forced", force))
+			return nil
+		},
+		Token: o.adminToken,
+		Pprof: o.pprof,
+	})
+	p.adminLn = aln
 	p.log.Info("admin listening", zap.String("addr", aln.Addr().String()), zap.Bool("token", o.adminToken != ""))
-	go func() {
-		if err := p.admin.Serve(aln); !errors.Is(err, http.ErrServerClosed) {
-			p.log.Error("admin server stopped", zap.Error(err))
+	if p.parent == nil {
+		p.serveAdmin(aln)
+	}
+	p.undo = append(p.undo, func() {
+		if a := p.admin.Load(); a != nil {
+			_ = a.Close()
 		}
-	}()
-	p.undo = append(p.undo, func() { _ = p.admin.Close() })
+		aln.Close()
+	})
 	return nil
 }
 
-// run serves until a stop signal (SIGHUP reloads), then drains; a second
-// stop signal closes every session at once (errForced).
-func (p *process) run(args []string, sigs <-chan os.Signal, level zap.AtomicLevel, stderr io.Writer) error {
-	errc := make(chan error, 1)
-	go func() { errc <- p.srv.Serve(p.ln) }()
+// serveAdmin serves the admin API on ln in the background.
+func (p *process) serveAdmin(ln net.Listener) {
+	a := &http.Server{Handler: p.adminH, ReadHeaderTimeout: 5 * time.Second}
+	p.admin.Store(a)
+	go func() {
+		if err := a.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+			p.log.Error("admin server stopped", zap.Error(err))
+		}
+	}()
+}
+
+// startServing runs the proxy on ln until Shutdown or StopAccepting.
+func (p *process) startServing(ln net.Listener) {
+	done := make(chan struct{})
+	p.serveMu.Lock()
+	p.serving = done
+	p.serveMu.Unlock()
+	go func() {
+		defer close(done)
+		err := p.srv.Serve(ln)
+		if errors.Is(err, proxy.ErrAcceptStopped) || errors.Is(err, proxy.ErrServerClosed) {
+			return
+		}
+		p.serveErr <- err
+	}()
+}
+
+// servingDone is closed when the current Serve returned (nil before the
+// first one started).
+func (p *process) servingDone() <-chan struct{} {
+	p.serveMu.Lock()
+	defer p.serveMu.Unlock()
+	return p.serving
+}
+
+// writePidFile writes --pid-file (atomically: a reader never sees it half
+// written).
+func (p *process) writePidFile() {
+	if p.o.pidFile == "" {
+		return
+	}
+	tmp := p.o.pidFile + ".tmp"
+	err := os.WriteFile(tmp, []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644)
+	if err == nil {
+		err = os.Rename(tmp, p.o.pidFile)
+	}
+	if err != nil {
+		p.log.Error("cannot write the pid file", zap.String("pid_file", p.o.pidFile), zap.Error(err))
+	}
+}
+
+// removePidFile removes --pid-file if it still names this process (after
+// an upgrade it names the new one).
+func (p *process) removePidFile() {
+	if p.o.pidFile == "" {
+		return
+	}
+	if b, err := os.ReadFile(p.o.pidFile); err == nil && strings.TrimSpace(string(b)) == strconv.Itoa(os.Getpid()) {
+		_ = os.Remove(p.o.pidFile)
+	}
+}
+
+// run serves until a stop signal (SIGHUP reloads, SIGUSR2 upgrades), then
+// drains; a second stop signal closes every session at once (errForced).
+// After a successful upgrade it drains only what it could not hand over.
+func (p *process) run(sigs <-chan os.Signal, level zap.AtomicLevel, stderr io.Writer) error {
+	var (
+		upgraded  chan upgradeResult // non-nil while this process upgrades
+		cancelUp  context.CancelFunc
+		handedOff bool
+	)
 	for stopping := false; !stopping; {
 		select {
-		case err := <-errc:
+		case err := <-p.serveErr:
 			return fmt.Errorf("serve: %w", err)
-		case sig := <-sigs:
-			if sig == syscall.SIGHUP {
-				reload(args, p.o, p.syncer, p.node, level, p.log, stderr)
+		case err := <-p.taken:
+			p.taken = nil
+			if err != nil {
+				return err
+			}
+		case r := <-upgraded:
+			upgraded, cancelUp = nil, nil
+			if r.err != nil {
+				p.log.Error("upgrade failed; this process keeps serving", zap.Error(r.err), zap.Int("new_pid", r.res.PID))
 				continue
 			}
-			p.log.Info("shutting down: draining open sessions (a second signal closes them at once)", zap.String("signal", sig.String()),
-				zap.Int("sessions", p.srv.Active()), zap.Duration("drain_timeout", p.o.drainTimeout))
-			stopping = true
+			p.log.Info("upgrade: the new process took over; this one exits", zap.Int("new_pid", r.res.PID),
+				zap.Int("sessions_handed", r.res.Sessions), zap.Int("listeners_handed", r.res.Listeners),
+				zap.Int("left", r.res.Left), zap.Duration("took", r.res.Took))
+			handedOff, stopping = true, true
+		case sig := <-sigs:
+			switch {
+			case sig == syscall.SIGHUP:
+				reload(p.args, p.o, p.syncer, p.node.Load(), level, p.log, stderr)
+			case sig == syscall.SIGUSR2:
+				if ch, cancel := p.upgrade(upgraded != nil); ch != nil {
+					upgraded, cancelUp = ch, cancel
+				}
+			default:
+				if upgraded != nil {
+					p.log.Warn("stop signal during an upgrade: abandoning it", zap.String("signal", sig.String()))
+					cancelUp()
+					if r := <-upgraded; r.err == nil {
+						handedOff = true // it finished first
+					}
+				}
+				p.log.Info("shutting down: closing open sessions spread over the drain timeout (a second signal closes them at once)", zap.String("signal", sig.String()),
+					zap.Int("sessions", p.srv.Active()), zap.Duration("drain_timeout", p.o.drainTimeout))
+				stopping = true
+			}
 		}
+	}
+	if !handedOff {
+		defer p.removePidFile()
 	}
 	dctx, cancel := context.WithTimeout(context.Background(), p.o.drainTimeout)
 	defer cancel()
@@ -504,7 +736,7 @@ func (p *process) run(args []string, sigs <-chan os.Signal, level zap.AtomicLeve
 			}
 			waiting = false
 		case sig := <-sigs:
-			if sig == syscall.SIGHUP || forced != nil {
+			if sig == syscall.SIGHUP || sig == syscall.SIGUSR2 || forced != nil {
 				continue
 			}
 			p.log.Warn("second stop signal: closing every session now", zap.String("signal", sig.String()), zap.Int("sessions", p.srv.Active()))
@@ -512,7 +744,9 @@ func (p *process) run(args []string, sigs <-chan os.Signal, level zap.AtomicLeve
 			cancel()
 		}
 	}
-	<-errc
+	if done := p.servingDone(); done != nil {
+		<-done
+	}
 	p.log.Info("stopped")
 	return forced
 }
@@ -551,7 +785,7 @@ func reload(args []string, old options, syncer *cluster.Syncer, node *cluster.Cl
 }
 
 // startGossip joins the cluster as a proxy node.
-func startGossip(o options, listenAddr string, log *zap.Logger) (*cluster.Cluster, error) {
+func startGossip(o options, listenAddr string, extraSeeds []string, log *zap.Logger) (*cluster.Cluster, error) {
 	keys, err := o.gossip.Keys()
 	if err != nil {
 		return nil, err
@@ -559,7 +793,7 @@ func startGossip(o options, listenAddr string, log *zap.Logger) (*cluster.Cluste
 	node, err := cluster.New(cluster.Config{
 		NodeName: o.gossip.NodeName,
 		BindAddr: o.gossip.Bind,
-		Join:     cli.SplitList(o.gossip.Join),
+		Join:     mergeSeeds(cli.SplitList(o.gossip.Join), extraSeeds),
 		Keys:     keys,
 		Profile:  cluster.Profile(o.gossip.Profile),
 		Meta:     cluster.Meta{Role: cluster.RoleProxy, Addr: listenAddr},

@@ -390,6 +390,20 @@ func (c *Cluster) ClaimID(ctx context.Context) error {
 // Changes implements Membership.
 func (c *Cluster) Changes() <-chan struct{} { return c.changes }
 
+// Peers returns the gossip addresses of the other alive members: seeds
+// through which a successor of this node (an upgrade) rejoins. Do not call
+// it from a memberlist event callback.
+func (c *Cluster) Peers() []string {
+	var out []string
+	for _, n := range c.ml.Members() {
+		if n.Name != c.cfg.NodeName && n.State == memberlist.StateAlive {
+			out = append(out, n.Address())
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
 // Members is the number of alive nodes this node knows, itself included.
 func (c *Cluster) Members() int {
 	c.mu.Lock()

@@ -216,6 +216,18 @@ func (s *Syncer) SetDrained(id string, drained, force bool) error {
 	return s.rebuild()
 }
 
+// DrainedIDs returns the gateways an operator drained, sorted.
+func (s *Syncer) DrainedIDs() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	ids := make([]string, 0, len(s.drained))
+	for id := range s.drained {
+		ids = append(ids, id)
+	}
+	sort.Strings(ids)
+	return ids
+}
+
 // Drained reports whether an operator drained gateway id.
 func (s *Syncer) Drained(id string) bool {
 	s.mu.Lock()

@@ -35,6 +35,7 @@ type Metrics struct {
 	Parked            prometheus.Gauge
 	ParkErrors        prometheus.Counter
 	Wakeups           *prometheus.CounterVec
+	Handoffs          *prometheus.CounterVec
 }
 
 // ObserveRing sets the gateway gauges from the ring now in use: members
@@ -175,6 +176,10 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "tether_park_errors_total",
 			Help: "Idle sessions closed because epoll would not watch them (see fs.epoll.max_user_watches).",
 		}),
+		Handoffs: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_handoff_sessions_total",
+			Help: "Established sessions handed between processes by a SIGUSR2 upgrade, by side: sent (by the old process) or received (by the new one).",
+		}, []string{"side"}),
 		ClusterMembers: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "tether_cluster_members",
 			Help: "Alive gossip members this proxy knows, itself and other proxies included (0 without gossip).",
@@ -184,7 +189,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		reg.MustRegister(m.Accepted, m.AcceptErrors, m.Active, m.Closed, m.Rejected, m.HandshakeFailures,
 			m.HandshakeSeconds, m.Routes, m.RouteFailures, m.DialFailures, m.Failovers,
 			m.Bytes, m.SessionSeconds, m.SessionEnds, m.Gateways, m.ClusterMembers, m.GossipEncrypted, m.IDConflicts, m.RedisErrors, m.RedisRefusals, m.NoKey,
-			m.Parked, m.ParkErrors, m.Wakeups)
+			m.Parked, m.ParkErrors, m.Wakeups, m.Handoffs)
 	}
 	return m
 }

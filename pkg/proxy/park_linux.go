@@ -79,7 +79,15 @@ type parkedSession struct {
 	mu       sync.Mutex
 	open     int8 // directions not finished
 	running  int8 // workers (or the loop) moving data now
-	finished bool // onEnd called
+	finished bool // onEnd called, or handed to another process
+
+	// A handoff (park_handoff_linux.go) sets handoff: directions stop at
+	// their next wait instead of waiting or parking, and the last one to
+	// stop closes quiet. poked says their deadlines were moved to stop
+	// them (a resume clears them).
+	handoff atomic.Bool
+	quiet   chan struct{} // guarded by mu
+	poked   bool          // guarded by mu
 
 	dirs [2]parkedDir
 }
@@ -93,6 +101,7 @@ type parkedDir struct {
 	parkedAt     int64  // when it last parked, UnixNano
 	mv           *mover // while claimed: the move in progress (nil while parked)
 	slot, gen    uint32 // its place in parker.slots once armed (slot > 0)
+	armed        bool   // in the epoll set (maybe spent); only its claimant touches it
 	done         bool   // EOF or error seen; guarded by ps.mu
 	parked       bool   // waiting in the epoll set; guarded by ps.mu
 }
@@ -148,7 +157,7 @@ func (p *parker) adopt(ses *session) *parkedSession {
 	ps := &parkedSession{p: p, ses: ses, open: 2}
 	ps.dirs[0] = parkedDir{ps: ps, src: ses.client, dst: ses.gw, srcRC: cRC, dstRC: gRC}
 	ps.dirs[1] = parkedDir{ps: ps, src: ses.gw, dst: ses.client, srcRC: gRC, dstRC: cRC}
-	ses.parked = ps
+	ses.parked.Store(ps)
 	// Both directions wait in Go's poller before parking, so a short
 	// session or the hello/reply exchange of a long one never touches the
 	// epoll set. The gateway → client one gets a fresh goroutine; the

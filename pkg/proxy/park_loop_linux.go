@@ -127,16 +127,25 @@ func (p *parker) wake(d *parkedDir, events uint32, now int64) {
 // aborted, since nothing would ever wake the direction.
 func (p *parker) parkDir(d *parkedDir) {
 	ps := d.ps
-	op := unix.EPOLL_CTL_MOD
-	if d.slot == 0 {
-		op = unix.EPOLL_CTL_ADD
-		p.addSlot(d) // before the first arm: its event may come at once
-	}
 	d.parkedAt = p.now().UnixNano()
 	ps.mu.Lock()
+	if ps.handoff.Load() {
+		// A handoff is under way: the direction stops here, unarmed,
+		// and the handoff passes it on (or resumes it).
+		ps.mu.Unlock()
+		return
+	}
 	d.parked = true
 	p.parkedDelta(1)
 	ps.mu.Unlock()
+	op := unix.EPOLL_CTL_MOD
+	if !d.armed {
+		op = unix.EPOLL_CTL_ADD
+		if d.slot == 0 {
+			p.addSlot(d) // before the first arm: its event may come at once
+		}
+		d.armed = true // before the arm: the direction is not ours after it
+	}
 	if err := p.arm(d, op); err != nil {
 		// Closed meanwhile: an abort or drain already finished every
 		// direction, and this abort does nothing. Otherwise the epoll

@@ -155,6 +155,12 @@ func (p *parker) serve(d *parkedDir) (eof bool, err error) {
 	if err := d.src.SetReadDeadline(deadline); err != nil {
 		return false, err
 	}
+	// A handoff sets its flag, then moves the deadline into the past; a
+	// deadline set here before that is overridden, one set after it is
+	// caught by this check (both are sequentially consistent).
+	if d.ps.handoff.Load() {
+		return false, nil
+	}
 	for moved := false; ; moved = true {
 		// Once data flows, move the idle deadline forward only when half
 		// of the wait is used up: one timer update per wait/2, not one
@@ -165,6 +171,9 @@ func (p *parker) serve(d *parkedDir) (eof bool, err error) {
 				deadline = now.Add(wait)
 				if err := d.src.SetReadDeadline(deadline); err != nil {
 					return false, err
+				}
+				if d.ps.handoff.Load() {
+					return false, nil
 				}
 			}
 		}

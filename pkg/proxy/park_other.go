@@ -14,6 +14,8 @@ type parker struct{}
 // parkedSession is the parker's state of a session; never created here.
 type parkedSession struct{}
 
+func (*parkedSession) aborted() {}
+
 func newParker(*zap.Logger, *Metrics, time.Duration, func() time.Time, func(*session, int64, int64)) (*parker, error) {
 	return nil, nil
 }

@@ -3,6 +3,8 @@
 package proxy
 
 import (
+	"errors"
+	"os"
 	"time"
 )
 
@@ -34,6 +36,9 @@ import (
 // claim takes a direction out of the parked state for a worker (or the
 // loop's inline move), counts it running and gives it a mover; false if
 // the session is over.
+// During a handoff nothing is claimed: a parked direction woken meanwhile
+// stays out of the epoll set (its one-shot event is spent) until the
+// handoff resumes it or hands it over.
 func (p *parker) claim(d *parkedDir) bool {
 	ps := d.ps
 	ps.mu.Lock()
@@ -41,13 +46,15 @@ func (p *parker) claim(d *parkedDir) bool {
 		d.parked = false
 		p.parkedDelta(-1)
 	}
-	if d.done || ps.finished {
+	if d.done || ps.finished || ps.handoff.Load() {
 		ps.mu.Unlock()
 		return false
 	}
 	ps.running++
 	ps.mu.Unlock()
-	p.getMover(d)
+	if d.mv == nil {
+		p.getMover(d) // a direction stopped by a failed handoff keeps its mover and pipe
+	}
 	return true
 }
 
@@ -63,6 +70,15 @@ func (p *parker) run(d *parkedDir) {
 // parks it, or ends it at EOF or on error. The direction is claimed.
 func (p *parker) work(d *parkedDir) {
 	eof, err := p.serve(d)
+	if err != nil && d.ps.handoff.Load() && errors.Is(err, os.ErrDeadlineExceeded) {
+		// Stopped for a handoff while the destination was full: the
+		// bytes stay in the pipe, which goes along with the session.
+		if d.mv.left == 0 {
+			p.putMover(d)
+		}
+		p.finish(d, false)
+		return
+	}
 	p.putMover(d)
 	if err != nil || eof {
 		d.ps.ses.endDirection(d.dst, d.src, err, d.reason()) // an abort marks every direction done
@@ -101,6 +117,10 @@ func (p *parker) finish(d *parkedDir, done bool) {
 	if done && !d.done {
 		d.done = true
 		ps.open--
+	}
+	if ps.running == 0 && ps.quiet != nil {
+		close(ps.quiet) // a handoff waits for this
+		ps.quiet = nil
 	}
 	last := ps.endedLocked()
 	ps.mu.Unlock()
@@ -144,16 +164,7 @@ func (ps *parkedSession) aborted() {
 }
 
 func (p *parker) release(ps *parkedSession) {
-	if ps.dirs[0].slot != 0 || ps.dirs[1].slot != 0 {
-		p.mu.Lock()
-		for i := range ps.dirs {
-			if d := &ps.dirs[i]; d.slot != 0 {
-				p.slots[d.slot] = nil
-				p.free = append(p.free, d.slot)
-			}
-		}
-		p.mu.Unlock()
-	}
+	p.freeSlots(ps)
 	ps.ses.client.Close()
 	ps.ses.gw.Close()
 	p.onEnd(ps.ses, ps.dirs[0].bytes, ps.dirs[1].bytes)

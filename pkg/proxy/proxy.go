@@ -126,6 +126,7 @@ type Server struct {
 	active   atomic.Int64
 	nextID   atomic.Uint64
 	closing  atomic.Bool
+	stopped  atomic.Bool    // StopAccepting: listeners closed for a handoff
 	wg       sync.WaitGroup // one per handler goroutine
 	mu       sync.Mutex
 	sessions map[*session]struct{}
@@ -210,6 +211,9 @@ func (s *Server) Serve(ln net.Listener) error {
 			if s.closing.Load() {
 				return ErrServerClosed
 			}
+			if s.stopped.Load() {
+				return ErrAcceptStopped
+			}
 			if errors.Is(err, net.ErrClosed) {
 				return err
 			}
@@ -246,6 +250,7 @@ func (s *Server) track(ln net.Listener) bool {
 	if s.closing.Load() {
 		return false
 	}
+	s.stopped.Store(false)
 	s.lns[ln] = struct{}{}
 	return true
 }
@@ -257,9 +262,13 @@ func (s *Server) untrack(ln net.Listener) {
 	delete(s.lns, ln)
 }
 
-// Shutdown stops accepting, then waits for open sessions to end on their own
-// until ctx is done, and then closes those still open. It returns ctx.Err()
-// if sessions had to be closed, nil otherwise. Safe to call more than once.
+// Shutdown stops accepting, then lets open sessions run while it closes
+// them one at a time, spread evenly until ctx's deadline, so their clients
+// come back spread out instead of all at once (a reconnect storm on the
+// gateways). When ctx is done, those still open are closed at once; without
+// a deadline, sessions run until ctx is done. It returns ctx.Err() if
+// sessions had to be closed at the end, nil otherwise. Safe to call more
+// than once.
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
 	s.closing.Store(true)
@@ -270,14 +279,87 @@ func (s *Server) Shutdown(ctx context.Context) error {
 
 	done := make(chan struct{})
 	go func() { s.wg.Wait(); close(done) }()
+	paced := 0
+	if deadline, ok := ctx.Deadline(); ok {
+		paced = s.pace(ctx, done, deadline)
+	}
 	select {
 	case <-done:
 		s.cancel()
 		s.closeParker()
+		if paced > 0 {
+			s.log.Info("drain: closed open sessions spread over the drain timeout", zap.Int("sessions", paced))
+		}
 		return nil
 	case <-ctx.Done():
 	}
 	s.cancel()
+	n := s.abortAll(endDrainTimeout)
+	s.log.Info("drain timeout: closed open sessions", zap.Int("sessions", n), zap.Int("paced_before", paced))
+	<-done
+	s.closeParker()
+	return ctx.Err()
+}
+
+// pace closes the sessions open now one by one at the times of
+// paceSchedule, until they are gone, done is closed or ctx ends; it
+// returns how many it closed.
+func (s *Server) pace(ctx context.Context, done <-chan struct{}, deadline time.Time) int {
+	s.mu.Lock()
+	n := len(s.sessions)
+	s.mu.Unlock()
+	closed := 0
+	t := time.NewTimer(0)
+	defer t.Stop()
+	<-t.C
+	for _, at := range paceSchedule(time.Now(), deadline, n) {
+		t.Reset(time.Until(at))
+		select {
+		case <-done:
+			return closed
+		case <-ctx.Done():
+			return closed
+		case <-t.C:
+		}
+		ses := s.anySession()
+		if ses == nil {
+			return closed // every one ended on its own
+		}
+		ses.abort(endDrainTimeout)
+		closed++
+	}
+	return closed
+}
+
+// paceSchedule spreads n closes evenly over [start, deadline): the i-th at
+// the middle of the i-th of n equal slots, so every second of the drain
+// closes the same share and no close falls on a slot's edge.
+func paceSchedule(start, deadline time.Time, n int) []time.Time {
+	span := deadline.Sub(start)
+	if n <= 0 || span <= 0 {
+		return nil
+	}
+	out := make([]time.Time, n)
+	for i := range out {
+		out[i] = start.Add(time.Duration((float64(i) + 0.5) * float64(span) / float64(n)))
+	}
+	return out
+}
+
+// anySession returns an open session not aborted yet, or nil.
+func (s *Server) anySession() *session {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for ses := range s.sessions {
+		if !ses.aborted.Load() {
+			return ses
+		}
+	}
+	return nil
+}
+
+// abortAll closes every open session with reason and returns how many.
+func (s *Server) abortAll(reason endReason) int {
 	s.mu.Lock()
 	open := make([]*session, 0, len(s.sessions))
 	for ses := range s.sessions {
@@ -286,13 +368,9 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Unlock()
 	// Abort outside the lock: a parked session's end unregisters itself.
 	for _, ses := range open {
-		ses.abort(endDrainTimeout)
+		ses.abort(reason)
 	}
-	n := len(open)
-	s.log.Info("drain timeout: closed open sessions", zap.Int("sessions", n))
-	<-done
-	s.closeParker()
-	return ctx.Err()
+	return len(open)
 }
 
 func (s *Server) closeParker() {
@@ -357,15 +435,14 @@ type session struct {
 	start      time.Time // accepted
 	keyHash    uint64    // for logs: raw keys are never logged
 	hello      int64     // bytes forwarded before splicing
+	peer       net.Addr  // the client's address (from a PROXY header if one came)
 	// parked, when set (by the parker), learns of an abort after it
 	// closed the connections, so a parked session knows it is over.
-	parked aborter
-	once   sync.Once
-	reason endReason // why the session was aborted; set once
+	parked  atomic.Pointer[parkedSession]
+	once    sync.Once
+	reason  endReason   // why the session was aborted; set once
+	aborted atomic.Bool // abort ran (its end may not be recorded yet)
 }
-
-// aborter is told that its session was aborted.
-type aborter interface{ aborted() }
 
 // abort closes both sides with RST so both peers learn the session ended
 // abnormally, and unblocks both copy directions.
@@ -381,6 +458,7 @@ func (ses *session) abortFrom(failed net.Conn, reason endReason) {
 	ses.once.Do(func() {
 		aborted = true
 		ses.reason = reason
+		ses.aborted.Store(true)
 		for _, c := range []net.Conn{ses.client, ses.gw} {
 			switch {
 			case c == nil:
@@ -391,8 +469,8 @@ func (ses *session) abortFrom(failed net.Conn, reason endReason) {
 			}
 		}
 	})
-	if aborted && ses.parked != nil {
-		ses.parked.aborted()
+	if ps := ses.parked.Load(); aborted && ps != nil {
+		ps.aborted()
 	}
 }
 
@@ -592,7 +670,7 @@ func (s *Server) serveSession(hs *handshake, res route.Result) *parkedSession {
 	if res.Attempts > 1 {
 		s.m.Failovers.WithLabelValues(res.Gateway.ID).Inc()
 	}
-	ses := &session{client: c, gw: gw, gwID: res.Gateway.ID, id: id, start: hs.start, keyHash: hs.keyHash, hello: int64(n)}
+	ses := &session{client: c, gw: gw, gwID: res.Gateway.ID, id: id, start: hs.start, keyHash: hs.keyHash, hello: int64(n), peer: c.RemoteAddr()}
 	if !s.register(ses) {
 		s.m.Rejected.WithLabelValues("shutdown").Inc()
 		ses.abort(endShutdown)
@@ -653,7 +731,7 @@ func (s *Server) endSession(ses *session, up, down int64) {
 		zap.Uint64("conn", id),
 		zap.String("key_hash", hashString(keyHash)),
 		zap.String("gateway", ses.gwID),
-		zap.String("client", ses.client.RemoteAddr().String()),
+		zap.String("client", ses.peer.String()),
 		zap.Int64("bytes_in", up+hello),
 		zap.Int64("bytes_out", down),
 		zap.Duration("duration", d),

@@ -471,3 +471,41 @@ func pushingGateway(t *testing.T) (string, <-chan struct{}) {
 	}()
 	return ln.Addr().String(), upDone
 }
+
+func TestPaceSchedule(t *testing.T) {
+	start := time.Unix(1000, 0)
+	tests := []struct {
+		name string
+		span time.Duration
+		n    int
+		want []time.Duration // offsets from start
+	}{
+		{"none", 5 * time.Second, 0, nil},
+		{"no time left", 0, 3, nil},
+		{"one", 4 * time.Second, 1, []time.Duration{2 * time.Second}},
+		{"four", 4 * time.Second, 4, []time.Duration{500 * time.Millisecond, 1500 * time.Millisecond, 2500 * time.Millisecond, 3500 * time.Millisecond}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got := paceSchedule(start, start.Add(tt.span), tt.n)
+			if len(got) != len(tt.want) {
+				t.Fatalf("%d closes, want %d", len(got), len(tt.want))
+			}
+			for i, at := range got {
+				if d := at.Sub(start); d != tt.want[i] {
+					t.Errorf("close %d at %v, want %v", i, d, tt.want[i])
+				}
+			}
+		})
+	}
+	// 500 sessions over 5 s: exactly a fifth in each second.
+	perSecond := map[int]int{}
+	for _, at := range paceSchedule(start, start.Add(5*time.Second), 500) {
+		perSecond[int(at.Sub(start)/time.Second)]++
+	}
+	for sec := 0; sec < 5; sec++ {
+		if perSecond[sec] != 100 {
+			t.Errorf("second %d closes %d sessions, want 100 (%v)", sec, perSecond[sec], perSecond)
+		}
+	}
+}
