@@ -310,7 +310,6 @@ func serve(args []string, o options, sigs <-chan os.Signal, log *zap.Logger, lev
 		}
 	} else {
 		p.startServing(p.ln)
-		p.writePidFile()
 	}
 	return p.run(sigs, level, stderr)
 }
@@ -391,6 +390,10 @@ func (p *process) listen() error {
 	}
 	p.tcpLn, p.ln = tcpLn, ln
 	p.undo = append(p.undo, func() { ln.Close() })
+	if p.parent == nil {
+		p.writePidFile() // a new process writes it once it serves
+	}
+	p.undo = append(p.undo, p.removePidFile) // unless it names a new process by then
 	return nil
 }
 
@@ -675,9 +678,8 @@ func (p *process) removePidFile() {
 // After a successful upgrade it drains only what it could not hand over.
 func (p *process) run(sigs <-chan os.Signal, level zap.AtomicLevel, stderr io.Writer) error {
 	var (
-		upgraded  chan upgradeResult // non-nil while this process upgrades
-		cancelUp  context.CancelFunc
-		handedOff bool
+		upgraded chan upgradeResult // non-nil while this process upgrades
+		cancelUp context.CancelFunc
 	)
 	for stopping := false; !stopping; {
 		select {
@@ -697,7 +699,7 @@ func (p *process) run(sigs <-chan os.Signal, level zap.AtomicLevel, stderr io.Wr
 			p.log.Info("upgrade: the new process took over; this one exits", zap.Int("new_pid", r.res.PID),
 				zap.Int("sessions_handed", r.res.Sessions), zap.Int("listeners_handed", r.res.Listeners),
 				zap.Int("left", r.res.Left), zap.Duration("took", r.res.Took))
-			handedOff, stopping = true, true
+			stopping = true
 		case sig := <-sigs:
 			switch {
 			case sig == syscall.SIGHUP:
@@ -710,18 +712,13 @@ func (p *process) run(sigs <-chan os.Signal, level zap.AtomicLevel, stderr io.Wr
 				if upgraded != nil {
 					p.log.Warn("stop signal during an upgrade: abandoning it", zap.String("signal", sig.String()))
 					cancelUp()
-					if r := <-upgraded; r.err == nil {
-						handedOff = true // it finished first
-					}
+					<-upgraded // the pid file tells who serves now
 				}
 				p.log.Info("shutting down: closing open sessions spread over the drain timeout (a second signal closes them at once)", zap.String("signal", sig.String()),
 					zap.Int("sessions", p.srv.Active()), zap.Duration("drain_timeout", p.o.drainTimeout))
 				stopping = true
 			}
 		}
-	}
-	if !handedOff {
-		defer p.removePidFile()
 	}
 	dctx, cancel := context.WithTimeout(context.Background(), p.o.drainTimeout)
 	defer cancel()

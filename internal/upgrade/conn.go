@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"time"
@@ -120,6 +121,9 @@ func (c *conn) recv(timeout time.Duration) (message, []int, error) {
 	buf := make([]byte, maxPacket)
 	oob := make([]byte, unix.CmsgSpace(4*253))
 	n, oobn, flags, _, err := c.uc.ReadMsgUnix(buf, oob)
+	if errors.Is(err, io.EOF) {
+		return message{}, nil, errEOF
+	}
 	if err != nil {
 		return message{}, nil, err
 	}

@@ -93,4 +93,3 @@ func (s *Server) SetNextConnID(last uint64) {
 
 // LastConnID is the last connection number used.
 func (s *Server) LastConnID() uint64 { return s.nextID.Load() }
-

@@ -29,8 +29,8 @@ func (s *Server) HandOff(ctx context.Context, maxFDs int, send func([]HandedSess
 	if s.parker == nil {
 		return 0, ErrHandoffUnsupported
 	}
-	if maxFDs < 6 {
-		return 0, fmt.Errorf("proxy: handoff batches of %d descriptors: want at least 6", maxFDs)
+	if maxFDs < maxSessionFDs {
+		return 0, fmt.Errorf("proxy: handoff batches of %d descriptors: want at least %d", maxFDs, maxSessionFDs)
 	}
 	s.mu.Lock()
 	var all []*parkedSession
@@ -40,74 +40,72 @@ func (s *Server) HandOff(ctx context.Context, maxFDs int, send func([]HandedSess
 		}
 	}
 	s.mu.Unlock()
-	quiet := make([]<-chan struct{}, len(all))
-	for i, ps := range all {
-		quiet[i] = s.parker.stop(ps)
-	}
-	if err := waitQuiet(ctx, quiet); err != nil {
-		for _, ps := range all {
-			s.parker.resume(ps)
-		}
-		return 0, fmt.Errorf("proxy: sessions did not stop for the handoff: %w", err)
-	}
+	// One batch at a time, each stopped only for its own round trip: a
+	// session pauses for one batch, not for the whole handoff. A batch
+	// holds as many sessions as fit if every one brought both pipes.
+	per := maxFDs / maxSessionFDs
 	handed := 0
-	var batch []HandedSession
-	var owners []*parkedSession
-	fds := 0
-	flush := func() error {
-		if len(batch) == 0 {
-			return nil
-		}
-		err := send(batch)
-		for i, ps := range owners {
-			closeFDs(batch[i].FDs[:2]) // our duplicates; the pipes are the session's own
-			if err != nil {
-				s.parker.resume(ps)
-				continue
-			}
-			s.handedOver(ps)
-		}
-		if err == nil {
-			handed += len(batch)
-		}
-		batch, owners, fds = batch[:0], owners[:0], 0
-		return err
-	}
-	for i, ps := range all {
-		if quiet[i] == nil {
-			continue // ended before it was asked to stop
-		}
-		h, ok, err := s.export(ps)
+	for len(all) > 0 {
+		n := min(per, len(all))
+		k, err := s.handOffBatch(ctx, all[:n], send)
+		handed += k
 		if err != nil {
-			s.parker.resume(ps)
-			s.log.Warn("handoff: cannot pass a session on; it stays here", zap.Uint64("conn", ps.ses.id), zap.Error(err))
-			continue
+			return handed, err
 		}
-		if !ok {
-			continue // it ended while stopping
-		}
-		if fds+len(h.FDs) > maxFDs {
-			if err := flush(); err != nil {
-				s.resumeAll(all[i:], h)
-				return handed, err
-			}
-		}
-		batch, owners = append(batch, h), append(owners, ps)
-		fds += len(h.FDs)
-	}
-	if err := flush(); err != nil {
-		return handed, err
+		all = all[n:]
 	}
 	return handed, nil
 }
 
-// resumeAll resumes the stopped sessions not handed yet after a failed
-// batch; h is the exported one of rest[0], whose duplicates are closed.
-func (s *Server) resumeAll(rest []*parkedSession, h HandedSession) {
-	closeFDs(h.FDs[:2])
-	for _, ps := range rest {
-		s.parker.resume(ps)
+// maxSessionFDs is the most descriptors one handed session carries: two
+// sockets and, when both directions have bytes in flight, two pipes.
+const maxSessionFDs = 6
+
+// handOffBatch stops, exports and sends one batch of sessions; on any
+// failure they resume here.
+func (s *Server) handOffBatch(ctx context.Context, group []*parkedSession, send func([]HandedSession) error) (int, error) {
+	quiet := make([]<-chan struct{}, len(group))
+	for i, ps := range group {
+		quiet[i] = s.parker.stop(ps)
 	}
+	if err := waitQuiet(ctx, quiet); err != nil {
+		for _, ps := range group {
+			s.parker.resume(ps)
+		}
+		return 0, fmt.Errorf("proxy: sessions did not stop for the handoff: %w", err)
+	}
+	batch := make([]HandedSession, 0, len(group))
+	owners := make([]*parkedSession, 0, len(group))
+	for i, ps := range group {
+		if quiet[i] == nil {
+			continue // ended before it was asked to stop
+		}
+		h, ok, err := s.export(ps)
+		switch {
+		case err != nil:
+			s.parker.resume(ps)
+			s.log.Warn("handoff: cannot pass a session on; it stays here", zap.Uint64("conn", ps.ses.id), zap.Error(err))
+		case ok:
+			batch, owners = append(batch, h), append(owners, ps)
+		}
+		// !ok: it ended while stopping
+	}
+	if len(batch) == 0 {
+		return 0, nil
+	}
+	err := send(batch)
+	for i, ps := range owners {
+		closeFDs(batch[i].FDs[:2]) // our duplicates; the pipes are the session's own
+		if err != nil {
+			s.parker.resume(ps)
+			continue
+		}
+		s.handedOver(ps)
+	}
+	if err != nil {
+		return 0, err
+	}
+	return len(batch), nil
 }
 
 // export reads a stopped session into a HandedSession, with duplicates of

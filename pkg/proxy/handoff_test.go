@@ -203,7 +203,7 @@ func TestHandOffFailedSendResumes(t *testing.T) {
 	refused := errors.New("refused")
 	calls := 0
 	var mu sync.Mutex
-	n, err := h.srv.HandOff(context.Background(), 8, func([]HandedSession) error {
+	n, err := h.srv.HandOff(context.Background(), 12, func([]HandedSession) error {
 		mu.Lock()
 		defer mu.Unlock()
 		calls++

@@ -52,6 +52,14 @@ func TestMain(m *testing.M) {
 			os.Exit(1)
 		}
 	}
+	// A second proxy build with another version: the binary an upgrade
+	// test swaps in, so the new process is provably the new file.
+	cmd := exec.Command("go", "build", "-race", "-ldflags", "-X main.version="+nextVersion, "-o", filepath.Join(dir, "proxy-next"), "../../cmd/proxy")
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Run(); err != nil {
+		fmt.Fprintf(os.Stderr, "building proxy-next: %v\n", err)
+		os.Exit(1)
+	}
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)
@@ -73,12 +81,16 @@ type proc struct {
 	mu        sync.Mutex
 	signalled bool           // ready is closed
 	tail      []string       // last log lines, for failure reports
+	all       []string       // every line (up to maxLines), for tests that read them
 	warns     []string       // every warn and error line
 	seen      map[string]int // "msg|reason" → count of such log lines
 	ready     chan struct{}
 }
 
 const keepLines = 200
+
+// maxLines bounds proc.all.
+const maxLines = 200_000
 
 // start runs a binary and waits until it logs that it listens (and, when
 // wantAdmin, that its admin server listens).
@@ -132,15 +144,21 @@ func (p *proc) line(line string) {
 		p.warns = append(p.warns, line)
 	}
 	p.tail = append(p.tail, line)
+	if len(p.all) < maxLines {
+		p.all = append(p.all, line)
+	}
 	if len(p.tail) > keepLines {
 		p.tail = p.tail[len(p.tail)-keepLines:]
 	}
-	switch entry.Msg {
-	case "listening":
+	// Addresses are fixed once ready: a process started by an upgrade
+	// announces the same ones again on the same output.
+	switch msg := entry.Msg; {
+	case p.signalled:
+	case msg == "listening":
 		p.addr = entry.Addr
-	case "admin listening":
+	case msg == "admin listening":
 		p.admin = entry.Addr
-	case "gossip listening":
+	case msg == "gossip listening":
 		p.gossip = entry.Addr
 	}
 	if !p.signalled && (p.addr != "" || !p.wantListen) && (!p.wantAdmin || p.admin != "") && (!p.wantGossip || p.gossip != "") {
@@ -151,6 +169,13 @@ func (p *proc) line(line string) {
 	if strings.Contains(line, "WARNING: DATA RACE") {
 		p.t.Errorf("data race in %s", p.name)
 	}
+}
+
+// allLines returns every line logged so far.
+func (p *proc) allLines() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]string(nil), p.all...)
 }
 
 func (p *proc) logs() string {

@@ -372,7 +372,7 @@ func TestSecondSignalForcesExit(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, 10*time.Second, "the proxy to start draining", func() bool {
-		return p.logCount("shutting down: draining open sessions (a second signal closes them at once)", "") == 1
+		return p.logCount("shutting down: closing open sessions spread over the drain timeout (a second signal closes them at once)", "") == 1
 	})
 	t0 := time.Now()
 	if err := p.cmd.Process.Signal(syscall.SIGTERM); err != nil {
