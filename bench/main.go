@@ -55,7 +55,11 @@ func main() {
 	loadFor := fs.Duration("for", 20*time.Second, "how long --load runs")
 	loadStreams := fs.Int("streams", 8, "concurrent streams of --load bulk")
 	loadSessions := fs.Int("sessions", 3000, "idle sessions --load idle opens (from 32 goroutines) and holds")
+	only := fs.String("only", "", "run one section only and print it (handoff)")
 	_ = fs.Parse(os.Args[1:])
+	if *only != "" && *only != "handoff" {
+		fatal(fmt.Errorf("--only %q: want handoff", *only))
+	}
 	if *load != "" {
 		if err := loadOnly(*load, *addr, *loadFor, *loadSessions, *loadStreams); err != nil {
 			fatal(err)
@@ -76,6 +80,14 @@ func main() {
 	}
 	defer os.RemoveAll(tmp)
 	o.tmp = tmp
+	if *only == "handoff" {
+		var b strings.Builder
+		if err := handoffSection(&b, o); err != nil {
+			fatal(err)
+		}
+		fmt.Print(b.String())
+		return
+	}
 	report, err := run(o)
 	if err != nil {
 		fatal(err)
@@ -364,6 +376,9 @@ func run(o options) (string, error) {
 		if err := idleSection(&b, o); err != nil {
 			return "", err
 		}
+	}
+	if err := handoffSection(&b, o); err != nil {
+		return "", err
 	}
 	return b.String(), nil
 }

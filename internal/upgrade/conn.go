@@ -51,8 +51,12 @@ type message struct {
 	N         int                  `json:"n,omitempty"`
 }
 
-// conn is one end of the upgrade socket.
-type conn struct{ uc *net.UnixConn }
+// conn is one end of the upgrade socket. One goroutine at a time receives
+// (the buffers are reused).
+type conn struct {
+	uc       *net.UnixConn
+	buf, oob []byte
+}
 
 // socketPair returns the two ends of a new upgrade socket: the old
 // process's, and the file for the new one.
@@ -118,8 +122,10 @@ func (c *conn) recv(timeout time.Duration) (message, []int, error) {
 		deadline = time.Now().Add(timeout)
 	}
 	_ = c.uc.SetReadDeadline(deadline)
-	buf := make([]byte, maxPacket)
-	oob := make([]byte, unix.CmsgSpace(4*253))
+	if c.buf == nil {
+		c.buf, c.oob = make([]byte, maxPacket), make([]byte, unix.CmsgSpace(4*253))
+	}
+	buf, oob := c.buf, c.oob
 	n, oobn, flags, _, err := c.uc.ReadMsgUnix(buf, oob)
 	if errors.Is(err, io.EOF) {
 		return message{}, nil, errEOF

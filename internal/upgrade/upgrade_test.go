@@ -7,6 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"os"
 	"strings"
@@ -17,7 +18,9 @@ import (
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"golang.org/x/sys/unix"
 
+	"github.com/tether-proxy/tether/internal/stub"
 	"github.com/tether-proxy/tether/pkg/cluster"
+	"github.com/tether-proxy/tether/pkg/proto"
 	"github.com/tether-proxy/tether/pkg/proxy"
 	"github.com/tether-proxy/tether/pkg/ring"
 	"github.com/tether-proxy/tether/pkg/route"
@@ -60,6 +63,21 @@ func childMain(mode string) int {
 	case "refuse":
 		p.Refuse(errors.New("no thanks"))
 		return 1
+	case "die-on-sessions":
+		// Ready, serve, then die on the first batch without confirming it.
+		if _, err := p.Listener("client", "127.0.0.1:0"); err != nil {
+			return 1
+		}
+		if err := p.Ready(); err != nil {
+			return 3
+		}
+		for {
+			m, fds, err := p.c.recv(10 * time.Second)
+			closeAll(fds)
+			if err != nil || m.Type == typeSessions {
+				os.Exit(5)
+			}
+		}
 	case "moved":
 		if _, err := p.Listener("client", "127.0.0.1:9"); err != nil {
 			p.Refuse(err)
@@ -220,6 +238,81 @@ func TestRunFailures(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestRunLostNewProcessResumes: a new process that dies on the first
+// batch costs the old one nothing: it accepts again and its sessions, never
+// confirmed, carry on.
+func TestRunLostNewProcessResumes(t *testing.T) {
+	old := newFakeOld(t)
+	gw, err := stub.New(stub.Config{ID: "gw-1", ProxyProtocol: stub.ProxyRequire, KeepOlder: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	gln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = gw.Serve(gln) }()
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		defer cancel()
+		_ = gw.Shutdown(ctx)
+	})
+	old.srv = newServer(t, gln.Addr().String())
+	go func() { _ = old.srv.Serve(old.ln) }()
+	var conns []net.Conn
+	for i := range 10 {
+		c, err := net.Dial("tcp", old.ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+		h, _ := proto.AppendHello(nil, []byte(fmt.Sprintf("k%d", i)), nil)
+		c.Write(h)
+		if _, _, err := stub.ReadReply(c); err != nil {
+			t.Fatal(err)
+		}
+		conns = append(conns, c)
+	}
+	var out lockedBuffer
+	_, err = Run(context.Background(), old, helper("die-on-sessions", &out))
+	if !errors.Is(err, ErrLost) {
+		t.Fatalf("Run = %v, want ErrLost", err)
+	}
+	if old.stopped != 1 || old.resumed != 1 || old.left != 0 {
+		t.Fatalf("stopped %d, resumed %d, left gossip %d; want 1, 1, 0", old.stopped, old.resumed, old.left)
+	}
+	for i, c := range conns {
+		c.Write([]byte("still"))
+		got := make([]byte, 5)
+		if _, err := io.ReadFull(c, got); err != nil || string(got) != "still" {
+			t.Fatalf("session %d after the lost upgrade: %q %v", i, got, err)
+		}
+	}
+	if old.srv.Active() != 10 {
+		t.Fatalf("old process holds %d sessions, want 10", old.srv.Active())
+	}
+}
+
+// newServer is a parking proxy over one gateway.
+func newServer(t *testing.T, gw string) *proxy.Server {
+	t.Helper()
+	r, err := ring.New([]ring.Member{{ID: "gw-1", Addr: gw, Weight: 1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var h ring.Holder
+	h.Store(r)
+	cfg := proxy.DefaultConfig()
+	cfg.Resolver = &route.RingResolver{Ring: &h}
+	srv, err := proxy.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { srv.Close() })
+	return srv
 }
 
 func TestRunCancelled(t *testing.T) {
