@@ -84,6 +84,7 @@ type options struct {
 	drainTimeout     time.Duration // --drain-timeout: after SIGTERM
 	pidFile          string        // --pid-file ("" none)
 	upgradeTimeout   time.Duration // --upgrade-timeout: each phase of a SIGUSR2 upgrade
+	supervise        bool          // --supervise: be a tiny PID 1 around the proxy
 
 	redisURL     string        // --redis ("" off)
 	bindingTTL   time.Duration // --binding-ttl
@@ -142,6 +143,7 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.IntVar(&o.maxConns, "max-conns", 0, "accept at most `N` concurrent client connections; more are closed at once (0: no limit)")
 	fs.DurationVar(&o.drainTimeout, "drain-timeout", 10*time.Second, "on SIGTERM/SIGINT, stop accepting and close open sessions one by one, spread evenly over this `DURATION`, so their clients reconnect spread out")
 	fs.StringVar(&o.pidFile, "pid-file", "", "write the process ID to this `FILE` at start; after a SIGUSR2 upgrade the new process rewrites it once it serves (systemd PIDFile=)")
+	fs.BoolVar(&o.supervise, "supervise", false, "run as a tiny supervisor (a container's PID 1): start the proxy as a child with the other flags, forward SIGTERM/SIGINT/SIGHUP/SIGUSR2 to the process --pid-file names, reap orphans, and exit with the proxy's status; this makes SIGUSR2 upgrades work as PID 1. Needs --pid-file")
 	fs.DurationVar(&o.upgradeTimeout, "upgrade-timeout", 30*time.Second, "on SIGUSR2, the new process must be ready within this `DURATION`, and the old one hands its sessions over within it again; what it still holds then is drained as on SIGTERM")
 	fs.StringVar(&o.logLevel, "log-level", "info", "`LEVEL`: debug, info, warn or error (failed handshakes are logged at debug)")
 	fs.StringVar(&o.logFormat, "log-format", "json", "`FORMAT`: json or console")
@@ -165,7 +167,7 @@ func parseFlags(args []string, stderr io.Writer) (options, error) {
 		return o, fmt.Errorf("unexpected argument %q (flags start with --)", fs.Arg(0))
 	}
 	if o.config != "" {
-		if err := cli.ApplyConfig(fs, o.config, cli.SetOnCommandLine(fs), "config", "check-config"); err != nil {
+		if err := cli.ApplyConfig(fs, o.config, cli.SetOnCommandLine(fs), "config", "check-config", "supervise"); err != nil {
 			return o, err
 		}
 	}
@@ -188,6 +190,8 @@ func (o *options) validate() error {
 		return fmt.Errorf("--max-conns %d: want >= 0", o.maxConns)
 	case o.upgradeTimeout <= 0 || o.drainTimeout < 0:
 		return errors.New("--upgrade-timeout must be > 0 and --drain-timeout >= 0")
+	case o.supervise && o.pidFile == "":
+		return errors.New("--supervise needs --pid-file (it follows the proxy through upgrades by it)")
 	}
 	if err := cli.CheckAddr("listen", o.listen, true, true); err != nil {
 		return err
@@ -266,6 +270,9 @@ func run(args []string, sigs <-chan os.Signal, stdout, stderr io.Writer) int {
 		return 2
 	}
 	defer func() { _ = log.Sync() }()
+	if o.supervise && os.Getenv(envSupervised) == "" {
+		return supervise(args, o.pidFile, sigs, log.Named("supervise"))
+	}
 	err = serve(args, o, sigs, log, level, stderr)
 	switch {
 	case errors.Is(err, errForced):

@@ -29,6 +29,8 @@ func TestFlagErrors(t *testing.T) {
 		{"listen port out of range", append(gw, "--listen", "127.0.0.1:99999", "--check-config"), `port "99999"`},
 		{"bad duration", append(gw, "--dial-timeout", "5"), `--dial-timeout: want a duration like 2s`},
 		{"bad number", append(gw, "--max-tries", "three"), `--max-tries: want a whole number, got "three"`},
+		{"supervise without pid file", append(gw, "--supervise"), `--supervise needs --pid-file`},
+		{"zero upgrade timeout", append(gw, "--upgrade-timeout", "0s"), `--upgrade-timeout must be > 0`},
 		{"gateway without host", []string{"--gateway", "gw-1=:9000"}, "needs a host"},
 		{"join port out of range", append(gw, "--gossip-bind", "127.0.0.1:0", "--join", "127.0.0.1:70000"), `--join "127.0.0.1:70000"`},
 		{"public gossip without key", append(gw, "--gossip-bind", "0.0.0.0:7946"), "--gossip-key"},
@@ -63,5 +65,12 @@ func TestHelpListsEveryFlag(t *testing.T) {
 		if out := stderr.String(); !strings.Contains(out, "  "+f+" ") && !strings.Contains(out, "  "+f+"\n") {
 			t.Errorf("--help does not document %s", f)
 		}
+	}
+}
+
+func TestMergeSeeds(t *testing.T) {
+	got := mergeSeeds([]string{"a:1", "b:2"}, []string{"b:2", "c:3", "a:1"})
+	if strings.Join(got, ",") != "a:1,b:2,c:3" {
+		t.Fatalf("mergeSeeds = %v", got)
 	}
 }

@@ -48,7 +48,7 @@ func (p *process) upgrade(busy bool) (chan upgradeResult, context.CancelFunc) {
 	case !p.srv.CanHandOff():
 		return refuse("SIGUSR2 refused: with --no-park sessions live in goroutines and Go's splice pipes, which cannot move to another process; restart instead, or run without --no-park")
 	case os.Getpid() == 1:
-		return refuse("SIGUSR2 refused: this proxy is PID 1 (a container's main process), which cannot hand over and exit without stopping the container; upgrade containers with a rolling update (docs/operating.md)")
+		return refuse("SIGUSR2 refused: this proxy is PID 1 (a container's main process), which cannot hand over and exit without stopping the container; run it under --supervise, or upgrade containers with a rolling update (docs/operating.md)")
 	case exeErr != nil:
 		return refuse("SIGUSR2 refused: cannot tell which executable to start", zap.Error(exeErr))
 	}

@@ -670,3 +670,52 @@ func drainTimes(t *testing.T, p *proc) (time.Time, []time.Time) {
 	}
 	return origin, ends
 }
+
+// TestUpgradeAsPID1UnderSupervise: in a PID namespace of its own (as in a
+// container), `proxy --supervise` is PID 1; SIGUSR2 sent to it upgrades
+// the proxy below it, sessions survive, and SIGTERM then stops everything
+// with exit 0.
+func TestUpgradeAsPID1UnderSupervise(t *testing.T) {
+	unshare := testenv.Need(t, "unshare")
+	gw := gatewayStub(t, 1, 0)
+	u := newUpgradable(t)
+	p := startCmd(t, "proxy", unshare, "--pid", "--fork", "--mount-proc", "--kill-child", u.exe, "--supervise",
+		"--pid-file", u.pidFile, "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--gateway", "gw-1="+gw.addr, "--drain-timeout", "1s")
+	supervisor := childOf(t, p.cmd.Process.Pid)
+	if p.logCount("supervise: started the proxy", "") != 1 || p.lastInt("supervise: started the proxy", "supervisor_pid") != 1 {
+		t.Fatalf("the supervisor is not PID 1 of its namespace:\n%s", p.logs())
+	}
+	held := holdSessions(t, p.addr, "pid1", 50)
+	u.install(filepath.Join(binDir, "proxy-next"))
+	upgrade(t, supervisor) // forwarded to the proxy
+	waitLog(t, p, "supervise: the proxy was upgraded", 20*time.Second)
+	echoAll(t, held, "after")
+	if m := metrics(t, p); m[`tether_build_info{go_version="`+goVersion(m)+`",version="`+nextVersion+`"}`] != 1 {
+		t.Errorf("the new build does not answer: %v", buildInfo(m))
+	}
+	if err := syscall.Kill(supervisor, syscall.SIGTERM); err != nil {
+		t.Fatal(err)
+	}
+	if code := p.exitCode(15 * time.Second); code != 0 {
+		t.Fatalf("exit code %d, want 0:\n%s", code, p.logs())
+	}
+	if n := p.logCount("supervise: the proxy exited", ""); n != 1 {
+		t.Fatalf("supervisor did not report the proxy's exit:\n%s", p.logs())
+	}
+}
+
+// childOf returns the only child process of pid.
+func childOf(t *testing.T, pid int) int {
+	t.Helper()
+	var child int
+	waitFor(t, 5*time.Second, "the child of "+strconv.Itoa(pid), func() bool {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%d/children", pid, pid))
+		f := strings.Fields(string(b))
+		if err != nil || len(f) != 1 {
+			return false
+		}
+		child, err = strconv.Atoi(f[0])
+		return err == nil
+	})
+	return child
+}

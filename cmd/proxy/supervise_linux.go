@@ -1,0 +1,121 @@
+package main
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"go.uber.org/zap"
+	"golang.org/x/sys/unix"
+)
+
+// envSupervised marks a proxy started by --supervise, which must not
+// supervise again.
+const envSupervised = "TETHER_SUPERVISED"
+
+// supervise is --supervise: a tiny PID 1 for containers. It runs the proxy
+// as its child with the same flags, forwards SIGTERM, SIGINT, SIGHUP and
+// SIGUSR2 to the process --pid-file names (after an upgrade, the new one),
+// reaps every orphan, and exits with the proxy's status once the process
+// the pid file names has exited. As a child subreaper it also adopts the
+// new process of an upgrade when the old one exits, so SIGUSR2 works in a
+// container whose main process this is.
+func supervise(args []string, pidFile string, sigs <-chan os.Signal, log *zap.Logger) int {
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		log.Error("supervise: cannot become a child subreaper", zap.Error(err))
+		return 1
+	}
+	chld := make(chan os.Signal, 16)
+	signal.Notify(chld, syscall.SIGCHLD)
+	if exeErr != nil {
+		log.Error("supervise: cannot tell which executable to start", zap.Error(exeErr))
+		return 1
+	}
+	_ = os.Remove(pidFile) // a stale file must not name an unrelated process
+	proc, err := os.StartProcess(exePath, append([]string{os.Args[0]}, withoutSupervise(args)...), &os.ProcAttr{
+		Env:   append(os.Environ(), envSupervised+"=1"),
+		Files: []*os.File{os.Stdin, os.Stdout, os.Stderr},
+	})
+	if err != nil {
+		log.Error("supervise: cannot start the proxy", zap.Error(err))
+		return 1
+	}
+	main := proc.Pid
+	log.Info("supervise: started the proxy", zap.Int("pid", main), zap.Int("supervisor_pid", os.Getpid()))
+	current := func() int {
+		if pid, err := readPid(pidFile); err == nil && pid > 0 {
+			main = pid
+		}
+		return main
+	}
+	for {
+		select {
+		case sig := <-sigs:
+			pid := current()
+			if err := syscall.Kill(pid, sig.(syscall.Signal)); err != nil {
+				log.Warn("supervise: cannot forward a signal", zap.String("signal", sig.String()), zap.Int("pid", pid), zap.Error(err))
+			}
+		case <-chld:
+			for {
+				var ws syscall.WaitStatus
+				pid, err := syscall.Wait4(-1, &ws, syscall.WNOHANG, nil)
+				if pid <= 0 || err != nil {
+					break
+				}
+				if pid != main {
+					continue // an orphan reaped
+				}
+				if next := current(); next != pid && alive(next) {
+					log.Info("supervise: the proxy was upgraded", zap.Int("old_pid", pid), zap.Int("pid", next))
+					continue
+				}
+				code := ws.ExitStatus()
+				if ws.Signaled() {
+					code = 128 + int(ws.Signal())
+				}
+				log.Info("supervise: the proxy exited", zap.Int("pid", pid), zap.Int("code", code))
+				return code
+			}
+		}
+	}
+}
+
+// withoutSupervise drops --supervise from the proxy's arguments.
+func withoutSupervise(args []string) []string {
+	out := make([]string, 0, len(args))
+	for _, a := range args {
+		name, _, _ := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		if strings.HasPrefix(a, "-") && name == "supervise" {
+			continue
+		}
+		out = append(out, a)
+	}
+	return out
+}
+
+// readPid reads a pid file.
+func readPid(path string) (int, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return 0, err
+	}
+	var pid int
+	if _, err := fmt.Sscanf(strings.TrimSpace(string(b)), "%d", &pid); err != nil {
+		return 0, errors.New("pid file holds no number")
+	}
+	return pid, nil
+}
+
+// alive reports whether pid runs (a zombie does not).
+func alive(pid int) bool {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return false
+	}
+	s := string(b)
+	i := strings.LastIndexByte(s, ')')
+	return i < 0 || i+2 >= len(s) || s[i+2] != 'Z'
+}
