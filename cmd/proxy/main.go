@@ -6,6 +6,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"flag"
 	"fmt"
@@ -27,6 +28,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tether-proxy/tether/internal/cli"
+	"github.com/tether-proxy/tether/internal/tlsconf"
 	"github.com/tether-proxy/tether/internal/upgrade"
 	"github.com/tether-proxy/tether/pkg/admin"
 	"github.com/tether-proxy/tether/pkg/cluster"
@@ -91,6 +93,12 @@ type options struct {
 	redisTimeout time.Duration // --redis-timeout: per connect
 
 	logLevel, logFormat string // --log-level, --log-format
+
+	tlsCerts, tlsKeys cli.StringList  // --tls-cert, --tls-key: pairs, in order
+	tlsTicketKeys     string          // --tls-ticket-keys FILE
+	tls               *tlsconf.Server // ... loaded by validate (nil: no TLS)
+	gatewayTLS        bool            // --gateway-tls
+	gatewayCA         string          // --gateway-ca FILE
 }
 
 const usageHead = `Usage: proxy --gateway ID=HOST:PORT [--gateway ...] [flags]
@@ -145,6 +153,11 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.StringVar(&o.pidFile, "pid-file", "", "write the process ID to this `FILE` at start; after a SIGUSR2 upgrade the new process rewrites it once it serves (systemd PIDFile=)")
 	fs.BoolVar(&o.supervise, "supervise", false, "run as a tiny supervisor (a container's PID 1): start the proxy as a child with the other flags, forward SIGTERM/SIGINT/SIGHUP/SIGUSR2 to the process --pid-file names, reap orphans, and exit with the proxy's status; this makes SIGUSR2 upgrades work as PID 1. Needs --pid-file")
 	fs.DurationVar(&o.upgradeTimeout, "upgrade-timeout", 30*time.Second, "on SIGUSR2, the new process must be ready within this `DURATION`, and the old one hands its sessions over within it again; what it still holds then is drained as on SIGTERM")
+	fs.Var(&o.tlsCerts, "tls-cert", "serve TLS on --listen with this PEM certificate `FILE` (chain included); repeat with --tls-key for more certificates: the client's SNI picks one whose names match, else the first. SIGHUP reloads them; a broken file keeps the old ones serving")
+	fs.Var(&o.tlsKeys, "tls-key", "the PEM private key `FILE` of the --tls-cert in the same position")
+	fs.StringVar(&o.tlsTicketKeys, "tls-ticket-keys", "", "`FILE` of TLS session-ticket keys, one base64 32-byte key per line (openssl rand -base64 32), the first encrypting: give every proxy the same file and a client resumes its TLS session on any of them. SIGHUP re-reads it; without it each proxy has its own random key")
+	fs.BoolVar(&o.gatewayTLS, "gateway-tls", false, "speak TLS to gateways (the PROXY header and the client's bytes inside it), verifying their certificates for the gateway address's host")
+	fs.StringVar(&o.gatewayCA, "gateway-ca", "", "PEM `FILE` of the CA(s) that sign gateway certificates, for --gateway-tls (default: the system roots)")
 	fs.StringVar(&o.logLevel, "log-level", "info", "`LEVEL`: debug, info, warn or error (failed handshakes are logged at debug)")
 	fs.StringVar(&o.logFormat, "log-format", "json", "`FORMAT`: json or console")
 	o.gossip.Register(fs, "hostname-GOSSIPPORT")
@@ -250,8 +263,41 @@ func (o *options) validate() error {
 	return o.gossip.Validate()
 }
 
+// loadTLS checks the TLS flags and loads the certificates.
+func (o *options) loadTLS() error {
+	switch {
+	case len(o.tlsCerts) != len(o.tlsKeys):
+		return fmt.Errorf("--tls-cert and --tls-key come in pairs: %d certificates, %d keys", len(o.tlsCerts), len(o.tlsKeys))
+	case len(o.tlsCerts) == 0 && o.tlsTicketKeys != "":
+		return errors.New("--tls-ticket-keys needs --tls-cert and --tls-key")
+	case o.gatewayCA != "" && !o.gatewayTLS:
+		return errors.New("--gateway-ca needs --gateway-tls")
+	}
+	if o.gatewayTLS {
+		if _, err := tlsconf.Gateway(o.gatewayCA); err != nil {
+			return fmt.Errorf("--gateway-ca: %w", err)
+		}
+	}
+	if len(o.tlsCerts) == 0 {
+		return nil
+	}
+	pairs := make([]tlsconf.Pair, len(o.tlsCerts))
+	for i := range pairs {
+		pairs[i] = tlsconf.Pair{Cert: o.tlsCerts[i], Key: o.tlsKeys[i]}
+	}
+	srv, err := tlsconf.NewServer(pairs, o.tlsTicketKeys)
+	if err != nil {
+		return err
+	}
+	o.tls = srv
+	return nil
+}
+
 func run(args []string, sigs <-chan os.Signal, stdout, stderr io.Writer) int {
 	o, err := parseFlags(args, stderr)
+	if err == nil {
+		err = o.loadTLS() // not in validate: a SIGHUP re-parse must not load them again
+	}
 	if code, ok := cli.FlagOutcome("proxy", err, stderr); !ok {
 		return code
 	}
@@ -260,8 +306,8 @@ func run(args []string, sigs <-chan os.Signal, stdout, stderr io.Writer) int {
 		if o.config != "" {
 			src = o.config
 		}
-		fmt.Fprintf(stdout, "configuration valid (%s): %d static gateways, gossip %s, redis %s, proxy protocol in %s\n",
-			src, len(o.gateways), onOff(o.gossip.Bind != ""), onOff(o.redisURL != ""), o.proxyProtocolIn)
+		fmt.Fprintf(stdout, "configuration valid (%s): %d static gateways, gossip %s, redis %s, proxy protocol in %s, tls %s\n",
+			src, len(o.gateways), onOff(o.gossip.Bind != ""), onOff(o.redisURL != ""), o.proxyProtocolIn, onOff(o.tls != nil))
 		return 0
 	}
 	log, level, err := cli.NewLogger(o.logLevel, o.logFormat)
@@ -517,7 +563,20 @@ func (p *process) newServer() error {
 	if err != nil {
 		return err
 	}
+	var gwTLS *tls.Config
+	if o.gatewayTLS {
+		if gwTLS, err = tlsconf.Gateway(o.gatewayCA); err != nil {
+			return err
+		}
+	}
+	var clientTLS *tls.Config
+	if o.tls != nil {
+		clientTLS = o.tls.Config()
+		p.log.Info("tls on", zap.Strings("certificates", o.tls.Names()), zap.Bool("shared_ticket_keys", o.tlsTicketKeys != ""))
+	}
 	p.srv, err = proxy.New(proxy.Config{
+		TLS:              clientTLS,
+		GatewayTLS:       gwTLS,
 		Resolver:         resolver,
 		Dialer:           p.dialer,
 		Extractor:        o.extractor,
@@ -710,6 +769,7 @@ func (p *process) run(sigs <-chan os.Signal, level zap.AtomicLevel, stderr io.Wr
 		case sig := <-sigs:
 			switch {
 			case sig == syscall.SIGHUP:
+				p.reloadTLS()
 				reload(p.args, p.o, p.syncer, p.node.Load(), level, p.log, stderr)
 			case sig == syscall.SIGUSR2:
 				if ch, cancel := p.upgrade(upgraded != nil); ch != nil {
@@ -755,6 +815,20 @@ func (p *process) run(sigs <-chan os.Signal, level zap.AtomicLevel, stderr io.Wr
 	return forced
 }
 
+// reloadTLS re-reads the certificates and ticket keys; a failure keeps
+// the ones in service, logged and counted.
+func (p *process) reloadTLS() {
+	if p.o.tls == nil {
+		return
+	}
+	if err := p.o.tls.Reload(); err != nil {
+		p.metrics.TLSReloadErrors.Inc()
+		p.log.Error("SIGHUP: TLS files rejected; the certificates in service stay", zap.Error(err))
+		return
+	}
+	p.log.Info("SIGHUP: reloaded TLS certificates", zap.Strings("certificates", p.o.tls.Names()), zap.Bool("ticket_keys", p.o.tlsTicketKeys != ""))
+}
+
 // reload re-reads the gossip keyring (key rotation) and the config file
 // (flags on the command line still win), and applies what can change
 // without a restart: the keyring, the static gateway list and the log
@@ -764,8 +838,8 @@ func reload(args []string, old options, syncer *cluster.Syncer, node *cluster.Cl
 		cli.ReloadKeys(log, old.gossip, node.SetKeys)
 	}
 	if old.config == "" {
-		if node == nil || old.gossip.KeyFile == "" {
-			log.Warn("SIGHUP ignored: no --config file or --gossip-key to reload")
+		if (node == nil || old.gossip.KeyFile == "") && old.tls == nil {
+			log.Warn("SIGHUP ignored: no --config file, --gossip-key or TLS files to reload")
 		}
 		return
 	}

@@ -60,6 +60,19 @@ func NewLogger(level, format string) (*zap.Logger, zap.AtomicLevel, error) {
 	return log, cfg.Level, err
 }
 
+// StringList is a repeatable string flag (--tls-cert); a YAML list sets it
+// once per item.
+type StringList []string
+
+// String implements flag.Value.
+func (l *StringList) String() string { return strings.Join(*l, ",") }
+
+// Set implements flag.Value.
+func (l *StringList) Set(s string) error { *l = append(*l, s); return nil }
+
+// Reset implements Repeatable.
+func (l *StringList) Reset() { *l = nil }
+
 // GatewayList is the repeatable --gateway ID=HOST:PORT[,weight=W] flag.
 type GatewayList []ring.Member
 

@@ -137,7 +137,7 @@ const log = (s) => { document.getElementById("log").textContent += s + "\n"; };
 let round = 0;
 function connect() {
   round++;
-  const ws = new WebSocket("ws://" + location.host + "/ws" + location.search);
+  const ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws" + location.search);
   ws.onmessage = (ev) => {
     const rep = JSON.parse(ev.data);
     log("connection " + round + ": gateway " + rep.gateway + " key " + rep.key + " conns " + rep.conns);

@@ -14,7 +14,7 @@ const tcpClose = 7
 // network (reset by the peer, or timed out): the side to blame when a
 // session breaks. It costs one getsockopt, on error paths only.
 func peerGone(c net.Conn) bool {
-	tc := rawTCP(c)
+	tc := tcpOf(c)
 	if tc == nil {
 		return false
 	}

@@ -36,6 +36,8 @@ type Metrics struct {
 	ParkErrors        prometheus.Counter
 	Wakeups           *prometheus.CounterVec
 	Handoffs          *prometheus.CounterVec
+	TLSHandshakes     *prometheus.CounterVec
+	TLSReloadErrors   prometheus.Counter
 }
 
 // ObserveRing sets the gateway gauges from the ring now in use: members
@@ -180,6 +182,14 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "tether_handoff_sessions_total",
 			Help: "Established sessions handed between processes by a SIGUSR2 upgrade, by side: sent (by the old process) or received (by the new one).",
 		}, []string{"side"}),
+		TLSHandshakes: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_tls_handshakes_total",
+			Help: "Completed TLS handshakes with clients, by whether the client resumed a session (resumed=\"true\": a ticket, often issued by another proxy, saved the full handshake).",
+		}, []string{"resumed"}),
+		TLSReloadErrors: prometheus.NewCounter(prometheus.CounterOpts{
+			Name: "tether_tls_reload_errors_total",
+			Help: "SIGHUP reloads of --tls-cert/--tls-key or --tls-ticket-keys that failed; the previous certificates and keys stay in service.",
+		}),
 		ClusterMembers: prometheus.NewGauge(prometheus.GaugeOpts{
 			Name: "tether_cluster_members",
 			Help: "Alive gossip members this proxy knows, itself and other proxies included (0 without gossip).",
@@ -189,7 +199,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		reg.MustRegister(m.Accepted, m.AcceptErrors, m.Active, m.Closed, m.Rejected, m.HandshakeFailures,
 			m.HandshakeSeconds, m.Routes, m.RouteFailures, m.DialFailures, m.Failovers,
 			m.Bytes, m.SessionSeconds, m.SessionEnds, m.Gateways, m.ClusterMembers, m.GossipEncrypted, m.IDConflicts, m.RedisErrors, m.RedisRefusals, m.NoKey,
-			m.Parked, m.ParkErrors, m.Wakeups, m.Handoffs)
+			m.Parked, m.ParkErrors, m.Wakeups, m.Handoffs, m.TLSHandshakes, m.TLSReloadErrors)
 	}
 	return m
 }

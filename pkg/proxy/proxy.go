@@ -11,6 +11,7 @@ package proxy
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -88,6 +89,15 @@ type Config struct {
 	// long a parked direction was quiet, when exhaustion ended); nil means
 	// time.Now. Tests step it instead of sleeping.
 	Now func() time.Time
+	// TLS, when set, makes the listeners serve TLS: the handshake runs
+	// within HandshakeTimeout before the hello, the extractors read the
+	// decrypted bytes, and the gateway gets cleartext. TLS sessions copy
+	// through user space and are neither parked nor handed over.
+	TLS *tls.Config
+	// GatewayTLS, when set, makes the proxy speak TLS to gateways (the
+	// PROXY header and the client's bytes inside it); ServerName is set
+	// per connection to the gateway address's host.
+	GatewayTLS *tls.Config
 	// ParkAfter is how long a direction must be idle before it is parked;
 	// until then a goroutine waits for it in Go's poller, so busy sessions
 	// pay nothing for parking. 0 means DefaultParkAfter.
@@ -516,6 +526,14 @@ func (s *Server) handleConn(c net.Conn) *parkedSession {
 		s.handshakeFailed(c, id, headerReason(err), err)
 		return nil
 	}
+	if s.cfg.TLS != nil {
+		tc, err := s.startTLS(c, deadline)
+		if err != nil {
+			s.handshakeFailed(c, id, tlsReason(err), err)
+			return nil
+		}
+		c = tc
+	}
 	bufp := s.pool.Get().(*[]byte)
 	defer s.pool.Put(bufp)
 	buf := *bufp
@@ -670,6 +688,18 @@ func (s *Server) serveSession(hs *handshake, res route.Result) *parkedSession {
 	if res.Attempts > 1 {
 		s.m.Failovers.WithLabelValues(res.Gateway.ID).Inc()
 	}
+	if s.cfg.GatewayTLS != nil {
+		tgw, err := s.gatewayTLS(gw, res.Gateway.Addr)
+		if err != nil {
+			s.m.DialFailures.WithLabelValues(res.Gateway.ID).Inc()
+			s.m.RouteFailures.WithLabelValues("unreachable").Inc()
+			s.log.Warn("TLS to gateway failed", zap.Uint64("conn", id), zap.String("gateway", res.Gateway.ID), zap.Error(err))
+			abort(gw)
+			abort(c)
+			return nil
+		}
+		gw = tgw
+	}
 	ses := &session{client: c, gw: gw, gwID: res.Gateway.ID, id: id, start: hs.start, keyHash: hs.keyHash, hello: int64(n), peer: c.RemoteAddr()}
 	if !s.register(ses) {
 		s.m.Rejected.WithLabelValues("shutdown").Inc()
@@ -779,7 +809,13 @@ func (s *Server) splice(ses *session) (up, down int64) {
 // direction keeps flowing; on an error it aborts the whole session, which
 // also unblocks the other direction.
 func pipe(ses *session, dst, src net.Conn, reason endReason) int64 {
-	n, err := io.Copy(dst, src)
+	var n int64
+	var err error
+	if isTLS(dst) || isTLS(src) {
+		n, err = copyUser(dst, src)
+	} else {
+		n, err = io.Copy(dst, src)
+	}
 	ses.endDirection(dst, src, err, reason)
 	return n
 }
@@ -793,7 +829,7 @@ func pipe(ses *session, dst, src net.Conn, reason endReason) int64 {
 // closed: a reset there would tell nobody anything.
 func (ses *session) endDirection(dst, src net.Conn, err error, reason endReason) {
 	if err == nil {
-		if tc := rawTCP(dst); tc != nil && tc.CloseWrite() == nil {
+		if closeWrite(dst) == nil {
 			return
 		}
 		ses.abort(reason)
@@ -831,7 +867,7 @@ func brokenSide(dst, src net.Conn, err error) net.Conn {
 // abort closes c with RST (SO_LINGER 0) when it is TCP, so nothing lingers
 // in TIME_WAIT and the peer learns the close was abnormal.
 func abort(c net.Conn) {
-	if tc := rawTCP(c); tc != nil {
+	if tc := tcpOf(c); tc != nil {
 		_ = tc.SetLinger(0)
 	}
 	c.Close()

@@ -25,6 +25,30 @@ func TestBrowserWebSocket(t *testing.T) {
 	gws := []*proc{gatewayStub(t, 1, 0), gatewayStub(t, 2, 0), gatewayStub(t, 3, 0)}
 	p := proxyFor(t, gws, "--key-from", "cookie:sid,query:sid")
 
+	log := browse(t, chromium, "http://"+p.addr+"/?sid=browser-key-1", "browser-websocket.png")
+	gw, conns := sameGatewayTwice(t, log, "browser-key-1")
+	t.Logf("browser: both WebSocket connections on gateway %s (conns %s)", gw, conns)
+}
+
+// sameGatewayTwice checks the stub page's log: two WebSocket connections
+// with key, on one gateway, the second counted as its second connection.
+func sameGatewayTwice(t *testing.T, log, key string) (gateway, conns string) {
+	t.Helper()
+	m := regexp.MustCompile(`connection (\d): gateway (\S+) key (\S+) conns (\d+)`).FindAllStringSubmatch(log, -1)
+	if len(m) != 2 {
+		t.Fatalf("page log %q: want two connections", log)
+	}
+	if m[0][2] != m[1][2] || m[0][3] != key || m[1][4] != "2" {
+		t.Fatalf("the page's two WebSockets: %q / %q", m[0][0], m[1][0])
+	}
+	return m[0][2], m[0][4] + " then " + m[1][4]
+}
+
+// browse loads url in headless Chromium (with extra command-line flags),
+// waits for the stub page's log to say done, saves a screenshot under
+// test/e2e/artifacts/ as shot, and returns the log.
+func browse(t *testing.T, chromium, url, shot string, flags ...chromedp.ExecAllocatorOption) string {
+	t.Helper()
 	opts := append(chromedp.DefaultExecAllocatorOptions[:],
 		chromedp.ExecPath(chromium),
 		chromedp.NoSandbox, // tests run as root in CI
@@ -36,14 +60,13 @@ func TestBrowserWebSocket(t *testing.T) {
 		chromedp.Flag("disable-sync", true),
 		chromedp.UserDataDir(t.TempDir()),
 	)
+	opts = append(opts, flags...)
 	actx, cancelAlloc := chromedp.NewExecAllocator(context.Background(), opts...)
 	defer cancelAlloc()
 	ctx, cancel := chromedp.NewContext(actx)
 	defer cancel()
 	ctx, cancelT := context.WithTimeout(ctx, 60*time.Second)
 	defer cancelT()
-
-	url := "http://" + p.addr + "/?sid=browser-key-1"
 	err := chromedp.Do(ctx,
 		chromedp.Navigate(url),
 		chromedp.WaitVisible("#log"),
@@ -65,17 +88,10 @@ func TestBrowserWebSocket(t *testing.T) {
 	}
 	dir := filepath.Join("artifacts")
 	if err := os.MkdirAll(dir, 0o755); err == nil {
-		shot := filepath.Join(dir, "browser-websocket.png")
-		if err := os.WriteFile(shot, png, 0o644); err == nil {
-			t.Logf("screenshot: test/e2e/%s", shot)
+		path := filepath.Join(dir, shot)
+		if err := os.WriteFile(path, png, 0o644); err == nil {
+			t.Logf("screenshot: test/e2e/%s", path)
 		}
 	}
-	m := regexp.MustCompile(`connection (\d): gateway (\S+) key (\S+) conns (\d+)`).FindAllStringSubmatch(log, -1)
-	if len(m) != 2 {
-		t.Fatalf("page log %q: want two connections", log)
-	}
-	if m[0][2] != m[1][2] || m[0][3] != "browser-key-1" || m[1][4] != "2" {
-		t.Fatalf("the page's two WebSockets: %q / %q", m[0][0], m[1][0])
-	}
-	t.Logf("browser: both WebSocket connections on gateway %s (conns %s then %s)", m[0][2], m[0][4], m[1][4])
+	return log
 }

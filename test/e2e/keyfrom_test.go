@@ -5,6 +5,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"encoding/binary"
 	"encoding/json"
 	"fmt"
@@ -41,12 +42,18 @@ func (c recordingConn) Read(p []byte) (int, error) {
 // reads the gateway's first message, echoes one message, and closes. It
 // returns the reply, the local address and every byte received.
 func wsSession(via, src, key string) (stub.Reply, string, []byte, error) {
+	return wsSessionTLS(via, src, key, nil)
+}
+
+// wsSessionTLS is wsSession over wss:// when tc is set.
+func wsSessionTLS(via, src, key string, tc *tls.Config) (stub.Reply, string, []byte, error) {
 	var mu sync.Mutex
 	var got bytes.Buffer
 	var local string
 	d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}}
 	client := &http.Client{Transport: &http.Transport{
 		DisableKeepAlives: true,
+		TLSClientConfig:   tc,
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			c, err := d.DialContext(ctx, network, addr)
 			if err != nil {
@@ -60,7 +67,11 @@ func wsSession(via, src, key string) (stub.Reply, string, []byte, error) {
 	defer cancel()
 	h := http.Header{}
 	h.Set("Cookie", "theme=dark; sid="+key)
-	ws, _, err := websocket.Dial(ctx, "ws://"+via+"/ws", &websocket.DialOptions{HTTPClient: client, HTTPHeader: h})
+	scheme := "ws://"
+	if tc != nil {
+		scheme = "wss://"
+	}
+	ws, _, err := websocket.Dial(ctx, scheme+via+"/ws", &websocket.DialOptions{HTTPClient: client, HTTPHeader: h})
 	if err != nil {
 		return stub.Reply{}, local, got.Bytes(), err
 	}
