@@ -4,6 +4,7 @@ package main
 
 import (
 	"bytes"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -21,14 +22,34 @@ import (
 // so ephemeral ports and TIME_WAIT never limit a run.
 var sources = []string{"127.0.0.2", "127.0.0.3", "127.0.0.4", "127.0.0.5", "127.0.0.6", "127.0.0.7", "127.0.0.8", "127.0.0.9"}
 
-// open connects from src, sends a hello for key and reads the reply.
-func open(addr, src, key string) (*net.TCPConn, error) {
+// tlsTargets maps the addresses of targets that terminate TLS to the
+// client configuration for them: open speaks TLS to those.
+var tlsTargets sync.Map // addr → *tls.Config
+
+// conn is a client connection: TCP, or TLS over it.
+type conn interface {
+	net.Conn
+	CloseWrite() error
+}
+
+// open connects from src (over TLS for a TLS target), sends a hello for
+// key and reads the reply.
+func open(addr, src, key string) (conn, error) {
 	d := net.Dialer{Timeout: 5 * time.Second, LocalAddr: &net.TCPAddr{IP: net.ParseIP(src)}}
 	c, err := d.Dial("tcp", addr)
 	if err != nil {
 		return nil, err
 	}
-	tc := c.(*net.TCPConn)
+	var tc conn = c.(*net.TCPConn)
+	if cfg, ok := tlsTargets.Load(addr); ok {
+		t := tls.Client(c, cfg.(*tls.Config))
+		_ = t.SetDeadline(time.Now().Add(10 * time.Second))
+		if err := t.Handshake(); err != nil {
+			c.Close()
+			return nil, err
+		}
+		tc = t
+	}
 	h, _ := proto.AppendHello(nil, []byte(key), nil)
 	_ = tc.SetDeadline(time.Now().Add(10 * time.Second))
 	if _, err := tc.Write(h); err != nil {
@@ -48,8 +69,13 @@ func open(addr, src, key string) (*net.TCPConn, error) {
 	return tc, nil
 }
 
-func reset(c *net.TCPConn) {
-	_ = c.SetLinger(0)
+func reset(c conn) {
+	if t, ok := c.(*tls.Conn); ok {
+		_ = t.NetConn().(*net.TCPConn).SetLinger(0)
+		t.NetConn().Close()
+		return
+	}
+	_ = c.(*net.TCPConn).SetLinger(0)
 	c.Close()
 }
 
@@ -58,7 +84,7 @@ func reset(c *net.TCPConn) {
 // idle for idle, and returns bytes per second in one direction.
 func bulk(addr string, n int, total int64, idle time.Duration) (float64, error) {
 	per := total / int64(n)
-	conns := make([]*net.TCPConn, n)
+	conns := make([]conn, n)
 	for i := range conns {
 		c, err := open(addr, sources[i%len(sources)], fmt.Sprintf("bulk-%d", i))
 		if err != nil {
@@ -233,8 +259,8 @@ func idleCost(addr string, pid, n int, settle time.Duration, checkAll bool) (rss
 
 // openMany opens n sessions through addr from 32 goroutines, the way a
 // reconnect wave arrives, and returns those that opened.
-func openMany(addr string, n int) ([]*net.TCPConn, error) {
-	conns := make([]*net.TCPConn, 0, n)
+func openMany(addr string, n int) ([]conn, error) {
+	conns := make([]conn, 0, n)
 	var mu sync.Mutex
 	var wg sync.WaitGroup
 	var openErr atomic.Value

@@ -55,10 +55,11 @@ func main() {
 	loadFor := fs.Duration("for", 20*time.Second, "how long --load runs")
 	loadStreams := fs.Int("streams", 8, "concurrent streams of --load bulk")
 	loadSessions := fs.Int("sessions", 3000, "idle sessions --load idle opens (from 32 goroutines) and holds")
-	only := fs.String("only", "", "run one section only and print it (handoff)")
+	only := fs.String("only", "", "run one section only and print it: handoff or tls")
 	_ = fs.Parse(os.Args[1:])
-	if *only != "" && *only != "handoff" {
-		fatal(fmt.Errorf("--only %q: want handoff", *only))
+	sections := map[string]func(*strings.Builder, options) error{"handoff": handoffSection, "tls": tlsSection}
+	if _, ok := sections[*only]; *only != "" && !ok {
+		fatal(fmt.Errorf("--only %q: want handoff or tls", *only))
 	}
 	if *load != "" {
 		if err := loadOnly(*load, *addr, *loadFor, *loadSessions, *loadStreams); err != nil {
@@ -80,9 +81,9 @@ func main() {
 	}
 	defer os.RemoveAll(tmp)
 	o.tmp = tmp
-	if *only == "handoff" {
+	if *only != "" {
 		var b strings.Builder
-		if err := handoffSection(&b, o); err != nil {
+		if err := sections[*only](&b, o); err != nil {
 			fatal(err)
 		}
 		fmt.Print(b.String())
@@ -377,8 +378,10 @@ func run(o options) (string, error) {
 			return "", err
 		}
 	}
-	if err := handoffSection(&b, o); err != nil {
-		return "", err
+	for _, section := range []func(*strings.Builder, options) error{tlsSection, handoffSection} {
+		if err := section(&b, o); err != nil {
+			return "", err
+		}
 	}
 	return b.String(), nil
 }

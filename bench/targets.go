@@ -178,9 +178,14 @@ func startHAProxy(dir, server string, maxconn int) (*proc, error) {
 	if err := os.WriteFile(cfg, []byte(haproxyConfig(bind, server, maxconn)), 0o644); err != nil {
 		return nil, err
 	}
+	return startProc("haproxy", bind, false, haproxyBin(), "-db", "-f", cfg)
+}
+
+// haproxyBin is the haproxy executable.
+func haproxyBin() string {
 	bin, err := exec.LookPath("haproxy")
 	if err != nil {
 		bin = "/usr/sbin/haproxy"
 	}
-	return startProc("haproxy", bind, false, bin, "-db", "-f", cfg)
+	return bin
 }

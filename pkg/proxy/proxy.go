@@ -441,11 +441,12 @@ const (
 type session struct {
 	client, gw net.Conn
 	gwID       string
-	id         uint64    // for logs
-	start      time.Time // accepted
-	keyHash    uint64    // for logs: raw keys are never logged
-	hello      int64     // bytes forwarded before splicing
-	peer       net.Addr  // the client's address (from a PROXY header if one came)
+	id         uint64        // for logs
+	start      time.Time     // accepted
+	keyHash    uint64        // for logs: raw keys are never logged
+	hello      int64         // bytes forwarded before splicing
+	peer       net.Addr      // the client's address (from a PROXY header if one came)
+	idle       time.Duration // a TLS direction quiet this long gives back its buffer
 	// parked, when set (by the parker), learns of an abort after it
 	// closed the connections, so a parked session knows it is over.
 	parked  atomic.Pointer[parkedSession]
@@ -492,15 +493,23 @@ func (ses *session) closeReason() endReason {
 }
 
 func (s *Server) handle(c net.Conn) {
-	if ps := s.handleConn(c); ps != nil {
+	switch ps := s.handleConn(c); ps {
+	case nil:
+		s.connDone()
+	case detached:
+		// The session runs in goroutines of its own; this one, whose
+		// stack the TLS handshake grew, ends here.
+	default:
 		// The client → gateway worker runs in this goroutine, once the
 		// handshake buffer went back to its pool: one goroutine fewer
 		// per session.
 		s.parker.runClient(ps)
-		return
 	}
-	s.connDone()
 }
+
+// detached is what handleConn returns for a session that went to goroutines
+// of its own (a TLS session: they start with small stacks).
+var detached = new(parkedSession)
 
 // connDone is the bookkeeping of a client connection that ended.
 func (s *Server) connDone() {
@@ -700,7 +709,7 @@ func (s *Server) serveSession(hs *handshake, res route.Result) *parkedSession {
 		}
 		gw = tgw
 	}
-	ses := &session{client: c, gw: gw, gwID: res.Gateway.ID, id: id, start: hs.start, keyHash: hs.keyHash, hello: int64(n), peer: c.RemoteAddr()}
+	ses := &session{client: c, gw: gw, gwID: res.Gateway.ID, id: id, start: hs.start, keyHash: hs.keyHash, hello: int64(n), peer: c.RemoteAddr(), idle: s.idle()}
 	if !s.register(ses) {
 		s.m.Rejected.WithLabelValues("shutdown").Inc()
 		ses.abort(endShutdown)
@@ -734,9 +743,25 @@ func (s *Server) serveSession(hs *handshake, res route.Result) *parkedSession {
 			return ps
 		}
 	}
+	if isTLS(ses.client) || isTLS(ses.gw) {
+		go func() {
+			up, down := s.splice(ses)
+			s.endSession(ses, up, down)
+			s.connDone()
+		}()
+		return detached
+	}
 	up, down := s.splice(ses)
 	s.endSession(ses, up, down)
 	return nil
+}
+
+// idle is how long a user-space copy waits with a buffer (--park-after).
+func (s *Server) idle() time.Duration {
+	if s.cfg.ParkAfter > 0 {
+		return s.cfg.ParkAfter
+	}
+	return DefaultParkAfter
 }
 
 // parkedEnd is the end of a session the parker held.
@@ -812,7 +837,7 @@ func pipe(ses *session, dst, src net.Conn, reason endReason) int64 {
 	var n int64
 	var err error
 	if isTLS(dst) || isTLS(src) {
-		n, err = copyUser(dst, src)
+		n, err = copyUser(dst, src, ses.idle)
 	} else {
 		n, err = io.Copy(dst, src)
 	}

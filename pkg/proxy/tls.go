@@ -106,35 +106,70 @@ const copyBufSize = 16 << 10
 var copyBufs = sync.Pool{New: func() any { b := make([]byte, copyBufSize); return &b }}
 
 // copyUser moves src to dst through user space, for sessions with a TLS
-// side. A buffer is taken from the pool only while bytes move: reading a
-// plain TCP source first waits until it is readable without one, so an
-// idle direction holds none (a TLS source must be read into one).
-func copyUser(dst, src net.Conn) (int64, error) {
-	var rc syscall.RawConn
+// side. A buffer is taken from the pool only while bytes move: a plain TCP
+// source is read inside RawConn.Read, which gives the buffer back before
+// waiting for more, so an idle direction holds none (a TLS source must be
+// read into one).
+func copyUser(dst, src net.Conn, idle time.Duration) (int64, error) {
 	if tc := rawTCP(src); tc != nil {
-		rc, _ = tc.SyscallConn()
+		if rc, err := tc.SyscallConn(); err == nil {
+			return copyFromTCP(dst, rc)
+		}
+	}
+	return copyFromTLS(dst, src, idle)
+}
+
+// copyFromTLS is copyUser from a TLS connection. A quiet source (no whole
+// record for idle, --park-after: a TLS read timeout is not fatal, and a partial record
+// stays buffered in the connection) gives its buffer back and waits for
+// the socket to become readable: with no whole record buffered, new bytes
+// are the only way forward.
+func copyFromTLS(dst, src net.Conn, idle time.Duration) (int64, error) {
+	var raw syscall.RawConn
+	if tc := tcpOf(src); tc != nil {
+		raw, _ = tc.SyscallConn()
 	}
 	var total int64
+	var bp *[]byte
+	defer func() {
+		if bp != nil {
+			copyBufs.Put(bp)
+		}
+	}()
+	deadline := time.Time{}
 	for {
-		if rc != nil {
-			if err := waitReadable(rc); err != nil {
-				return total, err
+		if bp == nil {
+			bp = copyBufs.Get().(*[]byte)
+		}
+		if raw != nil {
+			if now := time.Now(); deadline.Sub(now) < idle/2 {
+				deadline = now.Add(idle)
+				if err := src.SetReadDeadline(deadline); err != nil {
+					return total, err
+				}
 			}
 		}
-		bp := copyBufs.Get().(*[]byte)
 		n, rerr := src.Read(*bp)
-		var werr error
 		if n > 0 {
-			var m int
-			m, werr = dst.Write((*bp)[:n])
+			m, werr := dst.Write((*bp)[:n])
 			total += int64(m)
+			if werr != nil {
+				return total, werr
+			}
 		}
-		copyBufs.Put(bp)
 		switch {
-		case werr != nil:
-			return total, werr
 		case errors.Is(rerr, io.EOF):
 			return total, nil
+		case errors.Is(rerr, os.ErrDeadlineExceeded) && raw != nil && n == 0:
+			copyBufs.Put(bp)
+			bp = nil
+			if err := src.SetReadDeadline(time.Time{}); err != nil {
+				return total, err
+			}
+			deadline = time.Time{}
+			if err := waitReadable(raw); err != nil {
+				return total, err
+			}
 		case rerr != nil:
 			return total, rerr
 		}
@@ -150,6 +185,50 @@ func waitReadable(rc syscall.RawConn) error {
 		_, _, err := syscall.Recvfrom(int(fd), b[:], syscall.MSG_PEEK|syscall.MSG_DONTWAIT)
 		return err != syscall.EAGAIN
 	})
+}
+
+// copyFromTCP is copyUser from a plain TCP socket.
+func copyFromTCP(dst net.Conn, rc syscall.RawConn) (int64, error) {
+	var total int64
+	var bp *[]byte
+	var n int
+	var rerr error
+	read := func(fd uintptr) bool {
+		if bp == nil {
+			bp = copyBufs.Get().(*[]byte)
+		}
+		for {
+			n, rerr = syscall.Read(int(fd), *bp)
+			if rerr != syscall.EINTR {
+				break
+			}
+		}
+		if rerr == syscall.EAGAIN {
+			copyBufs.Put(bp) // nothing to read: wait without a buffer
+			bp = nil
+			return false
+		}
+		return true
+	}
+	for {
+		if err := rc.Read(read); err != nil {
+			if bp != nil {
+				copyBufs.Put(bp)
+			}
+			return total, err
+		}
+		if rerr != nil || n <= 0 {
+			copyBufs.Put(bp)
+			return total, rerr // nil at EOF
+		}
+		m, werr := dst.Write((*bp)[:n])
+		total += int64(m)
+		copyBufs.Put(bp)
+		bp = nil
+		if werr != nil {
+			return total, werr
+		}
+	}
 }
 
 // isTLS reports whether c is a TLS connection.

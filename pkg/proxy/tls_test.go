@@ -16,7 +16,7 @@ import (
 
 // tlsProxy starts a TLS-terminating proxy over one stub gateway and returns
 // it with a client configuration that trusts its certificate.
-func tlsProxy(t *testing.T) (*harness, *tls.Config) {
+func tlsProxy(t *testing.T, opts ...func(*Config)) (*harness, *tls.Config) {
 	t.Helper()
 	ca, err := testcert.NewCA("tether test CA")
 	if err != nil {
@@ -33,6 +33,9 @@ func tlsProxy(t *testing.T) (*harness, *tls.Config) {
 	gw := gateway(t, "gw-1", stub.ProxyRequire)
 	cfg := DefaultConfig()
 	cfg.TLS = &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS12}
+	for _, o := range opts {
+		o(&cfg)
+	}
 	h := start(t, cfg, ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
 	return h, &tls.Config{RootCAs: ca.Pool(), ServerName: "proxy.test"}
 }
@@ -171,5 +174,37 @@ func TestGatewayTLS(t *testing.T) {
 				t.Fatalf("echo %q, %v", got, err)
 			}
 		})
+	}
+}
+
+// TestTLSSessionQuietThenBusy: a TLS session quiet for longer than
+// --park-after (its direction gave its buffer back and waits for the
+// socket) carries a record split across two writes, then 4 MiB, intact.
+func TestTLSSessionQuietThenBusy(t *testing.T) {
+	h, ccfg := tlsProxy(t, func(c *Config) { c.ParkAfter = 20 * time.Millisecond })
+	c, err := tls.Dial("tcp", h.addr, ccfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(20 * time.Second))
+	c.Write(hello(t, "quiet", ""))
+	if _, _, err := stub.ReadReply(c); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(100 * time.Millisecond) // real time: the copy's read deadline must fire
+	data := make([]byte, 4<<20)
+	for i := range data {
+		data[i] = byte(i % 251)
+	}
+	go func() { _, _ = c.Write(data) }()
+	got := make([]byte, len(data))
+	if _, err := io.ReadFull(c, got); err != nil {
+		t.Fatal(err)
+	}
+	for i := range got {
+		if got[i] != data[i] {
+			t.Fatalf("byte %d differs after the quiet spell", i)
+		}
 	}
 }
