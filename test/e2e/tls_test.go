@@ -285,3 +285,44 @@ func TestBrowserHTTPSAndWSS(t *testing.T) {
 	}
 	t.Logf("browser over https: both wss:// connections on gateway %s (conns %s)", gw, conns)
 }
+
+// TestTLSBehindHAProxyPassthrough: HAProxy (the example configuration,
+// TCP passthrough with send-proxy-v2) in front of two TLS proxies: TLS
+// clients from two addresses keep their gateway, which sees each client's
+// real address, and resume their TLS session whichever proxy HAProxy picks.
+func TestTLSBehindHAProxyPassthrough(t *testing.T) {
+	s := newTLSSetup(t)
+	gws := []*proc{gatewayStub(t, 1, 0), gatewayStub(t, 2, 0), gatewayStub(t, 3, 0)}
+	extra := append(s.args(), "--proxy-protocol-in", "require", "--trusted-proxies", "127.0.0.1/32")
+	a, b := proxyFor(t, gws, extra...), proxyFor(t, gws, extra...)
+	lb := testenv.StartHAProxy(t, haproxyCfg,
+		"TETHER_PROXY1="+a.addr, "TETHER_PROXY2="+b.addr,
+		"TETHER_ADMIN1_PORT="+portOf(a.admin), "TETHER_ADMIN2_PORT="+portOf(b.admin))
+	lb.WaitServers(t, "UP", "proxy1", "proxy2")
+	cache := tls.NewLRUClientSessionCache(64)
+	resumed := 0
+	for _, key := range keyList("slb-tls", 20) {
+		var gw string
+		for hop, src := range []string{"127.0.0.2", "127.0.0.3"} {
+			rep, st, err := tlsSession(lb.Bind, src, key, s.client(cache))
+			if err != nil {
+				t.Fatalf("%s hop %d: %v", key, hop, err)
+			}
+			if !strings.HasPrefix(rep.Client, src+":") {
+				t.Errorf("%s: the gateway saw %s, the client is %s", key, rep.Client, src)
+			}
+			if hop == 0 {
+				gw = rep.Gateway
+			} else if rep.Gateway != gw {
+				t.Errorf("%s: gateway %s then %s", key, gw, rep.Gateway)
+			}
+			if st.DidResume {
+				resumed++
+			}
+		}
+	}
+	if resumed < 20 {
+		t.Errorf("%d of 40 connections resumed their TLS session, want at least 20 (every second one)", resumed)
+	}
+	t.Logf("20 keys × 2 addresses through HAProxy passthrough: same gateway, real client address; %d of 40 handshakes resumed", resumed)
+}
