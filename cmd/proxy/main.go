@@ -40,9 +40,12 @@ import (
 )
 
 func main() {
-	// Signals first: a SIGHUP or SIGTERM that arrives while the proxy
-	// starts is handled once it serves, never by the default action
-	// (which would kill it).
+	// Signals first: from here on a SIGHUP, SIGTERM or SIGUSR2 that
+	// arrives while the proxy starts is handled once it serves, never by
+	// the default action (which would kill it). Before main runs (the
+	// dynamic loader, package init: a few milliseconds) the default
+	// action applies; signal the process by its --pid-file, which is
+	// written only after this.
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGINT, syscall.SIGTERM, syscall.SIGUSR2)
 	os.Exit(run(os.Args[1:], sigs, os.Stdout, os.Stderr))
@@ -777,9 +780,11 @@ func (p *process) run(sigs <-chan os.Signal, level zap.AtomicLevel, stderr io.Wr
 				}
 			default:
 				if upgraded != nil {
-					p.log.Warn("stop signal during an upgrade: abandoning it", zap.String("signal", sig.String()))
+					p.log.Warn("stop signal during an upgrade: abandoning it; this process drains and exits", zap.String("signal", sig.String()))
 					cancelUp()
-					<-upgraded // the pid file tells who serves now
+					if r := <-upgraded; r.err != nil {
+						p.log.Error("upgrade failed", zap.Error(r.err), zap.Int("new_pid", r.res.PID))
+					}
 				}
 				p.log.Info("shutting down: closing open sessions spread over the drain timeout (a second signal closes them at once)", zap.String("signal", sig.String()),
 					zap.Int("sessions", p.srv.Active()), zap.Duration("drain_timeout", p.o.drainTimeout))

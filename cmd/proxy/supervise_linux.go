@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"slices"
 	"strings"
 	"syscall"
 
@@ -43,41 +44,64 @@ func supervise(args []string, pidFile string, sigs <-chan os.Signal, log *zap.Lo
 		log.Error("supervise: cannot start the proxy", zap.Error(err))
 		return 1
 	}
-	main := proc.Pid
-	log.Info("supervise: started the proxy", zap.Int("pid", main), zap.Int("supervisor_pid", os.Getpid()))
-	current := func() int {
-		if pid, err := readPid(pidFile); err == nil && pid > 0 {
-			main = pid
+	log.Info("supervise: started the proxy", zap.Int("pid", proc.Pid), zap.Int("supervisor_pid", os.Getpid()))
+	// known are the proxy processes seen, oldest first: the first child
+	// and every pid the pid file named. Signals go to the one the pid
+	// file names if it runs, else to the newest that runs (a failed
+	// upgrade may leave the file naming a dead one for a moment).
+	known := []int{proc.Pid}
+	learn := func() {
+		if pid, err := readPid(pidFile); err == nil && pid > 0 && !slices.Contains(known, pid) {
+			known = append(known, pid)
 		}
-		return main
 	}
+	target := func() int {
+		learn()
+		if pid, err := readPid(pidFile); err == nil && alive(pid) {
+			return pid
+		}
+		for i := len(known) - 1; i >= 0; i-- {
+			if alive(known[i]) {
+				return known[i]
+			}
+		}
+		return 0
+	}
+	code := 0
 	for {
 		select {
 		case sig := <-sigs:
-			pid := current()
+			pid := target()
+			if pid == 0 {
+				continue
+			}
 			if err := syscall.Kill(pid, sig.(syscall.Signal)); err != nil {
 				log.Warn("supervise: cannot forward a signal", zap.String("signal", sig.String()), zap.Int("pid", pid), zap.Error(err))
 			}
 		case <-chld:
+			learn() // before the reaping: an upgraded proxy has named its successor
 			for {
 				var ws syscall.WaitStatus
 				pid, err := syscall.Wait4(-1, &ws, syscall.WNOHANG, nil)
+				if errors.Is(err, syscall.ECHILD) {
+					// Nothing left below: the last proxy's status is ours.
+					log.Info("supervise: the proxy exited", zap.Int("code", code))
+					return code
+				}
 				if pid <= 0 || err != nil {
 					break
 				}
-				if pid != main {
+				if !slices.Contains(known, pid) {
 					continue // an orphan reaped
 				}
-				if next := current(); next != pid && alive(next) {
-					log.Info("supervise: the proxy was upgraded", zap.Int("old_pid", pid), zap.Int("pid", next))
-					continue
-				}
-				code := ws.ExitStatus()
+				code = ws.ExitStatus()
 				if ws.Signaled() {
 					code = 128 + int(ws.Signal())
 				}
-				log.Info("supervise: the proxy exited", zap.Int("pid", pid), zap.Int("code", code))
-				return code
+				known = slices.DeleteFunc(known, func(p int) bool { return p == pid })
+				if next := target(); next != 0 {
+					log.Info("supervise: the proxy was upgraded", zap.Int("old_pid", pid), zap.Int("pid", next))
+				}
 			}
 		}
 	}

@@ -6,7 +6,10 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
+	"path/filepath"
 	"runtime"
+	"strings"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -21,10 +24,22 @@ import (
 // file gives it the process (as the old side, oldProcess, and as the new
 // side, newProcess).
 
-// exePath is the executable this process was started from, read at start
-// (Go resolves /proc/self/exe then), so a binary replaced on disk since
-// is the one an upgrade starts.
-var exePath, exeErr = os.Executable()
+// exePath is the path this process was started as, made absolute at
+// start: an upgrade starts whatever file is at that path then, so a binary
+// renamed over it, or a symlink switched to another release, is the new
+// version. Without a usable argv[0], the resolved executable.
+var exePath, exeErr = startPath()
+
+func startPath() (string, error) {
+	arg0 := os.Args[0]
+	if strings.Contains(arg0, "/") {
+		return filepath.Abs(arg0)
+	}
+	if p, err := exec.LookPath(arg0); err == nil {
+		return filepath.Abs(p)
+	}
+	return os.Executable()
+}
 
 // upgradeResult is how an upgrade this process ran ended.
 type upgradeResult struct {
@@ -133,7 +148,8 @@ func (o oldProcess) ResumeAccepting(lns []upgrade.Listener) error {
 			o.serveAdmin(ln)
 		}
 	}
-	o.log.Info("upgrade: accepting again")
+	o.writePidFile() // the failed new process had rewritten it
+	o.log.Info("upgrade: accepting again", zap.Int("pid", os.Getpid()))
 	return errors.Join(errs...)
 }
 
@@ -146,6 +162,11 @@ func (o oldProcess) ReleaseGossip()           { o.leaveGossip() }
 func (p *process) readyForTakeover() error {
 	if !p.srv.CanHandOff() {
 		err := errors.New("this configuration has --no-park, so it cannot adopt sessions; restart instead of upgrading")
+		p.parent.Refuse(err)
+		return err
+	}
+	if un := p.parent.Unclaimed(); len(un) > 0 {
+		err := fmt.Errorf("this configuration no longer serves %s, which the old process passed; restart instead of upgrading", strings.Join(un, ", "))
 		p.parent.Refuse(err)
 		return err
 	}
@@ -166,8 +187,11 @@ func (p *process) takeOver() error {
 		p.log.Error("upgrade: the old process gave up before handing over; exiting (it keeps serving)", zap.Error(err))
 		return err
 	}
-	if err != nil {
+	switch {
+	case err != nil:
 		p.log.Warn("upgrade: the handoff ended early; serving what arrived", zap.Error(err))
+	case !t.Released:
+		p.log.Warn("upgrade: the old process closed the upgrade socket before releasing gossip (it gave up, or died); serving what arrived")
 	}
 	if p.o.gossip.Bind != "" {
 		p.takeOverGossip()

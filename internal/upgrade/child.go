@@ -94,8 +94,15 @@ func (p *Parent) Listener(name, flag string) (net.Listener, error) {
 	return ln, nil
 }
 
-// Listeners is how many listening sockets the old process passed.
-func (p *Parent) Listeners() int { return len(p.lns) }
+// Unclaimed names the listening sockets the old process passed that this
+// process has not taken (a configuration that dropped --admin).
+func (p *Parent) Unclaimed() []string {
+	var out []string
+	for name, in := range p.lns {
+		out = append(out, name+" ("+in.flag+")")
+	}
+	return out
+}
 
 // Ready tells the old process that this one is built and can serve; the
 // old one then stops accepting and Take begins.

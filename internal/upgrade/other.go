@@ -34,6 +34,9 @@ func (p *Parent) Snapshot() Snapshot { return Snapshot{} }
 // Listener returns a passed listening socket.
 func (p *Parent) Listener(string, string) (net.Listener, error) { return nil, errUnsupported }
 
+// Unclaimed names passed sockets not taken.
+func (p *Parent) Unclaimed() []string { return nil }
+
 // Ready tells the old process this one can serve.
 func (p *Parent) Ready() error { return errUnsupported }
 

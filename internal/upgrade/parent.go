@@ -110,6 +110,7 @@ func run(ctx context.Context, old Old, cfg Config) (Result, error) {
 	old.StopAccepting()
 	srv := old.Server()
 	lost := func(err error) (Result, error) {
+		child.kill() // before anything resumes here: never two processes on one socket
 		if rerr := old.ResumeAccepting(lns); rerr != nil {
 			log.Error("upgrade: cannot accept again after the new process failed", zap.Error(rerr))
 		}
@@ -126,17 +127,23 @@ func run(ctx context.Context, old Old, cfg Config) (Result, error) {
 			fds = append(fds, h.FDs...)
 		}
 		if err := child.c.send(m, fds, 5*time.Second); err != nil {
+			child.kill()
 			return err
 		}
-		ack, extra, err := child.c.recv(10 * time.Second)
+		ack, extra, err := child.c.recv(min(10*time.Second, cfg.Timeout))
 		closeAll(extra)
+		switch {
+		case err != nil:
+			err = fmt.Errorf("no ack: %w", err)
+		case ack.Type != typeAck || ack.N != len(batch):
+			err = fmt.Errorf("ack of %d sessions for a batch of %d", ack.N, len(batch))
+		}
 		if err != nil {
-			return fmt.Errorf("no ack: %w", err)
+			// The batch resumes here once this returns: the new process
+			// must be gone first, or both would move its bytes.
+			child.kill()
 		}
-		if ack.Type != typeAck || ack.N != len(batch) {
-			return fmt.Errorf("ack of %d sessions for a batch of %d", ack.N, len(batch))
-		}
-		return nil
+		return err
 	}
 	deadline = time.Now().Add(cfg.Timeout)
 	hctx, cancel := context.WithDeadline(ctx, deadline)
@@ -163,6 +170,8 @@ func run(ctx context.Context, old Old, cfg Config) (Result, error) {
 			if err := child.c.send(message{Type: typeMembers, Snapshot: ptr(old.Snapshot())}, nil, 5*time.Second); err != nil {
 				return lost(err)
 			}
+		case <-child.exited:
+			return lost(fmt.Errorf("it exited (%v)", child.err))
 		case <-tick.C:
 		case <-hctx.Done():
 		}
@@ -170,10 +179,19 @@ func run(ctx context.Context, old Old, cfg Config) (Result, error) {
 	res.Left = srv.Active()
 
 	// Phase 3: the gossip identity moves last, so the new process had
-	// current members all along.
+	// current members all along. It must still be there to take it.
+	if err := child.c.send(message{Type: typeMembers, Snapshot: ptr(old.Snapshot())}, nil, 5*time.Second); err != nil {
+		return lost(err)
+	}
+	select {
+	case <-child.exited:
+		return lost(fmt.Errorf("it exited (%v)", child.err))
+	default:
+	}
 	old.ReleaseGossip()
 	if err := child.c.send(message{Type: typeReleased, N: res.Sessions}, nil, 5*time.Second); err != nil {
-		log.Warn("upgrade: could not tell the new process that gossip is free; it takes over when this one exits", zap.Error(err))
+		log.Error("upgrade: the new process failed as gossip was handed to it; this process serves again, without gossip until restarted", zap.Error(err))
+		return lost(err)
 	}
 	child.c.close()
 	res.Took = time.Since(started)
@@ -210,6 +228,18 @@ func spawn(cfg Config) (*child, error) {
 	ch := &child{cmd: cmd, c: c, exited: make(chan struct{}), log: cfg.Logger}
 	go func() { ch.err = cmd.Wait(); close(ch.exited) }()
 	return ch, nil
+}
+
+// kill ends the new process and waits until it is gone (its descriptors
+// closed); safe to call again.
+func (ch *child) kill() {
+	select {
+	case <-ch.exited:
+		return
+	default:
+	}
+	_ = ch.cmd.Process.Signal(syscall.SIGKILL)
+	<-ch.exited
 }
 
 // fail ends a failed upgrade: the new process is killed unless it already

@@ -719,3 +719,165 @@ func childOf(t *testing.T, pid int) int {
 	})
 	return child
 }
+
+// halfHello opens a connection that has sent part of a hello, which keeps
+// the old process's handoff waiting for it; finish sends the rest.
+func halfHello(t *testing.T, via, key string) (c net.Conn, finish func()) {
+	t.Helper()
+	c, err := net.Dial("tcp", via)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	_ = c.SetDeadline(time.Now().Add(60 * time.Second))
+	h, _ := proto.AppendHello(nil, []byte(key), nil)
+	if _, err := c.Write(h[:3]); err != nil {
+		t.Fatal(err)
+	}
+	return c, func() {
+		if _, err := c.Write(h[3:]); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// TestUpgradeNewProcessDiesMidHandoff: the new process is killed while the
+// old one still waits for a connection's handshake: the old process
+// notices at once, accepts again, names itself in the pid file, serves
+// that connection, and counts the failure as lost.
+func TestUpgradeNewProcessDiesMidHandoff(t *testing.T) {
+	f := newUpgradeFixture(t, "--handshake-timeout", "30s")
+	c, finish := halfHello(t, f.p.addr, "late")
+	f.u.install(filepath.Join(binDir, "proxy-next"))
+	upgrade(t, f.pid)
+	var next int
+	waitFor(t, 10*time.Second, "the new process to serve", func() bool {
+		p, err := readPid(f.u.pidFile)
+		next = p
+		return err == nil && p != f.pid
+	})
+	if err := syscall.Kill(next, syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	waitLog(t, f.p, "upgrade failed; this process keeps serving", 10*time.Second)
+	waitFor(t, 5*time.Second, "the pid file to name the old process again", func() bool { return f.u.pid() == f.pid })
+	if !alive(f.pid) {
+		t.Fatal("the old process exited")
+	}
+	finish()
+	if _, _, err := stub.ReadReply(c); err != nil {
+		t.Fatalf("the connection the old process kept: %v", err)
+	}
+	if _, err := session(f.p.addr, "127.0.0.2", "after-lost"); err != nil {
+		t.Fatalf("new connection after the lost upgrade: %v", err)
+	}
+	if got := metrics(t, f.p)[`tether_upgrade_failures_total{reason="lost"}`]; got != 1 {
+		t.Errorf("failures{lost} = %v, want 1", got)
+	}
+}
+
+// TestUpgradeStalledNewProcess: a new process that stops answering in the
+// middle of the handoff is killed before the old one resumes the batch it
+// did not confirm, so no session is served by two processes; that session
+// then works through the old one.
+func TestUpgradeStalledNewProcess(t *testing.T) {
+	f := newUpgradeFixture(t, "--handshake-timeout", "30s", "--upgrade-timeout", "2s")
+	c, finish := halfHello(t, f.p.addr, "late")
+	f.u.install(filepath.Join(binDir, "proxy-next"))
+	upgrade(t, f.pid)
+	var next int
+	waitFor(t, 10*time.Second, "the new process to take the first sessions", func() bool {
+		p, err := readPid(f.u.pidFile)
+		if err != nil || p == f.pid {
+			return false
+		}
+		next = p
+		m, err := tryMetrics(f.p)
+		return err == nil && m[`tether_handoff_sessions_total{side="received"}`] >= 101
+	})
+	if err := syscall.Kill(next, syscall.SIGSTOP); err != nil {
+		t.Fatal(err)
+	}
+	finish() // the old process makes it a session and sends it to a stopped process
+	waitLog(t, f.p, "upgrade failed; this process keeps serving", 15*time.Second)
+	if alive(next) {
+		t.Fatalf("the stalled new process %d is still alive", next)
+	}
+	if _, _, err := stub.ReadReply(c); err != nil {
+		t.Fatalf("the unconfirmed session after resuming in the old process: %v", err)
+	}
+	c.Write([]byte("still one owner"))
+	got := make([]byte, len("still one owner"))
+	if _, err := io.ReadFull(c, got); err != nil || string(got) != "still one owner" {
+		t.Fatalf("echo %q, %v", got, err)
+	}
+	if f.u.pid() != f.pid {
+		t.Fatalf("pid file names %d, want the old process %d", f.u.pid(), f.pid)
+	}
+}
+
+// TestUpgradeThroughSymlink: a proxy started through a "current" symlink
+// upgrades to whatever the link points at when SIGUSR2 comes.
+func TestUpgradeThroughSymlink(t *testing.T) {
+	gw := gatewayStub(t, 1, 0)
+	dir := t.TempDir()
+	for _, r := range []struct{ name, from string }{{"v1", "proxy"}, {"v2", "proxy-next"}} {
+		if err := os.MkdirAll(filepath.Join(dir, r.name), 0o755); err != nil {
+			t.Fatal(err)
+		}
+		b, err := os.ReadFile(filepath.Join(binDir, r.from))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(dir, r.name, "proxy"), b, 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	current := filepath.Join(dir, "current")
+	if err := os.Symlink("v1", current); err != nil {
+		t.Fatal(err)
+	}
+	u := &upgradable{t: t, exe: filepath.Join(current, "proxy"), pidFile: filepath.Join(dir, "pid")}
+	p := u.start("--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0", "--gateway", "gw-1="+gw.addr)
+	old := u.pid()
+	if err := os.Symlink("v2", current+".new"); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(current+".new", current); err != nil {
+		t.Fatal(err)
+	}
+	upgrade(t, old)
+	waitTakeover(t, u, old, 20*time.Second)
+	if m := metrics(t, p); m[`tether_build_info{go_version="`+goVersion(m)+`",version="`+nextVersion+`"}`] != 1 {
+		t.Fatalf("after switching the symlink, the build answering is %v", buildInfo(m))
+	}
+}
+
+// TestUpgradeRefusesDroppedAdmin: a configuration that no longer has the
+// admin socket the old process serves is refused; the old one serves on.
+func TestUpgradeRefusesDroppedAdmin(t *testing.T) {
+	gw := gatewayStub(t, 1, 0)
+	u := newUpgradable(t)
+	cfg := filepath.Join(t.TempDir(), "proxy.yaml")
+	writeConfig(t, cfg, "listen: 127.0.0.1:0", "admin: 127.0.0.1:0", "gateway: [gw-1="+gw.addr+"]")
+	p := u.start("--config", cfg)
+	// The harness learns the admin address from the command line only.
+	waitLog(t, p, "admin listening", 5*time.Second)
+	for _, l := range p.allLines() {
+		var e struct{ Msg, Addr string }
+		if json.Unmarshal([]byte(l), &e) == nil && e.Msg == "admin listening" {
+			p.mu.Lock()
+			p.admin = e.Addr
+			p.mu.Unlock()
+		}
+	}
+	writeConfig(t, cfg, "listen: 127.0.0.1:0", "gateway: [gw-1="+gw.addr+"]")
+	upgrade(t, u.pid())
+	waitLog(t, p, "upgrade failed; this process keeps serving", 10*time.Second)
+	if !p.alerted("no longer serves admin") {
+		t.Errorf("the refusal does not name the admin socket:\n%s", p.logs())
+	}
+	if got := metrics(t, p)[`tether_upgrade_failures_total{reason="refused"}`]; got != 1 {
+		t.Errorf("failures{refused} = %v, want 1", got)
+	}
+}
