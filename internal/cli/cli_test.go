@@ -70,6 +70,7 @@ func TestApplyConfig(t *testing.T) {
 		d      time.Duration
 		join   string
 		gws    GatewayList
+		certs  StringList
 	}
 	newFS := func(v *vals) *flag.FlagSet {
 		fs := flag.NewFlagSet("t", flag.ContinueOnError)
@@ -78,6 +79,7 @@ func TestApplyConfig(t *testing.T) {
 		fs.DurationVar(&v.d, "handshake-timeout", time.Second, "")
 		fs.StringVar(&v.join, "join", "", "")
 		fs.Var(&v.gws, "gateway", "")
+		fs.Var(&v.certs, "tls-cert", "")
 		fs.String("config", "", "")
 		return fs
 	}
@@ -87,11 +89,12 @@ func TestApplyConfig(t *testing.T) {
 		if err := fs.Parse([]string{"--listen", "127.0.0.1:1"}); err != nil {
 			t.Fatal(err)
 		}
-		p := write(t, "listen: \":9999\"\nhandshake-timeout: 3s\njoin: [a:1, b:2]\ngateway:\n  - gw-1=h:1\n  - gw-2=h:2,weight=2\n")
+		p := write(t, "listen: \":9999\"\nhandshake-timeout: 3s\njoin: [a:1, b:2]\ngateway:\n  - gw-1=h:1\n  - gw-2=h:2,weight=2\ntls-cert: [a.crt, \"b,c.crt\"]\n")
 		if err := ApplyConfig(fs, p, SetOnCommandLine(fs), "config"); err != nil {
 			t.Fatal(err)
 		}
-		if v.listen != "127.0.0.1:1" || v.d != 3*time.Second || v.join != "a:1,b:2" || len(v.gws) != 2 || v.gws[1].Weight != 2 {
+		if v.listen != "127.0.0.1:1" || v.d != 3*time.Second || v.join != "a:1,b:2" || len(v.gws) != 2 || v.gws[1].Weight != 2 ||
+			len(v.certs) != 2 || v.certs[1] != "b,c.crt" {
 			t.Fatalf("%+v", v)
 		}
 	})

@@ -7,6 +7,11 @@
 // on its own. On Linux the parker does the splicing and holds idle
 // sessions without goroutines or pipes (docs/design.md); with --no-park, or
 // elsewhere, io.Copy between the raw TCP connections splices instead.
+//
+// With Config.TLS the server terminates TLS and copies through user space
+// (tls.go). HandOff and Adopt move established parked sessions between two
+// processes for an in-place upgrade (handoff.go); Shutdown closes sessions
+// spread over its deadline.
 package proxy
 
 import (
