@@ -86,6 +86,8 @@ type options struct {
 	cooldown         time.Duration // --gateway-cooldown
 	clientKeepAlive  time.Duration // --client-keepalive (0 off)
 	maxConns         int           // --max-conns (0 no limit)
+	maxHandshakes    int           // --max-handshakes (0 no limit)
+	gatewayRate      float64       // --gateway-rate: new sessions/s per gateway (0 off)
 	drainTimeout     time.Duration // --drain-timeout: after SIGTERM
 	pidFile          string        // --pid-file ("" none)
 	upgradeTimeout   time.Duration // --upgrade-timeout: each phase of a SIGUSR2 upgrade
@@ -152,6 +154,8 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.DurationVar(&o.cooldown, "gateway-cooldown", route.DefaultCooldown, "after a failed connection attempt, skip the gateway for this `DURATION` (its keys use their next choice)")
 	fs.DurationVar(&o.clientKeepAlive, "client-keepalive", 60*time.Second, "TCP keepalive on client connections: first probe after this idle `DURATION`, so a phone that vanished without a FIN frees its session. Mobile apps usually have their own heartbeat; 0 turns keepalive off (and saves 4 syscalls per connection)")
 	fs.IntVar(&o.maxConns, "max-conns", 0, "accept at most `N` concurrent client connections; more are closed at once (0: no limit)")
+	fs.IntVar(&o.maxHandshakes, "max-handshakes", proxy.DefaultMaxHandshakes, "at most `N` connections accepted but not yet spliced (reading their hello, resolving, dialling); in a reconnect storm more are closed at once with zero bytes, counted as rejected{reason=\"overload\"} (0: no limit)")
+	fs.Float64Var(&o.gatewayRate, "gateway-rate", 0, "at most `R` new sessions per second to each gateway (a token bucket with a burst of R); a connection that finds no token waits within its handshake deadline, else it is closed with zero bytes, counted as rejected{reason=\"gateway_rate\"}. Keeps a reconnect storm from flattening a gateway (0: off)")
 	fs.DurationVar(&o.drainTimeout, "drain-timeout", 10*time.Second, "on SIGTERM/SIGINT, stop accepting and close open sessions one by one, spread evenly over this `DURATION`, so their clients reconnect spread out")
 	fs.StringVar(&o.pidFile, "pid-file", "", "write the process ID to this `FILE` at start; after a SIGUSR2 upgrade the new process rewrites it once it serves (systemd PIDFile=)")
 	fs.BoolVar(&o.supervise, "supervise", false, "run as a tiny supervisor (a container's PID 1): start the proxy as a child with the other flags, forward SIGTERM/SIGINT/SIGHUP/SIGUSR2 to the process --pid-file names, reap orphans, and exit with the proxy's status; this makes SIGUSR2 upgrades work as PID 1. Needs --pid-file")
@@ -204,6 +208,10 @@ func (o *options) validate() error {
 		return errors.New("--handshake-timeout and --dial-timeout must be > 0")
 	case o.maxConns < 0:
 		return fmt.Errorf("--max-conns %d: want >= 0", o.maxConns)
+	case o.maxHandshakes < 0:
+		return fmt.Errorf("--max-handshakes %d: want >= 0", o.maxHandshakes)
+	case o.gatewayRate < 0:
+		return fmt.Errorf("--gateway-rate %v: want >= 0", o.gatewayRate)
 	case o.upgradeTimeout <= 0 || o.drainTimeout < 0:
 		return errors.New("--upgrade-timeout must be > 0 and --drain-timeout >= 0")
 	case o.supervise && o.pidFile == "":
@@ -387,6 +395,7 @@ type process struct {
 	syncer  *cluster.Syncer
 	changed chan struct{} // the ring changed (an upgrade forwards it)
 	dialer  *route.Dialer
+	rate    *proxy.GatewayRate // nil without --gateway-rate
 	srv     *proxy.Server
 	adminLn net.Listener // nil without --admin
 	adminH  http.Handler
@@ -577,7 +586,14 @@ func (p *process) newServer() error {
 		clientTLS = o.tls.Config()
 		p.log.Info("tls on", zap.Strings("certificates", o.tls.Names()), zap.Bool("shared_ticket_keys", o.tlsTicketKeys != ""))
 	}
+	if o.gatewayRate > 0 {
+		if p.rate, err = proxy.NewGatewayRate(o.gatewayRate, p.metrics, p.log.Named("rate")); err != nil {
+			return err
+		}
+	}
 	p.srv, err = proxy.New(proxy.Config{
+		GatewayRate:      p.rate,
+		MaxHandshakes:    o.maxHandshakes,
 		TLS:              clientTLS,
 		GatewayTLS:       gwTLS,
 		Resolver:         resolver,
@@ -655,7 +671,7 @@ func (p *process) startAdmin() error {
 		Resolver: srv.Resolver(),
 		Ready:    func() bool { return !srv.Closing() && p.holder.Load().Len() > 0 },
 		Gateways: admin.GatewayView{Ring: &p.holder, Syncer: syncer, Live: func(id string) bool { return !p.dialer.CoolingDown(id) },
-			Sessions: srv.SessionsByGateway}.Rows,
+			Sessions: srv.SessionsByGateway, Rate: rateLimits(p.rate)}.Rows,
 		Drain: func(id string, drain, force bool) error {
 			if err := syncer.SetDrained(id, drain, force); err != nil {
 				return err
@@ -678,6 +694,15 @@ func (p *process) startAdmin() error {
 		aln.Close()
 	})
 	return nil
+}
+
+// rateLimits is r for the admin view, or nil (a nil *GatewayRate inside an
+// interface would not be nil).
+func rateLimits(r *proxy.GatewayRate) admin.RateLimits {
+	if r == nil {
+		return nil
+	}
+	return r
 }
 
 // serveAdmin serves the admin API on ln in the background.

@@ -65,6 +65,7 @@ type Redis struct {
 	// Addr is HOST:PORT.
 	Addr  string
 	bin   string
+	dir   string // its working directory: a replica's full sync writes an RDB file there
 	extra []string
 	proc  *procrun.Proc
 }
@@ -77,9 +78,10 @@ func StartRedis(t testing.TB, extra ...string) *Redis {
 	t.Helper()
 	bin := Need(t, "redis-server")
 	var lastErr error
+	dir := t.TempDir()
 	for range 3 {
 		port := FreePort(t, "127.0.0.1")
-		r := &Redis{Addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), bin: bin, extra: extra}
+		r := &Redis{Addr: net.JoinHostPort("127.0.0.1", strconv.Itoa(port)), bin: bin, dir: dir, extra: extra}
 		if err := r.start(port); err != nil {
 			t.Fatal(err)
 		}
@@ -100,7 +102,7 @@ func (r *Redis) start(port int) error {
 }
 
 func (r *Redis) args(port int) []string {
-	return append([]string{"--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--save", "",
+	return append([]string{"--port", strconv.Itoa(port), "--bind", "127.0.0.1", "--dir", r.dir, "--save", "",
 		"--appendonly", "no", "--protected-mode", "no", "--loglevel", "warning"}, r.extra...)
 }
 

@@ -43,6 +43,12 @@ type GatewayStatus struct {
 	// Conflict lists every live gossip member claiming this ID when there
 	// is more than one, the one routing uses first; empty otherwise.
 	Conflict []Claimant `json:"conflict,omitempty"`
+	// RateLimit is --gateway-rate, new sessions per second (0: off).
+	RateLimit float64 `json:"rate_limit"`
+	// RateLimited is true while the gateway refuses new sessions for its
+	// rate (one refused in the last second); RateRefused counts them.
+	RateLimited bool   `json:"rate_limited"`
+	RateRefused uint64 `json:"rate_refused"`
 }
 
 // Claimant is one gossip member claiming a gateway ID.

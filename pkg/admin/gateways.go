@@ -21,6 +21,19 @@ type GatewayView struct {
 	Live func(id string) bool
 	// Sessions returns open sessions by gateway ID; nil means none.
 	Sessions func() map[string]int
+	// Rate is the per-gateway rate limit (--gateway-rate); nil means off.
+	Rate RateLimits
+}
+
+// RateLimits is what the view shows of a per-gateway rate limit
+// (*proxy.GatewayRate).
+type RateLimits interface {
+	// PerSecond is the limit.
+	PerSecond() float64
+	// Limited reports whether gateway id refused a session lately.
+	Limited(id string) bool
+	// Refused counts the sessions gateway id refused.
+	Refused(id string) uint64
 }
 
 // Rows returns one row per gateway in the ring, sorted by ID; it is what
@@ -43,6 +56,9 @@ func (v GatewayView) Rows() []GatewayStatus {
 			ID: m.ID, Addr: m.Addr, Weight: m.Weight, State: string(cluster.StateActive),
 			Live: v.Live == nil || v.Live(m.ID), Source: sources[m.ID], AdminDrained: v.Syncer.Drained(m.ID),
 			ActiveSessions: sessions[m.ID], Conflict: conflicts[m.ID],
+		}
+		if v.Rate != nil {
+			st.RateLimit, st.RateLimited, st.RateRefused = v.Rate.PerSecond(), v.Rate.Limited(m.ID), v.Rate.Refused(m.ID)
 		}
 		if m.Weight == 0 || states[m.ID] == cluster.StateDraining || st.AdminDrained {
 			st.State = string(cluster.StateDraining)

@@ -15,6 +15,7 @@ import (
 	"sort"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/memberlist"
@@ -113,6 +114,7 @@ type Cluster struct {
 	nameTaken *memberlist.Node       // a live member already has our node name
 	nameSeen  map[string]bool        // name@addr conflicts already logged
 
+	closing  atomic.Bool // Leave or Shutdown began
 	cancel   context.CancelFunc
 	joinDone chan struct{}
 	joined   chan struct{}
@@ -151,7 +153,7 @@ func New(cfg Config) (*Cluster, error) {
 		return nil, fmt.Errorf("cluster: profile %q: want lan or local", cfg.Profile)
 	}
 	mc.PushPullInterval = PushPullInterval
-	mc.Logger = log.New(&zapWriter{log: c.log.Named("memberlist")}, "", 0)
+	mc.Logger = log.New(&zapWriter{log: c.log.Named("memberlist"), closing: &c.closing}, "", 0)
 	mc.Delegate = (*delegate)(c)
 	mc.Events = (*events)(c)
 	mc.Conflict = (*conflicts)(c)
@@ -414,6 +416,7 @@ func (c *Cluster) Members() int {
 // Leave tells the cluster this node is going away and waits up to timeout
 // for the message to spread.
 func (c *Cluster) Leave(timeout time.Duration) error {
+	c.closing.Store(true)
 	return c.ml.Leave(timeout)
 }
 
@@ -421,6 +424,7 @@ func (c *Cluster) Leave(timeout time.Duration) error {
 // failure); call Leave first for a graceful exit. Idempotent.
 func (c *Cluster) Shutdown() error {
 	var err error
+	c.closing.Store(true)
 	c.once.Do(func() {
 		c.cancel()
 		<-c.joinDone

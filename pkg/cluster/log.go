@@ -2,6 +2,7 @@ package cluster
 
 import (
 	"bytes"
+	"sync/atomic"
 
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
@@ -10,7 +11,8 @@ import (
 // zapWriter receives memberlist's standard-library log lines ("[DEBUG]
 // memberlist: ...") and re-emits them through zap at the matching level.
 type zapWriter struct {
-	log *zap.Logger
+	log     *zap.Logger
+	closing *atomic.Bool // set once the node leaves: its sockets closing under a send is expected
 }
 
 func (w *zapWriter) Write(p []byte) (int, error) {
@@ -27,6 +29,9 @@ func (w *zapWriter) Write(p []byte) (int, error) {
 		}
 	}
 	line = bytes.TrimPrefix(line, []byte("memberlist: "))
+	if lvl > zap.DebugLevel && w.closing != nil && w.closing.Load() && bytes.Contains(line, []byte("use of closed network connection")) {
+		lvl = zap.DebugLevel // a gossip send racing this node's own shutdown
+	}
 	if ce := w.log.Check(lvl, string(line)); ce != nil {
 		ce.Write()
 	}

@@ -37,6 +37,8 @@ type Metrics struct {
 	Wakeups           *prometheus.CounterVec
 	Handoffs          *prometheus.CounterVec
 	TLSHandshakes     *prometheus.CounterVec
+	InHandshake       prometheus.Gauge
+	RateLimited       *prometheus.CounterVec
 	TLSReloadErrors   prometheus.Counter
 }
 
@@ -182,6 +184,14 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "tether_handoff_sessions_total",
 			Help: "Established sessions handed between processes by a SIGUSR2 upgrade, by side: sent (by the old process) or received (by the new one).",
 		}, []string{"side"}),
+		InHandshake: prometheus.NewGauge(prometheus.GaugeOpts{
+			Name: "tether_connections_in_handshake",
+			Help: "Client connections accepted but not yet spliced (bounded by --max-handshakes; beyond it new ones are closed, counted in tether_connections_rejected_total{reason=\"overload\"}).",
+		}),
+		RateLimited: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Name: "tether_gateway_rate_limited_total",
+			Help: "New sessions refused because their gateway's --gateway-rate had no token within the handshake deadline, by gateway (the sum is tether_connections_rejected_total{reason=\"gateway_rate\"}).",
+		}, []string{"gateway"}),
 		TLSHandshakes: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Name: "tether_tls_handshakes_total",
 			Help: "Completed TLS handshakes with clients, by whether the client resumed a session (resumed=\"true\": a ticket, often issued by another proxy, saved the full handshake).",
@@ -199,7 +209,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 		reg.MustRegister(m.Accepted, m.AcceptErrors, m.Active, m.Closed, m.Rejected, m.HandshakeFailures,
 			m.HandshakeSeconds, m.Routes, m.RouteFailures, m.DialFailures, m.Failovers,
 			m.Bytes, m.SessionSeconds, m.SessionEnds, m.Gateways, m.ClusterMembers, m.GossipEncrypted, m.IDConflicts, m.RedisErrors, m.RedisRefusals, m.NoKey,
-			m.Parked, m.ParkErrors, m.Wakeups, m.Handoffs, m.TLSHandshakes, m.TLSReloadErrors)
+			m.Parked, m.ParkErrors, m.Wakeups, m.Handoffs, m.TLSHandshakes, m.TLSReloadErrors, m.InHandshake, m.RateLimited)
 	}
 	return m
 }

@@ -77,6 +77,16 @@ type Config struct {
 	// MaxConns caps concurrent client connections; beyond it new ones are
 	// closed at once. 0 means no cap.
 	MaxConns int
+	// MaxHandshakes caps connections accepted but not yet spliced
+	// (--max-handshakes): in a reconnect storm the ones beyond are closed
+	// at once with zero bytes, before any work is spent on them.
+	// DefaultConfig sets DefaultMaxHandshakes; 0 means no cap.
+	MaxHandshakes int
+	// GatewayRate, when set, limits new sessions per second to each
+	// gateway (--gateway-rate); New installs its Admit as the hook of a
+	// *route.Dialer, so every dial attempt, failovers included, takes a
+	// token, waiting within the handshake deadline.
+	GatewayRate *GatewayRate
 	// Logger receives structured logs; nil means no logging.
 	Logger *zap.Logger
 	// Metrics receives counters; nil means unregistered instruments.
@@ -117,6 +127,7 @@ const DefaultParkAfter = time.Second
 func DefaultConfig() Config {
 	return Config{
 		HandshakeTimeout: DefaultHandshakeTimeout,
+		MaxHandshakes:    DefaultMaxHandshakes,
 		ProxyProtocolOut: true,
 		Park:             true,
 		Extractor:        proto.HelloExtractor{MaxLen: proto.DefaultMaxHello},
@@ -138,7 +149,9 @@ type Server struct {
 	parker *parker // nil: one goroutine and io.Copy per direction
 
 	local    exhaustion // out of descriptors or ports: logged once per change
+	overload exhaustion // over --max-handshakes: logged once per change
 	active   atomic.Int64
+	inHand   atomic.Int64 // connections in their handshake (--max-handshakes)
 	nextID   atomic.Uint64
 	closing  atomic.Bool
 	stopped  atomic.Bool    // StopAccepting: listeners closed for a handoff
@@ -158,14 +171,21 @@ func New(cfg Config) (*Server, error) {
 	if cfg.Dialer == nil {
 		cfg.Dialer = &route.Dialer{}
 	}
+	if cfg.GatewayRate != nil {
+		d, ok := cfg.Dialer.(*route.Dialer)
+		if !ok || (d.Admit != nil) {
+			return nil, errors.New("proxy: GatewayRate needs a *route.Dialer without an Admit hook")
+		}
+		d.Admit = cfg.GatewayRate.Admit
+	}
 	if cfg.Extractor == nil {
 		cfg.Extractor = proto.HelloExtractor{}
 	}
 	if cfg.HandshakeTimeout <= 0 {
 		cfg.HandshakeTimeout = DefaultHandshakeTimeout
 	}
-	if cfg.MaxConns < 0 {
-		return nil, fmt.Errorf("proxy: max conns %d < 0", cfg.MaxConns)
+	if cfg.MaxConns < 0 || cfg.MaxHandshakes < 0 {
+		return nil, fmt.Errorf("proxy: max conns %d, max handshakes %d: want >= 0", cfg.MaxConns, cfg.MaxHandshakes)
 	}
 	if cfg.Logger == nil {
 		cfg.Logger = zap.NewNop()
@@ -252,6 +272,21 @@ func (s *Server) Serve(ln net.Listener) error {
 			abort(c)
 			continue
 		}
+		if s.cfg.MaxHandshakes > 0 && s.inHand.Load() >= int64(s.cfg.MaxHandshakes) {
+			s.m.Rejected.WithLabelValues("overload").Inc()
+			s.m.Closed.Inc()
+			if s.overload.fail(s.cfg.Now()) {
+				s.log.Warn("overload: more connections in their handshake than --max-handshakes; new ones are closed at once until they drain",
+					zap.Int("max_handshakes", s.cfg.MaxHandshakes), zap.Int("open_connections", s.Active()))
+			}
+			abort(c)
+			continue
+		}
+		if over, n := s.overload.ok(s.cfg.Now()); over {
+			s.log.Info("overload over: accepting every connection again", zap.Int("closed_meanwhile", n))
+		}
+		s.inHand.Add(1)
+		s.m.InHandshake.Inc()
 		s.active.Add(1)
 		s.m.Active.Inc()
 		s.wg.Add(1)
@@ -528,6 +563,12 @@ func (s *Server) connDone() {
 // session when the session went to the parker: its end (and connDone) then
 // comes from the parker.
 func (s *Server) handleConn(c net.Conn) *parkedSession {
+	inHand := true // until the session splices (serveSession ends it)
+	defer func() {
+		if inHand {
+			s.handshakeOver()
+		}
+	}()
 	start := time.Now()
 	id := s.nextID.Add(1)
 
@@ -574,18 +615,37 @@ func (s *Server) handleConn(c net.Conn) *parkedSession {
 	rt, err := s.cfg.Resolver.Resolve(s.ctx, key)
 	if err == nil {
 		s.m.Routes.WithLabelValues(string(rt.Source)).Inc()
+		// The dial may wait for a gateway's --gateway-rate token, within
+		// the handshake deadline.
+		dctx, cancel := s.ctx, context.CancelFunc(nil)
+		if s.cfg.GatewayRate != nil {
+			dctx, cancel = context.WithDeadline(s.ctx, deadline)
+		}
 		var res route.Result
-		res, err = s.cfg.Dialer.Dial(s.ctx, rt.Candidates)
+		res, err = s.cfg.Dialer.Dial(dctx, rt.Candidates)
+		if cancel != nil {
+			cancel()
+		}
 		for _, gw := range res.Failed {
 			s.m.DialFailures.WithLabelValues(gw.ID).Inc()
 		}
 		if err == nil {
 			s.localOK()
+			inHand = false
 			return s.serveSession(&handshake{client: c, id: id, start: start, buf: buf, n: n, key: key, keyHash: keyHash}, res)
 		}
 	}
 	reason := "unreachable"
 	switch {
+	case errors.Is(err, ErrRateLimited):
+		// Not a route failure: the gateway is fine, just busy. The client
+		// comes back later (zero bytes).
+		s.m.Rejected.WithLabelValues("gateway_rate").Inc()
+		if ce := s.log.Check(zap.DebugLevel, "gateway rate limit: closing client"); ce != nil {
+			ce.Write(zap.Uint64("conn", id), zap.String("key_hash", hashString(keyHash)), zap.Error(err))
+		}
+		abort(c)
+		return nil
 	case errors.Is(err, route.ErrNoGateway):
 		reason = "no_gateway"
 	case errors.Is(err, route.ErrLocalResources):
@@ -599,6 +659,12 @@ func (s *Server) handleConn(c net.Conn) *parkedSession {
 	}
 	abort(c)
 	return nil
+}
+
+// handshakeOver ends a connection's handshake phase (--max-handshakes).
+func (s *Server) handshakeOver() {
+	s.inHand.Add(-1)
+	s.m.InHandshake.Dec()
 }
 
 // localFailed records that this process ran out of descriptors or ports;
@@ -697,6 +763,7 @@ type handshake struct {
 // then splices until both directions end — in this goroutine, or, when the
 // parker adopts the session, from the parker, whose session it returns.
 func (s *Server) serveSession(hs *handshake, res route.Result) *parkedSession {
+	s.handshakeOver()
 	c, id, buf, n := hs.client, hs.id, hs.buf, hs.n
 	gw := res.Conn
 	if res.Attempts > 1 {

@@ -43,6 +43,11 @@ type Dialer struct {
 	// when it answers again (by ID; the error names the address, which
 	// only operators see); nil means none.
 	Logger *zap.Logger
+	// Admit, when set, is asked before each attempt whether a new session
+	// may go to gw now (a rate limit); it may wait within ctx. Its error
+	// ends the Dial as is: the key's session belongs on gw, so the next
+	// candidate is not tried.
+	Admit func(ctx context.Context, gw Gateway) error
 
 	mu          sync.Mutex
 	down        map[string]time.Time // gateway ID → end of cooldown
@@ -102,6 +107,13 @@ func (d *Dialer) Dial(ctx context.Context, cands []Gateway) (Result, error) {
 			}
 			if d.coolingDown(gw.ID) != (pass == 1) {
 				continue
+			}
+			if d.Admit != nil {
+				// Refused admission ends the dial: the key's session
+				// belongs on this gateway, not on the next candidate.
+				if err := d.Admit(ctx, gw); err != nil {
+					return Result{Attempts: attempts, Failed: failed}, err
+				}
 			}
 			attempts++
 			c, err := d.dialOne(ctx, gw)

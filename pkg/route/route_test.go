@@ -5,6 +5,7 @@ import (
 	"errors"
 	"net"
 	"os"
+	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -231,5 +232,34 @@ func TestDialerLogsReachabilityChanges(t *testing.T) {
 	down, back := logs.FilterMessage("gateway unreachable: its keys go to their next choice"), logs.FilterMessage("gateway reachable again")
 	if down.Len() != 1 || back.Len() != 1 || down.All()[0].ContextMap()["gateway"] != "gw-1" {
 		t.Fatalf("logs: %v", logs.All())
+	}
+}
+
+// TestDialerAdmit: Admit is asked before each attempt, for the gateway
+// being tried (a failover's second choice too); its refusal ends the Dial
+// without trying the next candidate.
+func TestDialerAdmit(t *testing.T) {
+	live, dead := listener(t), deadAddr(t)
+	refuse := errors.New("no token")
+	var asked []string
+	d := &Dialer{Cooldown: -1, Admit: func(_ context.Context, gw Gateway) error {
+		asked = append(asked, gw.ID)
+		if gw.ID == "busy" {
+			return refuse
+		}
+		return nil
+	}}
+	res, err := d.Dial(context.Background(), []Gateway{{ID: "dead", Addr: dead}, {ID: "live", Addr: live}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Conn.Close()
+	if strings.Join(asked, ",") != "dead,live" {
+		t.Fatalf("admission asked for %v, want dead,live", asked)
+	}
+	asked = nil
+	_, err = d.Dial(context.Background(), []Gateway{{ID: "busy", Addr: live}, {ID: "live", Addr: live}})
+	if !errors.Is(err, refuse) || strings.Join(asked, ",") != "busy" {
+		t.Fatalf("Dial = %v after asking %v; want the refusal, and no other candidate tried", err, asked)
 	}
 }

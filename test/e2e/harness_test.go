@@ -38,6 +38,9 @@ func TestMain(m *testing.M) {
 	if os.Getenv(floodEnv) != "" {
 		os.Exit(floodMain()) // a helper process of TestFDFlood
 	}
+	if os.Getenv(probeEnv) != "" {
+		os.Exit(probeMain()) // a helper process of the storm tests
+	}
 	dir, err := os.MkdirTemp("", "tether-e2e-bin")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
