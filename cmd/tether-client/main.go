@@ -7,6 +7,7 @@ package main
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"flag"
 	"fmt"
@@ -120,22 +121,28 @@ func fromLabel(from string) string {
 
 // hop makes one connection: hello, reply, echo check, then an abortive close.
 func hop(o options, via, from string, n int) (client.Reply, error) {
-	d := net.Dialer{Timeout: o.timeout}
+	nd := &net.Dialer{}
 	if from != "" {
 		ip := net.ParseIP(from)
 		if ip == nil {
 			return client.Reply{}, fmt.Errorf("--from %q is not an IP address", from)
 		}
-		d.LocalAddr = &net.TCPAddr{IP: ip}
+		nd.LocalAddr = &net.TCPAddr{IP: ip}
 	}
-	c, err := d.Dial("tcp", via)
+	d := &client.Dialer{Proxies: []string{via}, Timeout: o.timeout, ReadReply: !o.raw, Net: nd}
+	conn, err := d.Dial(context.Background(), o.key, nil)
 	if err != nil {
+		if !o.raw && (errors.Is(err, client.ErrNoReply) || errors.Is(err, client.ErrBadReply)) {
+			return client.Reply{}, fmt.Errorf("no reply frame (is a gateway up? --raw for gateways that send none): %w", err)
+		}
 		return client.Reply{}, err
 	}
-	tc := c.(*net.TCPConn)
+	c := conn.Conn
 	defer func() {
-		_ = tc.SetLinger(0) // drop like a lost radio link: RST, no FIN
-		tc.Close()
+		if tc, ok := c.(*net.TCPConn); ok {
+			_ = tc.SetLinger(0) // drop like a lost radio link: RST, no FIN
+		}
+		c.Close()
 	}()
 	_ = c.SetDeadline(time.Now().Add(o.timeout))
 	msg := fmt.Appendf(nil, "message %d from %s", n, c.LocalAddr())
@@ -143,15 +150,10 @@ func hop(o options, via, from string, n int) (client.Reply, error) {
 	if err != nil {
 		return client.Reply{}, err
 	}
-	if _, err := c.Write(append(frame, msg...)); err != nil {
+	if _, err := c.Write(msg); err != nil {
 		return client.Reply{}, err
 	}
-	var rep client.Reply
-	if !o.raw {
-		if rep, _, err = client.ReadReply(c); err != nil {
-			return client.Reply{}, fmt.Errorf("no reply frame (is a gateway up? --raw for gateways that send none): %w", err)
-		}
-	}
+	rep := conn.Reply
 	echo := make([]byte, len(msg))
 	if _, err := io.ReadFull(c, echo); err != nil {
 		return rep, fmt.Errorf("echo: %w", err)

@@ -28,6 +28,10 @@ const (
 // Session backs off before trying again.
 var ErrNoReply = errors.New("client: closed without a reply (come back later)")
 
+// ErrBadReply means Dialer.ReadReply was set and the first bytes were not a
+// reply frame (a gateway that sends none, or another protocol).
+var ErrBadReply = errors.New("client: no reply frame")
+
 // Dialer opens sessions for a key through one of several proxies, in
 // rotation: each Dial uses the next address, so a client whose proxy
 // vanished moves on instead of retrying it.
@@ -107,9 +111,9 @@ func (d *Dialer) Dial(ctx context.Context, key string, payload []byte) (*Conn, e
 		if err != nil {
 			c.Close()
 			if len(raw) == 0 {
-				err = noReply(err)
+				return nil, fmt.Errorf("client: %s: reply: %w", addr, noReply(err))
 			}
-			return nil, fmt.Errorf("client: %s: reply: %w", addr, err)
+			return nil, fmt.Errorf("client: %s: %w: %w", addr, ErrBadReply, err)
 		}
 		conn.Reply = rep
 	}

@@ -46,7 +46,6 @@ func TestMaxHandshakes(t *testing.T) {
 	}
 }
 
-
 // TestGatewayRate: a gateway's bucket admits its burst at once, then a
 // connection that cannot get a token within its deadline is refused and
 // counted, and another gateway's bucket is its own.
