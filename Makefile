@@ -4,7 +4,7 @@ BIN      := bin
 BINARIES := $(BIN)/proxy $(BIN)/gateway-stub $(BIN)/tether-client $(BIN)/tether-agent
 export CGO_ENABLED ?= 1
 
-.PHONY: all build deps demo test test-unit test-e2e chaos bench bench-smoke lint fuzz bench-ring clean
+.PHONY: all build deps demo test test-unit test-js test-e2e chaos bench bench-smoke lint fuzz bench-ring clean
 
 all: build
 
@@ -26,10 +26,14 @@ deps:
 
 ## test: lint (gofmt, vet, staticcheck), unit tests with -race, then end-to-end tests with real processes
 ## (real redis-server, haproxy and nginx, installed by deps when missing).
-test: deps lint test-unit test-e2e bench-smoke
+test: deps lint test-unit test-js test-e2e bench-smoke
 
 test-unit:
 	$(GO) test -race -count=1 ./...
+
+## test-js: the JavaScript client's tests (Node's test runner; no packages needed).
+test-js:
+	cd clients/js && node --test test/
 
 test-e2e:
 	$(GO) test -race -count=1 -tags e2e -timeout 10m ./test/e2e/

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the tests need and a fresh Debian machine lacks: redis-server,
-# haproxy, nginx (stream module), chromium (the browser test) and python3 (the
-# example gateway in another language), from
-# Debian's packages. Tests start their
+# haproxy, nginx (stream module), chromium (the browser test), node (the
+# JavaScript client's tests) and python3 (the example gateway in another
+# language), from Debian's packages. Tests start their
 # own instances on loopback ports; the system services stay stopped. Safe to
 # run again: it installs only what is missing.
 set -euo pipefail
@@ -14,6 +14,7 @@ if ! command -v nginx >/dev/null && ! [ -x /usr/sbin/nginx ]; then need+=(nginx-
 if ! ls /usr/lib/nginx/modules/ngx_stream_module.so >/dev/null 2>&1; then need+=(libnginx-mod-stream); fi
 command -v chromium >/dev/null || need+=(chromium)
 command -v python3 >/dev/null || need+=(python3-minimal)
+command -v node >/dev/null || need+=(nodejs)
 ((${#need[@]})) || exit 0
 
 if ! command -v apt-get >/dev/null; then

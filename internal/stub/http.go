@@ -2,6 +2,7 @@ package stub
 
 import (
 	"context"
+	_ "embed"
 	"encoding/json"
 	"errors"
 	"net"
@@ -94,6 +95,11 @@ func (s *Server) httpHandler(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 	if r.Header.Get("Upgrade") == "" {
+		if r.URL.Path == "/tether.js" {
+			w.Header().Set("Content-Type", "text/javascript; charset=utf-8")
+			_, _ = w.Write(tetherJS)
+			return
+		}
 		w.Header().Set("Content-Type", "text/html; charset=utf-8")
 		_, _ = w.Write([]byte(page))
 		return
@@ -125,28 +131,36 @@ func (s *Server) httpHandler(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// page is what a browser gets: it opens a WebSocket to the same address,
-// shows the gateway's reply, and reconnects once its socket is closed.
+// tetherJS is clients/js/tether.js (a test keeps the copy identical): the
+// page's WebSocket is the client library's TetherSocket.
+//
+//go:embed tether.js
+var tetherJS []byte
+
+// page is what a browser gets: it loads the tether client library (through
+// the proxy, with the same key in the query), opens a TetherSocket to the
+// same address, shows the gateway's reply, drops the connection once, and
+// shows the reply of the reconnection the library makes.
 const page = `<!doctype html>
 <html><head><meta charset="utf-8"><title>tether gateway stub</title></head>
 <body>
 <h1>tether gateway stub</h1>
 <pre id="log"></pre>
-<script>
+<script type="module">
 const log = (s) => { document.getElementById("log").textContent += s + "\n"; };
+const { TetherSocket } = await import("/tether.js" + location.search);
+const key = new URLSearchParams(location.search).get("sid");
+const scheme = location.protocol === "https:" ? "wss://" : "ws://";
+const sock = new TetherSocket(scheme + location.host + "/ws", { key });
 let round = 0;
-function connect() {
+sock.addEventListener("message", (ev) => {
   round++;
-  const ws = new WebSocket((location.protocol === "https:" ? "wss://" : "ws://") + location.host + "/ws" + location.search);
-  ws.onmessage = (ev) => {
-    const rep = JSON.parse(ev.data);
-    log("connection " + round + ": gateway " + rep.gateway + " key " + rep.key + " conns " + rep.conns);
-    document.title = "gateway " + rep.gateway + " round " + round;
-    if (round < 2) { ws.close(); } else { log("done"); }
-  };
-  ws.onclose = () => { if (round < 2) { setTimeout(connect, 100); } };
-}
-connect();
+  const rep = JSON.parse(ev.data);
+  log("connection " + round + ": gateway " + rep.gateway + " key " + rep.key + " conns " + rep.conns);
+  document.title = "gateway " + rep.gateway + " round " + round;
+  if (round < 2) { sock.reconnect(); } else { log("done"); sock.close(); }
+});
+sock.addEventListener("close", (ev) => { if (round < 2) log("closed; back in " + Math.round(ev.retryInMs) + " ms"); });
 </script>
 </body></html>
 `
