@@ -7,14 +7,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"os"
 	"path/filepath"
 	"sort"
-	"strconv"
 	"strings"
 	"sync"
 	"syscall"
 	"time"
+
+	"github.com/tether-proxy/tether/internal/pidfile"
 )
 
 // handoffSection measures a SIGUSR2 upgrade: how long a proxy holding n
@@ -99,8 +99,8 @@ func handoffSection(b *strings.Builder, o options) error {
 	}
 	deadline := time.Now().Add(90 * time.Second)
 	for {
-		pid, _ := readPidFile(pidFile)
-		if pid != old && pid != 0 && !processAlive(old) {
+		pid, _ := pidfile.Read(pidFile)
+		if pid != old && pid != 0 && !pidfile.Alive(old) {
 			break
 		}
 		if time.Now().After(deadline) {
@@ -167,34 +167,15 @@ func upgradeLine(out *lineLog) (time.Duration, int, error) {
 	return 0, 0, errors.New("no end-of-upgrade log line")
 }
 
-func readPidFile(path string) (int, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return 0, err
-	}
-	return strconv.Atoi(strings.TrimSpace(string(b)))
-}
-
-// processAlive reports whether pid runs (a zombie does not).
-func processAlive(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return false
-	}
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	return i < 0 || i+2 >= len(s) || s[i+2] != 'Z'
-}
-
 // stopByPidFile stops the process the pid file names when it is not the
 // one the runner started (a new process after an upgrade).
 func stopByPidFile(path string, started int) {
-	pid, err := readPidFile(path)
-	if err != nil || pid == started || !processAlive(pid) {
+	pid, err := pidfile.Read(path)
+	if err != nil || pid == started || !pidfile.Alive(pid) {
 		return
 	}
 	_ = syscall.Kill(pid, syscall.SIGTERM)
-	for deadline := time.Now().Add(15 * time.Second); processAlive(pid) && time.Now().Before(deadline); {
+	for deadline := time.Now().Add(15 * time.Second); pidfile.Alive(pid) && time.Now().Before(deadline); {
 		time.Sleep(10 * time.Millisecond)
 	}
 	_ = syscall.Kill(pid, syscall.SIGKILL)

@@ -16,8 +16,6 @@ import (
 	"net/netip"
 	"os"
 	"os/signal"
-	"strconv"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -28,6 +26,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tether-proxy/tether/internal/cli"
+	"github.com/tether-proxy/tether/internal/pidfile"
 	"github.com/tether-proxy/tether/internal/tlsconf"
 	"github.com/tether-proxy/tether/internal/upgrade"
 	"github.com/tether-proxy/tether/pkg/admin"
@@ -740,18 +739,12 @@ func (p *process) servingDone() <-chan struct{} {
 	return p.serving
 }
 
-// writePidFile writes --pid-file (atomically: a reader never sees it half
-// written).
+// writePidFile writes --pid-file.
 func (p *process) writePidFile() {
 	if p.o.pidFile == "" {
 		return
 	}
-	tmp := p.o.pidFile + ".tmp"
-	err := os.WriteFile(tmp, []byte(strconv.Itoa(os.Getpid())+"\n"), 0o644)
-	if err == nil {
-		err = os.Rename(tmp, p.o.pidFile)
-	}
-	if err != nil {
+	if err := pidfile.Write(p.o.pidFile, os.Getpid()); err != nil {
 		p.log.Error("cannot write the pid file", zap.String("pid_file", p.o.pidFile), zap.Error(err))
 	}
 }
@@ -759,11 +752,8 @@ func (p *process) writePidFile() {
 // removePidFile removes --pid-file if it still names this process (after
 // an upgrade it names the new one).
 func (p *process) removePidFile() {
-	if p.o.pidFile == "" {
-		return
-	}
-	if b, err := os.ReadFile(p.o.pidFile); err == nil && strings.TrimSpace(string(b)) == strconv.Itoa(os.Getpid()) {
-		_ = os.Remove(p.o.pidFile)
+	if p.o.pidFile != "" {
+		pidfile.RemoveIf(p.o.pidFile, os.Getpid())
 	}
 }
 

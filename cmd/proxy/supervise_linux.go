@@ -2,7 +2,6 @@ package main
 
 import (
 	"errors"
-	"fmt"
 	"os"
 	"os/signal"
 	"slices"
@@ -10,6 +9,8 @@ import (
 	"syscall"
 
 	"go.uber.org/zap"
+
+	"github.com/tether-proxy/tether/internal/pidfile"
 	"golang.org/x/sys/unix"
 )
 
@@ -51,17 +52,17 @@ func supervise(args []string, pidFile string, sigs <-chan os.Signal, log *zap.Lo
 	// upgrade may leave the file naming a dead one for a moment).
 	known := []int{proc.Pid}
 	learn := func() {
-		if pid, err := readPid(pidFile); err == nil && pid > 0 && !slices.Contains(known, pid) {
+		if pid, err := pidfile.Read(pidFile); err == nil && pid > 0 && !slices.Contains(known, pid) {
 			known = append(known, pid)
 		}
 	}
 	target := func() int {
 		learn()
-		if pid, err := readPid(pidFile); err == nil && alive(pid) {
+		if pid, err := pidfile.Read(pidFile); err == nil && pidfile.Alive(pid) {
 			return pid
 		}
 		for i := len(known) - 1; i >= 0; i-- {
-			if alive(known[i]) {
+			if pidfile.Alive(known[i]) {
 				return known[i]
 			}
 		}
@@ -118,28 +119,4 @@ func withoutSupervise(args []string) []string {
 		out = append(out, a)
 	}
 	return out
-}
-
-// readPid reads a pid file.
-func readPid(path string) (int, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return 0, err
-	}
-	var pid int
-	if _, err := fmt.Sscanf(strings.TrimSpace(string(b)), "%d", &pid); err != nil {
-		return 0, errors.New("pid file holds no number")
-	}
-	return pid, nil
-}
-
-// alive reports whether pid runs (a zombie does not).
-func alive(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return false
-	}
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	return i < 0 || i+2 >= len(s) || s[i+2] != 'Z'
 }

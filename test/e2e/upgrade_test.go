@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/tether-proxy/tether/internal/pidfile"
 	"github.com/tether-proxy/tether/internal/stub"
 	"github.com/tether-proxy/tether/internal/testenv"
 	"github.com/tether-proxy/tether/pkg/proto"
@@ -98,25 +99,9 @@ func upgrade(t *testing.T, pid int) {
 	}
 }
 
-func readPid(path string) (int, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return 0, err
-	}
-	return strconv.Atoi(strings.TrimSpace(string(b)))
-}
+func readPid(path string) (int, error) { return pidfile.Read(path) }
 
-// alive reports whether pid runs (a zombie does not).
-func alive(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return false
-	}
-	// pid (comm) S ...: the state follows the last ')'.
-	s := string(b)
-	i := strings.LastIndexByte(s, ')')
-	return i < 0 || i+2 >= len(s) || s[i+2] != 'Z'
-}
+func alive(pid int) bool { return pidfile.Alive(pid) }
 
 // stopPid sends SIGTERM to a process that is not the test's child and
 // waits for it, then SIGKILL.
