@@ -607,7 +607,17 @@ func (p *process) newServer() error {
 		Logger:           p.log.Named("proxy"),
 		Metrics:          p.metrics,
 	})
-	return err
+	if err != nil {
+		return err
+	}
+	p.reg.MustRegister(proxy.GatewaySessions(p.srv.SessionsByGateway, func() []string {
+		var ids []string
+		for _, m := range p.holder.Load().Members() {
+			ids = append(ids, m.ID)
+		}
+		return ids
+	}))
+	return nil
 }
 
 func (p *process) newResolver() (route.Resolver, error) {

@@ -44,7 +44,15 @@ type Metrics struct {
 
 // ObserveRing sets the gateway gauges from the ring now in use: members
 // with weight > 0 are active, weight 0 draining.
+//
+// It also creates the per-gateway series of the ring's members at zero,
+// so a gateway's failures and failovers exist before they first happen.
 func (m *Metrics) ObserveRing(r *ring.Ring) {
+	for _, g := range r.Members() {
+		m.DialFailures.WithLabelValues(g.ID)
+		m.Failovers.WithLabelValues(g.ID)
+		m.RateLimited.WithLabelValues(g.ID)
+	}
 	all := len(r.Members())
 	m.Gateways.WithLabelValues("active").Set(float64(r.Len()))
 	m.Gateways.WithLabelValues("draining").Set(float64(all - r.Len()))
@@ -72,6 +80,75 @@ func (m *Metrics) RedisError(refused bool) {
 	m.RedisErrors.Inc()
 	if refused {
 		m.RedisRefusals.Inc()
+	}
+}
+
+// labelValues are every value of the fixed labels, created at zero by
+// NewMetrics: a dashboard or an alert on a reason works before its first
+// occurrence (rate() of a series that appears later misses its first
+// increase).
+var labelValues = []struct {
+	vec    func(*Metrics) *prometheus.CounterVec
+	values []string
+}{
+	{func(m *Metrics) *prometheus.CounterVec { return m.Rejected },
+		[]string{"max_conns", "overload", "gateway_rate", "shutdown", "untrusted_peer"}},
+	{func(m *Metrics) *prometheus.CounterVec { return m.HandshakeFailures },
+		[]string{"too_large", "bad_version", "bad_keylen", "bad_length", "malformed", "truncated", "no_key", reasonEOF, reasonTimeout, reasonReadError,
+			reasonHeaderUntrusted, reasonHeaderMissing, reasonHeaderInvalid, reasonTLS, reasonTLSHandshake}},
+	{func(m *Metrics) *prometheus.CounterVec { return m.Routes }, []string{"binding", "ring", "fallback"}},
+	{func(m *Metrics) *prometheus.CounterVec { return m.RouteFailures }, []string{"no_gateway", "unreachable", "local_resources"}},
+	{func(m *Metrics) *prometheus.CounterVec { return m.Bytes }, []string{"client_to_gateway", "gateway_to_client"}},
+	{func(m *Metrics) *prometheus.CounterVec { return m.SessionEnds },
+		[]string{string(endClosed), string(endClientError), string(endGatewayError), string(endDrainTimeout), string(endParkError)}},
+	{func(m *Metrics) *prometheus.CounterVec { return m.NoKey }, []string{"reject", "hash_source"}},
+	{func(m *Metrics) *prometheus.CounterVec { return m.Wakeups }, []string{"inline", "worker"}},
+	{func(m *Metrics) *prometheus.CounterVec { return m.Handoffs }, []string{"sent", "received"}},
+	{func(m *Metrics) *prometheus.CounterVec { return m.TLSHandshakes }, []string{"true", "false"}},
+}
+
+// zero creates every fixed label value of the counters at zero.
+func (m *Metrics) zero() {
+	for _, lv := range labelValues {
+		for _, v := range lv.values {
+			lv.vec(m).WithLabelValues(v)
+		}
+	}
+	for _, st := range []string{"active", "draining"} {
+		m.Gateways.WithLabelValues(st)
+	}
+}
+
+// GatewaySessions is a collector of tether_gateway_sessions_active: the
+// sessions open now to each gateway (sessions, typically
+// Server.SessionsByGateway), with every gateway members names at 0.
+func GatewaySessions(sessions func() map[string]int, members func() []string) prometheus.Collector {
+	return gatewaySessions{sessions: sessions, members: members}
+}
+
+var gatewaySessionsDesc = prometheus.NewDesc("tether_gateway_sessions_active",
+	"Spliced sessions open now through this proxy, by gateway (every gateway in the ring, at 0 when it has none).", []string{"gateway"}, nil)
+
+type gatewaySessions struct {
+	sessions func() map[string]int
+	members  func() []string
+}
+
+func (g gatewaySessions) Describe(ch chan<- *prometheus.Desc) { ch <- gatewaySessionsDesc }
+
+func (g gatewaySessions) Collect(ch chan<- prometheus.Metric) {
+	n := g.sessions()
+	seen := make(map[string]bool, len(n))
+	if g.members != nil {
+		for _, id := range g.members() {
+			seen[id] = true
+			ch <- prometheus.MustNewConstMetric(gatewaySessionsDesc, prometheus.GaugeValue, float64(n[id]), id)
+		}
+	}
+	for id, v := range n {
+		if !seen[id] {
+			ch <- prometheus.MustNewConstMetric(gatewaySessionsDesc, prometheus.GaugeValue, float64(v), id)
+		}
 	}
 }
 
@@ -205,6 +282,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help: "Alive gossip members this proxy knows, itself and other proxies included (0 without gossip).",
 		}),
 	}
+	m.zero()
 	if reg != nil {
 		reg.MustRegister(m.Accepted, m.AcceptErrors, m.Active, m.Closed, m.Rejected, m.HandshakeFailures,
 			m.HandshakeSeconds, m.Routes, m.RouteFailures, m.DialFailures, m.Failovers,

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/tether-proxy/tether/internal/stub"
@@ -507,5 +508,49 @@ func TestPaceSchedule(t *testing.T) {
 		if perSecond[sec] != 100 {
 			t.Errorf("second %d closes %d sessions, want 100 (%v)", sec, perSecond[sec], perSecond)
 		}
+	}
+}
+
+// TestMetricsStartAtZero: every fixed label value exists from the start,
+// and tether_gateway_sessions_active lists each ring member.
+func TestMetricsStartAtZero(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	m := NewMetrics(reg)
+	r, err := ring.New([]ring.Member{{ID: "gw-1", Addr: "a:1", Weight: 1}, {ID: "gw-2", Addr: "a:2", Weight: 1}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	m.ObserveRing(r)
+	reg.MustRegister(GatewaySessions(func() map[string]int { return map[string]int{"gw-2": 3} }, func() []string { return []string{"gw-1", "gw-2"} }))
+	families, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := map[string]float64{}
+	for _, f := range families {
+		for _, mt := range f.GetMetric() {
+			key := f.GetName()
+			for _, l := range mt.GetLabel() {
+				key += "{" + l.GetName() + "=" + l.GetValue() + "}"
+			}
+			v := mt.GetCounter().GetValue() + mt.GetGauge().GetValue()
+			got[key] = v
+		}
+	}
+	for _, want := range []string{
+		"tether_connections_rejected_total{reason=overload}", "tether_connections_rejected_total{reason=gateway_rate}",
+		"tether_handshake_failures_total{reason=tls}", "tether_session_ends_total{reason=drain_timeout}",
+		"tether_route_failures_total{reason=local_resources}", "tether_dial_failures_total{gateway=gw-1}",
+		"tether_gateway_rate_limited_total{gateway=gw-2}", "tether_bytes_total{direction=gateway_to_client}",
+	} {
+		if v, ok := got[want]; !ok || v != 0 {
+			t.Errorf("%s = %v (present %v), want 0 from the start", want, v, ok)
+		}
+	}
+	if got["tether_gateway_sessions_active{gateway=gw-1}"] != 0 || got["tether_gateway_sessions_active{gateway=gw-2}"] != 3 {
+		t.Errorf("gateway sessions: gw-1 %v, gw-2 %v", got["tether_gateway_sessions_active{gateway=gw-1}"], got["tether_gateway_sessions_active{gateway=gw-2}"])
+	}
+	if _, ok := got["tether_gateway_sessions_active{gateway=gw-1}"]; !ok {
+		t.Error("a ring member without sessions has no tether_gateway_sessions_active series")
 	}
 }
