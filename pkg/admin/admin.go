@@ -15,11 +15,13 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"net/netip"
+	"strconv"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/tether-proxy/tether/pkg/cluster"
+	"github.com/tether-proxy/tether/pkg/ring"
 	"github.com/tether-proxy/tether/pkg/route"
 )
 
@@ -94,7 +96,10 @@ type Config struct {
 
 // RouteAnswer is the JSON body of /route.
 type RouteAnswer struct {
-	Key     string `json:"key"`
+	Key string `json:"key"`
+	// KeyHash is the key's hash as the proxy's logs show it (they never
+	// show the key).
+	KeyHash string `json:"key_hash"`
 	Gateway string `json:"gateway"`
 	Addr    string `json:"addr"`
 	Source  string `json:"source"`
@@ -164,7 +169,7 @@ func Handler(cfg Config) http.Handler {
 				http.Error(w, err.Error(), http.StatusInternalServerError)
 				return
 			}
-			ans := RouteAnswer{Key: key, Gateway: rt.Candidates[0].ID, Addr: rt.Candidates[0].Addr, Source: string(rt.Source)}
+			ans := RouteAnswer{Key: key, KeyHash: strconv.FormatUint(ring.KeyHash([]byte(key)), 16), Gateway: rt.Candidates[0].ID, Addr: rt.Candidates[0].Addr, Source: string(rt.Source)}
 			for _, c := range rt.Candidates {
 				ans.Candidates = append(ans.Candidates, c.ID)
 			}

@@ -6,6 +6,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -60,7 +61,8 @@ func TestEndpoints(t *testing.T) {
 		t.Fatalf("%d %q: %v", code, body, err)
 	}
 	owner, _ := r.Lookup([]byte("abc"))
-	if ans.Key != "abc" || ans.Gateway != owner.ID || ans.Addr != owner.Addr || ans.Source != "ring" || len(ans.Candidates) != 2 {
+	if ans.Key != "abc" || ans.Gateway != owner.ID || ans.Addr != owner.Addr || ans.Source != "ring" || len(ans.Candidates) != 2 ||
+		ans.KeyHash != strconv.FormatUint(ring.KeyHash([]byte("abc")), 16) {
 		t.Fatalf("answer %+v", ans)
 	}
 }

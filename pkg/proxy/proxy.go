@@ -632,7 +632,7 @@ func (s *Server) handleConn(c net.Conn) *parkedSession {
 		if err == nil {
 			s.localOK()
 			inHand = false
-			return s.serveSession(&handshake{client: c, id: id, start: start, buf: buf, n: n, key: key, keyHash: keyHash}, res)
+			return s.serveSession(&handshake{client: c, id: id, start: start, buf: buf, n: n, key: key, keyHash: keyHash, source: rt.Source}, res)
 		}
 	}
 	reason := "unreachable"
@@ -757,6 +757,7 @@ type handshake struct {
 	n       int       // bytes read after the headroom (all forwarded)
 	key     []byte    // the session key; aliases buf
 	keyHash uint64
+	source  route.Source // where the owner came from (binding, ring, fallback)
 }
 
 // serveSession writes the PROXY header and the first bytes to the gateway,
@@ -802,7 +803,12 @@ func (s *Server) serveSession(hs *handshake, res route.Result) *parkedSession {
 		copy(buf[headroom-len(hdr):], hdr)
 		out = buf[headroom-len(hdr) : headroom+n]
 	}
-	s.m.HandshakeSeconds.Observe(time.Since(hs.start).Seconds())
+	took := time.Since(hs.start)
+	s.m.HandshakeSeconds.Observe(took.Seconds())
+	if ce := s.log.Check(zap.DebugLevel, "session start"); ce != nil {
+		ce.Write(zap.Uint64("conn", id), zap.String("key_hash", hashString(hs.keyHash)), zap.String("gateway", res.Gateway.ID),
+			zap.String("source", string(hs.source)), zap.String("client", c.RemoteAddr().String()), zap.Duration("connect", took))
+	}
 	if _, err := gw.Write(out); err != nil {
 		s.m.DialFailures.WithLabelValues(res.Gateway.ID).Inc()
 		s.log.Debug("write to gateway failed", zap.Uint64("conn", id), zap.String("gateway", res.Gateway.ID), zap.Error(err))
