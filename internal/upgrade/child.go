@@ -147,6 +147,9 @@ func (p *Parent) Take(n New) (Taken, error) {
 		case typeGo:
 			serving = true
 			n.Serve(m.LastConn)
+			if err := p.c.send(message{Type: typeServing}, nil, 5*time.Second); err != nil {
+				return t, err
+			}
 		case typeMembers:
 			if m.Snapshot != nil {
 				n.SetMembers(*m.Snapshot)

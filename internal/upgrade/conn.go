@@ -30,6 +30,7 @@ const (
 	typeReady    = "ready"
 	typeRefuse   = "refuse"
 	typeGo       = "go"
+	typeServing  = "serving"
 	typeSessions = "sessions"
 	typeAck      = "ack"
 	typeMembers  = "members"

@@ -119,6 +119,15 @@ func run(ctx context.Context, old Old, cfg Config) (Result, error) {
 	if err := child.c.send(message{Type: typeGo, LastConn: srv.LastConnID()}, nil, 5*time.Second); err != nil {
 		return lost(err)
 	}
+	// Wait until it serves and the pid file names it: only then may this
+	// process go on (and, at its exit, leave the pid file alone).
+	if m, extra, err := child.c.recv(min(10*time.Second, cfg.Timeout)); err != nil || m.Type != typeServing {
+		closeAll(extra)
+		if err == nil {
+			err = fmt.Errorf("it said %q instead of serving", m.Type)
+		}
+		return lost(err)
+	}
 	send := func(batch []proxy.HandedSession) error {
 		m := message{Type: typeSessions, Sessions: make([]proxy.SessionState, len(batch)), FDCounts: make([]int, len(batch))}
 		var fds []int

@@ -77,6 +77,9 @@ func childMain(mode string) int {
 			if err != nil || m.Type == typeSessions {
 				os.Exit(5)
 			}
+			if m.Type == typeGo {
+				_ = p.c.send(message{Type: typeServing}, nil, time.Second)
+			}
 		}
 	case "moved":
 		if _, err := p.Listener("client", "127.0.0.1:9"); err != nil {

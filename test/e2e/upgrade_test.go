@@ -74,11 +74,32 @@ func (u *upgradable) start(args ...string) *proc {
 	u.t.Helper()
 	p := startCmd(u.t, "proxy", u.exe, append([]string{"--pid-file", u.pidFile}, args...)...)
 	u.t.Cleanup(func() {
-		if pid, err := readPid(u.pidFile); err == nil && pid != p.cmd.Process.Pid {
-			stopPid(u.t, pid)
+		// Every process that announced itself on this output, not only the
+		// one the pid file names: a test that failed half way must not
+		// leave one running (its output pipe would keep the harness waiting).
+		for _, pid := range announcedPids(p) {
+			if pid != p.cmd.Process.Pid {
+				stopPid(u.t, pid)
+			}
 		}
 	})
 	return p
+}
+
+// announcedPids are the pids of the "listening" lines on p's output (the
+// process, and the new ones of its upgrades).
+func announcedPids(p *proc) []int {
+	var out []int
+	for _, l := range p.allLines() {
+		var e struct {
+			Msg string
+			PID int
+		}
+		if json.Unmarshal([]byte(l), &e) == nil && e.Msg == "listening" && e.PID > 0 {
+			out = append(out, e.PID)
+		}
+	}
+	return out
 }
 
 // pid reads the pid file.
