@@ -170,13 +170,7 @@ func upgradeLine(out *lineLog) (time.Duration, int, error) {
 // stopByPidFile stops the process the pid file names when it is not the
 // one the runner started (a new process after an upgrade).
 func stopByPidFile(path string, started int) {
-	pid, err := pidfile.Read(path)
-	if err != nil || pid == started || !pidfile.Alive(pid) {
-		return
+	if pid, err := pidfile.Read(path); err == nil && pid != started {
+		pidfile.Stop(pid, 15*time.Second)
 	}
-	_ = syscall.Kill(pid, syscall.SIGTERM)
-	for deadline := time.Now().Add(15 * time.Second); pidfile.Alive(pid) && time.Now().Before(deadline); {
-		time.Sleep(10 * time.Millisecond)
-	}
-	_ = syscall.Kill(pid, syscall.SIGKILL)
 }

@@ -9,6 +9,8 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"syscall"
+	"time"
 )
 
 // Write writes pid to path atomically (a reader never sees it half
@@ -52,4 +54,23 @@ func Alive(pid int) bool {
 	s := string(b)
 	i := strings.LastIndexByte(s, ')')
 	return i < 0 || i+2 >= len(s) || s[i+2] != 'Z'
+}
+
+// Stop sends SIGTERM to pid, waits up to grace for it to exit, and kills it
+// if it has not; it reports whether it had to. For processes that are not
+// the caller's children (the new process of an upgrade), which cannot be
+// waited for.
+func Stop(pid int, grace time.Duration) (killed bool) {
+	if !Alive(pid) {
+		return false
+	}
+	_ = syscall.Kill(pid, syscall.SIGTERM)
+	for deadline := time.Now().Add(grace); Alive(pid) && time.Now().Before(deadline); {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if !Alive(pid) {
+		return false
+	}
+	_ = syscall.Kill(pid, syscall.SIGKILL)
+	return true
 }

@@ -2,8 +2,10 @@ package pidfile
 
 import (
 	"os"
+	"os/exec"
 	"path/filepath"
 	"testing"
+	"time"
 )
 
 func TestWriteReadRemove(t *testing.T) {
@@ -34,5 +36,16 @@ func TestAlive(t *testing.T) {
 	}
 	if Alive(1 << 30) {
 		t.Fatal("a pid that cannot exist is alive")
+	}
+}
+
+func TestStop(t *testing.T) {
+	cmd := exec.Command("sleep", "30")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	defer cmd.Wait()
+	if killed := Stop(cmd.Process.Pid, 5*time.Second); killed || Alive(cmd.Process.Pid) {
+		t.Fatalf("sleep after SIGTERM: killed %v, alive %v", killed, Alive(cmd.Process.Pid))
 	}
 }

@@ -258,8 +258,7 @@ func (ch *child) fail(err error) error {
 	select {
 	case <-ch.exited:
 	case <-time.After(time.Second): // it may be exiting after its refusal
-		_ = ch.cmd.Process.Signal(syscall.SIGKILL)
-		<-ch.exited
+		ch.kill()
 	}
 	if ch.err != nil && !errors.Is(err, ErrNotReady) && !errors.Is(err, ErrLost) {
 		err = fmt.Errorf("%w (%v)", err, ch.err)

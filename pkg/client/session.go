@@ -122,14 +122,10 @@ func (d *Dialer) Dial(ctx context.Context, key string, payload []byte) (*Conn, e
 }
 
 // noReply turns a close without bytes (EOF, a reset, which is how tether
-// refuses) into ErrNoReply; connection refused stays itself.
+// refuses) into ErrNoReply; anything else (refused, a timeout) stays itself.
 func noReply(err error) error {
-	var ne net.Error
-	switch {
-	case errors.Is(err, io.EOF), errors.Is(err, io.ErrUnexpectedEOF), isReset(err):
+	if errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) || isReset(err) {
 		return fmt.Errorf("%w: %w", ErrNoReply, err)
-	case errors.As(err, &ne) && ne.Timeout():
-		return err
 	}
 	return err
 }

@@ -127,17 +127,8 @@ func alive(pid int) bool { return pidfile.Alive(pid) }
 // stopPid sends SIGTERM to a process that is not the test's child and
 // waits for it, then SIGKILL.
 func stopPid(t *testing.T, pid int) {
-	if !alive(pid) {
-		return
-	}
-	_ = syscall.Kill(pid, syscall.SIGTERM)
-	deadline := time.Now().Add(15 * time.Second)
-	for alive(pid) && time.Now().Before(deadline) {
-		time.Sleep(20 * time.Millisecond)
-	}
-	if alive(pid) {
-		t.Errorf("process %d ignored SIGTERM for 15s; killing", pid)
-		_ = syscall.Kill(pid, syscall.SIGKILL)
+	if pidfile.Stop(pid, 15*time.Second) {
+		t.Errorf("process %d ignored SIGTERM for 15s; killed it", pid)
 	}
 }
 
