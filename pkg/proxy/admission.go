@@ -86,7 +86,7 @@ func (g *GatewayRate) Admit(ctx context.Context, gw route.Gateway) error {
 		}
 		return fmt.Errorf("%w: %s: %w", ErrRateLimited, gw.ID, err)
 	}
-	if over, n := l.limited.ok(g.now()); over {
+	if over, n := l.limited.ok(g.now); over {
 		g.log.Info("gateway rate limit: no refusals for a second", zap.String("gateway", gw.ID), zap.Int("refused_meanwhile", n))
 	}
 	return nil

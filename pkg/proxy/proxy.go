@@ -282,7 +282,7 @@ func (s *Server) Serve(ln net.Listener) error {
 			abort(c)
 			continue
 		}
-		if over, n := s.overload.ok(s.cfg.Now()); over {
+		if over, n := s.overload.ok(s.cfg.Now); over {
 			s.log.Info("overload over: accepting every connection again", zap.Int("closed_meanwhile", n))
 		}
 		s.inHand.Add(1)
@@ -679,7 +679,7 @@ func (s *Server) localFailed(op string, err error) {
 // localOK records a connection that got what it needed; after a quiet
 // spell it ends the exhaustion state, logged once.
 func (s *Server) localOK() {
-	if over, n := s.local.ok(s.cfg.Now()); over {
+	if over, n := s.local.ok(s.cfg.Now); over {
 		s.log.Warn("local resources available again", zap.Int("failures_meanwhile", n))
 	}
 }

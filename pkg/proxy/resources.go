@@ -38,16 +38,17 @@ func (e *exhaustion) fail(now time.Time) bool {
 	return true
 }
 
-// ok records a success at now; it reports true, with the number of
+// ok records a success at now(); it reports true, with the number of
 // failures seen meanwhile, when this ends the state (quiet for
-// resourceQuiet since the last failure).
-func (e *exhaustion) ok(now time.Time) (bool, int) {
+// resourceQuiet since the last failure). The clock is read only while the
+// state is on: a success costs one atomic load otherwise.
+func (e *exhaustion) ok(now func() time.Time) (bool, int) {
 	if !e.on.Load() {
 		return false, 0
 	}
 	e.mu.Lock()
 	defer e.mu.Unlock()
-	if !e.on.Load() || now.Sub(e.lastFail) < resourceQuiet {
+	if !e.on.Load() || now().Sub(e.lastFail) < resourceQuiet {
 		return false, 0
 	}
 	e.on.Store(false)

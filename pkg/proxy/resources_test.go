@@ -36,7 +36,7 @@ func TestExhaustionLogsOncePerChange(t *testing.T) {
 		if st.fail {
 			changed = e.fail(now)
 		} else {
-			changed, failures = e.ok(now)
+			changed, failures = e.ok(func() time.Time { return now })
 		}
 		if changed != st.changed || failures != st.failures || e.on.Load() != st.wantState {
 			t.Fatalf("%s: changed=%v failures=%d on=%v, want %v %d %v", st.name, changed, failures, e.on.Load(), st.changed, st.failures, st.wantState)
