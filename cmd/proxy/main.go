@@ -62,7 +62,10 @@ type options struct {
 	checkConfig bool          // --check-config: validate, print, exit
 	listen      string        // --listen: client address
 	admin       string        // --admin: admin HTTP address ("" off)
-	adminToken  string        // --admin-token: bearer token for the admin API
+	adminToken  string        // --admin-token (or the file's content): bearer token for the admin API
+	adminFile   string        // --admin-token-file
+	lookupToken string        // --lookup-token (or the file's content): read-only token
+	lookupFile  string        // --lookup-token-file
 	pprof       bool          // --pprof: profiler on the admin server
 	noPark      bool          // --no-park: goroutine and pipe per direction instead of parking
 	parkAfter   time.Duration // --park-after: idle time before a direction parks
@@ -132,8 +135,11 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.StringVar(&o.config, "config", "", "read flags from this YAML `FILE` (keys are flag names without dashes; command-line flags win)")
 	fs.BoolVar(&o.checkConfig, "check-config", false, "validate the flags and --config file, print the result and exit (0 valid, 2 invalid), like haproxy -c")
 	fs.StringVar(&o.listen, "listen", ":7000", "accept clients on `HOST:PORT`")
-	fs.StringVar(&o.admin, "admin", "", "serve the admin HTTP API on `HOST:PORT` (/metrics, /healthz, /readyz, /route?key=, /gateways, POST /gateways/ID/drain|undrain); off when empty.\nIt must be a loopback address unless --admin-token is set")
-	fs.StringVar(&o.adminToken, "admin-token", "", "bearer `TOKEN` required by /route, /gateways and the drain endpoints (/metrics, /healthz, /readyz stay open); allows a non-loopback --admin. Prefer the config file to keep it out of ps")
+	fs.StringVar(&o.admin, "admin", "", "serve the admin HTTP API on `HOST:PORT` (/metrics, /healthz, /readyz, /lookup?key= and POST /lookup, /route?key=, /gateways, POST /gateways/ID/drain|undrain); off when empty.\nIt must be a loopback address unless --admin-token is set")
+	fs.StringVar(&o.adminToken, "admin-token", "", "bearer `TOKEN` required by every admin endpoint but /metrics, /healthz and /readyz; allows a non-loopback --admin. Prefer --admin-token-file to keep it out of ps")
+	fs.StringVar(&o.adminFile, "admin-token-file", "", "read --admin-token from this `FILE` (one line)")
+	fs.StringVar(&o.lookupToken, "lookup-token", "", "a read-only bearer `TOKEN` for dispatch services: accepted on /lookup and /route (which then need it or the admin token), refused (403) on /gateways and drain/undrain. Prefer --lookup-token-file")
+	fs.StringVar(&o.lookupFile, "lookup-token-file", "", "read --lookup-token from this `FILE` (one line)")
 	fs.BoolVar(&o.noPark, "no-park", false, "keep a goroutine and, while blocked, a splice pipe per direction for every session instead of parking idle sessions in tether's own epoll set (a fallback; parking is what makes idle sessions cost 2 descriptors)")
 	fs.DurationVar(&o.parkAfter, "park-after", proxy.DefaultParkAfter, "a session direction idle this `DURATION` gives back its goroutine and waits in tether's epoll set instead (no pipe, no goroutine); busy sessions never park")
 	fs.BoolVar(&o.pprof, "pprof", false, "serve Go's profiler under /debug/pprof/ on the admin server (behind --admin-token if set)")
@@ -264,6 +270,15 @@ func (o *options) validate() error {
 			return err
 		}
 		c.Close()
+	}
+	if o.adminToken, err = cli.Secret("admin-token", o.adminToken, o.adminFile); err != nil {
+		return err
+	}
+	if o.lookupToken, err = cli.Secret("lookup-token", o.lookupToken, o.lookupFile); err != nil {
+		return err
+	}
+	if o.lookupToken != "" && o.lookupToken == o.adminToken {
+		return errors.New("--lookup-token equals --admin-token: the lookup token is meant to be handed to dispatch services, which must not be able to drain gateways")
 	}
 	if o.admin != "" {
 		if err := admin.CheckBind(o.admin, o.adminToken); err != nil {
@@ -688,11 +703,16 @@ func (p *process) startAdmin() error {
 			p.log.Info("admin drain", zap.String("gateway", id), zap.Bool("drained", drain), zap.Bool("forced", force))
 			return nil
 		},
-		Token: o.adminToken,
-		Pprof: o.pprof,
+		Lookup:      p.lookup(),
+		Token:       o.adminToken,
+		LookupToken: o.lookupToken,
+		Pprof:       o.pprof,
 	})
 	p.adminLn = aln
-	p.log.Info("admin listening", zap.String("addr", aln.Addr().String()), zap.Bool("token", o.adminToken != ""))
+	p.log.Info("admin listening", zap.String("addr", aln.Addr().String()), zap.Bool("token", o.adminToken != ""), zap.Bool("lookup_token", o.lookupToken != ""))
+	if o.lookupToken != "" && o.adminToken == "" {
+		p.log.Warn("--lookup-token without --admin-token: lookups need the token, but /gateways and drain stay open to anyone who reaches the (loopback) admin address")
+	}
 	if p.parent == nil {
 		p.serveAdmin(aln)
 	}
@@ -703,6 +723,18 @@ func (p *process) startAdmin() error {
 		aln.Close()
 	})
 	return nil
+}
+
+// lookup answers /lookup from the resolver in use, passing over gateways
+// in their cooldown as the dialer does.
+func (p *process) lookup() func(ctx context.Context, keys []string) ([]route.Answer, error) {
+	l, ok := p.srv.Resolver().(route.Looker)
+	if !ok {
+		return nil
+	}
+	return func(ctx context.Context, keys []string) ([]route.Answer, error) {
+		return route.Lookup(ctx, l, keys, p.dialer.CoolingDown)
+	}
 }
 
 // rateLimits is r for the admin view, or nil (a nil *GatewayRate inside an

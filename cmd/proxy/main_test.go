@@ -37,6 +37,10 @@ func TestFlagErrors(t *testing.T) {
 		{"all-interfaces gossip without key", append(gw, "--gossip-bind", ":7946"), "--gossip-insecure"},
 		{"bad gossip key file", append(gw, "--gossip-bind", "127.0.0.1:0", "--gossip-key", "/nonexistent"), "--gossip-key"},
 		{"public admin without token", append(gw, "--admin", "0.0.0.0:7100"), "--admin-token"},
+		{"token and token file", append(gw, "--admin-token", "a", "--admin-token-file", "/dev/null"), "give one"},
+		{"missing token file", append(gw, "--lookup-token-file", "/nonexistent"), "--lookup-token-file"},
+		{"empty token file", append(gw, "--lookup-token-file", "/dev/null"), "is empty"},
+		{"lookup token is the admin token", append(gw, "--admin-token", "same", "--lookup-token", "same"), "must not be able to drain"},
 		{"missing config", append(gw, "--config", "/nonexistent.yaml"), "config"},
 		{"bad key-from", append(gw, "--key-from", "cookie:"), "--key-from"},
 		{"bad no-key", append(gw, "--no-key", "guess"), "--no-key"},
@@ -61,7 +65,8 @@ func TestHelpListsEveryFlag(t *testing.T) {
 	for _, f := range []string{"--listen", "--admin", "--gateway", "--proxy-protocol-out", "--handshake-timeout",
 		"--max-hello", "--max-tries", "--dial-timeout", "--gateway-cooldown", "--max-conns", "--drain-timeout",
 		"--log-level", "--log-format", "--proxy-protocol-in", "--trusted-proxies", "--redis", "--binding-ttl",
-		"--redis-timeout", "--config", "--check-config", "--admin-token", "--no-park", "--park-after", "--key-from", "--no-key", "--pprof", "--client-keepalive", "--gossip-bind", "--join", "--node-name", "--gossip-key", "--gossip-profile"} {
+		"--redis-timeout", "--config", "--check-config", "--admin-token", "--no-park", "--park-after", "--key-from", "--no-key", "--pprof", "--client-keepalive", "--gossip-bind", "--join", "--node-name", "--gossip-key", "--gossip-profile",
+		"--admin-token-file", "--lookup-token", "--lookup-token-file"} {
 		if out := stderr.String(); !strings.Contains(out, "  "+f+" ") && !strings.Contains(out, "  "+f+"\n") {
 			t.Errorf("--help does not document %s", f)
 		}

@@ -470,3 +470,28 @@ func checkHostPort(addr string, emptyHostOK, zeroOK bool) error {
 	}
 	return nil
 }
+
+// Secret returns a token given either inline (--NAME) or in a file
+// (--NAME-file, which keeps it out of ps and shell history): the file's
+// content with surrounding whitespace trimmed. Both, or an empty file, is
+// an error; neither is "".
+func Secret(name, inline, file string) (string, error) {
+	if file == "" {
+		return inline, nil
+	}
+	if inline != "" {
+		return "", fmt.Errorf("--%s and --%s-file: give one", name, name)
+	}
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return "", fmt.Errorf("--%s-file: %w", name, err)
+	}
+	s := strings.TrimSpace(string(b))
+	if s == "" {
+		return "", fmt.Errorf("--%s-file %s is empty", name, file)
+	}
+	if strings.ContainsAny(s, "\r\n\t ") {
+		return "", fmt.Errorf("--%s-file %s: a token is one word without spaces or line breaks", name, file)
+	}
+	return s, nil
+}

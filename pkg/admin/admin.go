@@ -1,12 +1,14 @@
 // Package admin serves the proxy's operator HTTP endpoints: Prometheus
-// metrics, liveness, readiness, route lookups, the gateway list and
-// per-proxy drain/undrain (docs/operating.md).
+// metrics, liveness, readiness, read-only key lookups for dispatch services,
+// route lookups, the gateway list and per-proxy drain/undrain
+// (docs/operating.md).
 //
-// It is meant for a loopback or private address: /route answers with gateway
-// addresses, which clients must never see.
+// It is meant for a loopback or private address: /lookup, /route and
+// /gateways answer with gateway addresses, which clients must never see.
 package admin
 
 import (
+	"context"
 	"crypto/subtle"
 	"encoding/json"
 	"errors"
@@ -15,7 +17,6 @@ import (
 	"net/http"
 	"net/http/pprof"
 	"net/netip"
-	"strconv"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -81,6 +82,9 @@ type Config struct {
 	Ready func() bool
 	// Resolver answers /route?key=; nil disables the endpoint.
 	Resolver route.Resolver
+	// Lookup answers GET /lookup?key= and POST /lookup, read-only (see
+	// route.Lookup); nil disables them.
+	Lookup func(ctx context.Context, keys []string) ([]route.Answer, error)
 	// Gateways lists the known gateways for GET /gateways; nil disables it.
 	Gateways func() []GatewayStatus
 	// Drain drains (true) or undrains a gateway for POST
@@ -90,9 +94,29 @@ type Config struct {
 	// Token, when set, is required as "Authorization: Bearer <token>" on
 	// every endpoint except /healthz, /readyz and /metrics.
 	Token string
+	// LookupToken, when set, is a read-only bearer token: it is accepted
+	// (as is Token) on /lookup and /route, which then require one of the
+	// two, and refused with 403 everywhere else.
+	LookupToken string
 	// Pprof mounts net/http/pprof under /debug/pprof/ (behind Token).
 	Pprof bool
 }
+
+// LookupRequest is the JSON body of POST /lookup.
+type LookupRequest struct {
+	// Keys are the session keys to look up, at most route.MaxLookupKeys.
+	Keys []string `json:"keys"`
+}
+
+// LookupResults is the JSON answer of POST /lookup: one result per key,
+// in the order asked.
+type LookupResults struct {
+	Results []route.Answer `json:"results"`
+}
+
+// maxLookupBody bounds a POST /lookup body: 1000 keys of 255 bytes, each
+// byte escaped (\u00XX), fit with room to spare.
+const maxLookupBody = 2 << 20
 
 // RouteAnswer is the JSON body of /route.
 type RouteAnswer struct {
@@ -154,9 +178,9 @@ func Handler(cfg Config) http.Handler {
 		mux.Handle("/debug/pprof/trace", cfg.auth(pprof.Trace))
 	}
 	if cfg.Resolver != nil {
-		mux.Handle("GET /route", cfg.auth(func(w http.ResponseWriter, r *http.Request) {
+		mux.Handle("GET /route", cfg.readAuth(func(w http.ResponseWriter, r *http.Request) {
 			key := r.URL.Query().Get("key")
-			if key == "" || len(key) > 255 {
+			if checkKey(key) != nil {
 				http.Error(w, "want ?key= with 1..255 bytes", http.StatusBadRequest)
 				return
 			}
@@ -169,30 +193,117 @@ func Handler(cfg Config) http.Handler {
 				http.Error(w, err.Error(), http.StatusInternalServerError)
 				return
 			}
-			ans := RouteAnswer{Key: key, KeyHash: strconv.FormatUint(ring.KeyHash([]byte(key)), 16), Gateway: rt.Candidates[0].ID, Addr: rt.Candidates[0].Addr, Source: string(rt.Source)}
+			ans := RouteAnswer{Key: key, KeyHash: ring.KeyHashHex([]byte(key)), Gateway: rt.Candidates[0].ID, Addr: rt.Candidates[0].Addr, Source: string(rt.Source)}
 			for _, c := range rt.Candidates {
 				ans.Candidates = append(ans.Candidates, c.ID)
 			}
 			writeJSON(w, http.StatusOK, ans)
 		}))
 	}
+	if cfg.Lookup != nil {
+		mux.Handle("GET /lookup", cfg.readAuth(func(w http.ResponseWriter, r *http.Request) {
+			key := r.URL.Query().Get("key")
+			if checkKey(key) != nil {
+				http.Error(w, "want ?key= with 1..255 bytes", http.StatusBadRequest)
+				return
+			}
+			if ans, ok := cfg.lookup(w, r, []string{key}); ok {
+				writeJSON(w, http.StatusOK, ans[0])
+			}
+		}))
+		mux.Handle("POST /lookup", cfg.readAuth(func(w http.ResponseWriter, r *http.Request) {
+			var req LookupRequest
+			dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, maxLookupBody))
+			if err := dec.Decode(&req); err != nil {
+				http.Error(w, `want a JSON body {"keys":["...", ...]}: `+err.Error(), http.StatusBadRequest)
+				return
+			}
+			if len(req.Keys) > route.MaxLookupKeys {
+				http.Error(w, fmt.Sprintf("%d keys: at most %d per request", len(req.Keys), route.MaxLookupKeys), http.StatusRequestEntityTooLarge)
+				return
+			}
+			for i, k := range req.Keys {
+				if err := checkKey(k); err != nil {
+					http.Error(w, fmt.Sprintf("keys[%d]: %v", i, err), http.StatusBadRequest)
+					return
+				}
+			}
+			if ans, ok := cfg.lookup(w, r, req.Keys); ok {
+				writeJSON(w, http.StatusOK, LookupResults{Results: ans})
+			}
+		}))
+	}
 	return mux
 }
 
-// auth wraps h with the bearer-token check when a token is configured.
+// lookup runs cfg.Lookup and answers its errors itself (ok false).
+func (cfg Config) lookup(w http.ResponseWriter, r *http.Request, keys []string) ([]route.Answer, bool) {
+	ans, err := cfg.Lookup(r.Context(), keys)
+	switch {
+	case errors.Is(err, route.ErrNoGateway):
+		http.Error(w, "no live gateway", http.StatusServiceUnavailable)
+	case err != nil:
+		http.Error(w, err.Error(), http.StatusInternalServerError)
+	default:
+		return ans, true
+	}
+	return nil, false
+}
+
+// checkKey accepts the keys a hello can carry: 1..255 bytes.
+func checkKey(k string) error {
+	if k == "" || len(k) > 255 {
+		return fmt.Errorf("a key has 1..255 bytes, not %d", len(k))
+	}
+	return nil
+}
+
+// auth wraps an admin endpoint with the admin token check when a token is
+// configured; the lookup token is refused with 403 (it is read-only).
 func (cfg Config) auth(h http.HandlerFunc) http.Handler {
-	if cfg.Token == "" {
+	if cfg.Token == "" && cfg.LookupToken == "" {
 		return h
 	}
-	want := []byte("Bearer " + cfg.Token)
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if subtle.ConstantTimeCompare([]byte(r.Header.Get("Authorization")), want) != 1 {
-			w.Header().Set("WWW-Authenticate", `Bearer realm="tether"`)
-			http.Error(w, "unauthorized", http.StatusUnauthorized)
+		got := r.Header.Get("Authorization")
+		switch {
+		case bearer(got, cfg.Token):
+			h(w, r)
+		case bearer(got, cfg.LookupToken):
+			http.Error(w, "forbidden: the lookup token is read-only (/lookup and /route); this endpoint needs the admin token", http.StatusForbidden)
+		case cfg.Token == "":
+			h(w, r)
+		default:
+			unauthorized(w)
+		}
+	})
+}
+
+// readAuth wraps a read-only endpoint: either token is accepted, and one is
+// required when either is configured.
+func (cfg Config) readAuth(h http.HandlerFunc) http.Handler {
+	if cfg.Token == "" && cfg.LookupToken == "" {
+		return h
+	}
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		got := r.Header.Get("Authorization")
+		if bearer(got, cfg.Token) || bearer(got, cfg.LookupToken) {
+			h(w, r)
 			return
 		}
-		h(w, r)
+		unauthorized(w)
 	})
+}
+
+// bearer reports whether header carries token ("Bearer <token>"), in
+// constant time; an empty token matches nothing.
+func bearer(header, token string) bool {
+	return token != "" && subtle.ConstantTimeCompare([]byte(header), []byte("Bearer "+token)) == 1
+}
+
+func unauthorized(w http.ResponseWriter) {
+	w.Header().Set("WWW-Authenticate", `Bearer realm="tether"`)
+	http.Error(w, "unauthorized", http.StatusUnauthorized)
 }
 
 func writeJSON(w http.ResponseWriter, code int, v any) {

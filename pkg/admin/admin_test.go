@@ -1,6 +1,7 @@
 package admin
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -160,4 +161,95 @@ func request(t *testing.T, method, url, token string) (int, string) {
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	return resp.StatusCode, string(b)
+}
+
+func TestLookupAndTokens(t *testing.T) {
+	var h ring.Holder
+	r, _ := ring.New([]ring.Member{{ID: "gw-1", Addr: "127.0.1.1:9000", Weight: 1}, {ID: "gw-2", Addr: "127.0.1.2:9000", Weight: 1}})
+	h.Store(r)
+	res := &route.RingResolver{Ring: &h}
+	cfg := Config{
+		Token: "adm", LookupToken: "look",
+		Resolver: res,
+		Lookup: func(ctx context.Context, keys []string) ([]route.Answer, error) {
+			return route.Lookup(ctx, res, keys, nil)
+		},
+		Gateways: func() []GatewayStatus { return nil },
+		Drain:    func(string, bool, bool) error { return nil },
+	}
+	srv := httptest.NewServer(Handler(cfg))
+	defer srv.Close()
+	keys := make([]string, 500)
+	for i := range keys {
+		keys[i] = fmt.Sprintf("never-seen-%d", i)
+	}
+	batch, _ := json.Marshal(LookupRequest{Keys: keys})
+	tooMany, _ := json.Marshal(LookupRequest{Keys: make([]string, route.MaxLookupKeys+1)})
+	tests := []struct {
+		method, path, token, body string
+		code                      int
+		want                      string
+	}{
+		{"GET", "/lookup?key=abc", "", "", 401, "unauthorized"},
+		{"GET", "/lookup?key=abc", "wrong", "", 401, "unauthorized"},
+		{"GET", "/lookup?key=abc", "look", "", 200, `"gateway":"gw-`},
+		{"GET", "/lookup?key=abc", "adm", "", 200, `"live":true`},
+		{"GET", "/route?key=abc", "look", "", 200, `"candidates"`},
+		{"GET", "/route?key=abc", "", "", 401, "unauthorized"},
+		{"GET", "/lookup", "look", "", 400, "key"},
+		{"GET", "/lookup?key=" + strings.Repeat("x", 256), "look", "", 400, "key"},
+		{"POST", "/lookup", "look", string(batch), 200, `"results":[`},
+		{"POST", "/lookup", "", string(batch), 401, "unauthorized"},
+		{"POST", "/lookup", "look", string(tooMany), 413, "at most 1000"},
+		{"POST", "/lookup", "look", `{"keys":["a",""]}`, 400, "keys[1]"},
+		{"POST", "/lookup", "look", `not json`, 400, "JSON"},
+		{"POST", "/gateways/gw-1/drain", "look", "", 403, "read-only"},
+		{"POST", "/gateways/gw-1/undrain", "look", "", 403, "read-only"},
+		{"GET", "/gateways", "look", "", 403, "read-only"},
+		{"POST", "/gateways/gw-1/drain", "adm", "", 200, "admin_drained"},
+		{"POST", "/gateways/gw-1/drain", "", "", 401, "unauthorized"},
+	}
+	for _, tt := range tests {
+		req, _ := http.NewRequest(tt.method, srv.URL+tt.path, strings.NewReader(tt.body))
+		if tt.token != "" {
+			req.Header.Set("Authorization", "Bearer "+tt.token)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(resp.Body)
+		resp.Body.Close()
+		if resp.StatusCode != tt.code || !strings.Contains(string(b), tt.want) {
+			t.Errorf("%s %s (token %q): %d %.200q, want %d containing %q", tt.method, tt.path, tt.token, resp.StatusCode, b, tt.code, tt.want)
+		}
+		if tt.path == "/lookup" && tt.code == 200 {
+			var out LookupResults
+			if err := json.Unmarshal(b, &out); err != nil || len(out.Results) != len(keys) {
+				t.Fatalf("batch: %d results, %v", len(out.Results), err)
+			}
+			for i, a := range out.Results {
+				owner, _ := r.Lookup([]byte(keys[i]))
+				if a.Key != keys[i] || a.Gateway != owner.ID || a.Addr != owner.Addr || a.Source != route.SourceRing {
+					t.Fatalf("result %d = %+v, want key %s on %s", i, a, keys[i], owner.ID)
+				}
+			}
+		}
+	}
+}
+
+// TestLookupTokenWithoutAdminToken: a lookup token alone protects the
+// lookups; the admin endpoints stay as open as without tokens (loopback).
+func TestLookupTokenWithoutAdminToken(t *testing.T) {
+	srv := httptest.NewServer(Handler(Config{LookupToken: "look", Gateways: func() []GatewayStatus { return nil },
+		Lookup: func(context.Context, []string) ([]route.Answer, error) { return []route.Answer{{Gateway: "gw-1"}}, nil }}))
+	defer srv.Close()
+	for _, tt := range []struct {
+		path, token string
+		code        int
+	}{{"/gateways", "", 200}, {"/gateways", "look", 403}, {"/lookup?key=k", "", 401}, {"/lookup?key=k", "look", 200}} {
+		if code, body := request(t, "GET", srv.URL+tt.path, tt.token); code != tt.code {
+			t.Errorf("%s (token %q): %d %q, want %d", tt.path, tt.token, code, body, tt.code)
+		}
+	}
 }

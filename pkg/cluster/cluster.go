@@ -115,6 +115,7 @@ type Cluster struct {
 	nameSeen  map[string]bool        // name@addr conflicts already logged
 
 	closing  atomic.Bool // Leave or Shutdown began
+	shut     atomic.Bool // Shutdown began: Leave must not reach memberlist
 	cancel   context.CancelFunc
 	joinDone chan struct{}
 	joined   chan struct{}
@@ -414,9 +415,13 @@ func (c *Cluster) Members() int {
 }
 
 // Leave tells the cluster this node is going away and waits up to timeout
-// for the message to spread.
+// for the message to spread. After Shutdown it does nothing (memberlist
+// would panic).
 func (c *Cluster) Leave(timeout time.Duration) error {
 	c.closing.Store(true)
+	if c.shut.Load() {
+		return nil
+	}
 	return c.ml.Leave(timeout)
 }
 
@@ -426,6 +431,7 @@ func (c *Cluster) Shutdown() error {
 	var err error
 	c.closing.Store(true)
 	c.once.Do(func() {
+		c.shut.Store(true)
 		c.cancel()
 		<-c.joinDone
 		err = c.ml.Shutdown()

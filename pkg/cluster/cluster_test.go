@@ -21,7 +21,7 @@ func gatewayMeta(id string) Meta {
 }
 
 func TestMetaRoundTrip(t *testing.T) {
-	for _, m := range []Meta{gatewayMeta("gw-1"), {Role: RoleProxy, ID: "p1", Addr: "127.0.0.1:7000"}} {
+	for _, m := range []Meta{gatewayMeta("gw-1"), {Role: RoleProxy, ID: "p1", Addr: "127.0.0.1:7000"}, {Role: RoleObserver, ID: "dispatch-1"}} {
 		b, err := m.Encode()
 		if err != nil {
 			t.Fatal(err)

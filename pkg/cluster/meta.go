@@ -25,6 +25,10 @@ type Role string
 const (
 	RoleGateway Role = "gateway"
 	RoleProxy   Role = "proxy"
+	// RoleObserver members only watch: a dispatch service's
+	// pkg/directory. Nothing routes to them. Proxies older than this role
+	// log "ignoring member with unreadable meta" once and go on.
+	RoleObserver Role = "observer"
 )
 
 // State is a gateway's lifecycle state.
@@ -61,7 +65,7 @@ var (
 type Meta struct {
 	// Version is the format version; Encode sets MetaVersion.
 	Version int `json:"v"`
-	// Role is gateway or proxy.
+	// Role is gateway, proxy or observer.
 	Role Role `json:"r"`
 	// ID is the gateway ID (what keys hash to) or the proxy's name.
 	ID string `json:"id"`
@@ -86,7 +90,7 @@ func (m Meta) Validate() error {
 		if m.Addr == "" {
 			return fmt.Errorf("%w: gateway without address", ErrBadMeta)
 		}
-	case RoleProxy:
+	case RoleProxy, RoleObserver:
 	default:
 		return fmt.Errorf("%w: role %q", ErrBadMeta, m.Role)
 	}

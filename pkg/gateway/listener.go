@@ -8,7 +8,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"strconv"
 	"sync"
 	"sync/atomic"
 	"syscall"
@@ -522,4 +521,4 @@ func timeoutAs(err error) error {
 
 // keyHash stands in for a key in logs: the same hash tether proxies log
 // as key_hash, so one session can be followed across both.
-func keyHash(k string) string { return strconv.FormatUint(ring.KeyHash([]byte(k)), 16) }
+func keyHash(k string) string { return ring.KeyHashHex([]byte(k)) }

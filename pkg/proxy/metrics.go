@@ -22,7 +22,6 @@ type Metrics struct {
 	RouteFailures     *prometheus.CounterVec
 	DialFailures      *prometheus.CounterVec
 	Failovers         *prometheus.CounterVec
-	Bytes             *prometheus.CounterVec
 	SessionSeconds    prometheus.Histogram
 	SessionEnds       *prometheus.CounterVec
 	Gateways          *prometheus.GaugeVec
@@ -40,6 +39,10 @@ type Metrics struct {
 	InHandshake       prometheus.Gauge
 	RateLimited       *prometheus.CounterVec
 	TLSReloadErrors   prometheus.Counter
+
+	// traffic collects tether_bytes_total and tether_gateway_bytes_total
+	// from the Server using these metrics.
+	traffic *traffic
 }
 
 // ObserveRing sets the gateway gauges from the ring now in use: members
@@ -48,11 +51,14 @@ type Metrics struct {
 // It also creates the per-gateway series of the ring's members at zero,
 // so a gateway's failures and failovers exist before they first happen.
 func (m *Metrics) ObserveRing(r *ring.Ring) {
+	ids := make([]string, 0, len(r.Members()))
 	for _, g := range r.Members() {
+		ids = append(ids, g.ID)
 		m.DialFailures.WithLabelValues(g.ID)
 		m.Failovers.WithLabelValues(g.ID)
 		m.RateLimited.WithLabelValues(g.ID)
 	}
+	m.traffic.setMembers(ids)
 	all := len(r.Members())
 	m.Gateways.WithLabelValues("active").Set(float64(r.Len()))
 	m.Gateways.WithLabelValues("draining").Set(float64(all - r.Len()))
@@ -98,7 +104,6 @@ var labelValues = []struct {
 			reasonHeaderUntrusted, reasonHeaderMissing, reasonHeaderInvalid, reasonTLS, reasonTLSHandshake}},
 	{func(m *Metrics) *prometheus.CounterVec { return m.Routes }, []string{"binding", "ring", "fallback"}},
 	{func(m *Metrics) *prometheus.CounterVec { return m.RouteFailures }, []string{"no_gateway", "unreachable", "local_resources"}},
-	{func(m *Metrics) *prometheus.CounterVec { return m.Bytes }, []string{"client_to_gateway", "gateway_to_client"}},
 	{func(m *Metrics) *prometheus.CounterVec { return m.SessionEnds },
 		[]string{string(endClosed), string(endClientError), string(endGatewayError), string(endDrainTimeout), string(endParkError)}},
 	{func(m *Metrics) *prometheus.CounterVec { return m.NoKey }, []string{"reject", "hash_source"}},
@@ -163,6 +168,7 @@ const (
 // (nil means do not register, as in tests that build several servers).
 func NewMetrics(reg prometheus.Registerer) *Metrics {
 	m := &Metrics{
+		traffic: &traffic{},
 		Accepted: prometheus.NewCounter(prometheus.CounterOpts{
 			Name: "tether_connections_accepted_total",
 			Help: "Client connections accepted (including ones rejected at once by --max-conns).",
@@ -208,10 +214,6 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Name: "tether_failovers_total",
 			Help: "Sessions served by a candidate other than the first one tried, by the gateway that took over.",
 		}, []string{"gateway"}),
-		Bytes: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Name: "tether_bytes_total",
-			Help: "Bytes spliced, by direction (client_to_gateway, gateway_to_client), counted when a session ends.",
-		}, []string{"direction"}),
 		SessionSeconds: prometheus.NewHistogram(prometheus.HistogramOpts{
 			Name:    "tether_session_duration_seconds",
 			Help:    "Lifetime of spliced sessions.",
@@ -286,7 +288,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	if reg != nil {
 		reg.MustRegister(m.Accepted, m.AcceptErrors, m.Active, m.Closed, m.Rejected, m.HandshakeFailures,
 			m.HandshakeSeconds, m.Routes, m.RouteFailures, m.DialFailures, m.Failovers,
-			m.Bytes, m.SessionSeconds, m.SessionEnds, m.Gateways, m.ClusterMembers, m.GossipEncrypted, m.IDConflicts, m.RedisErrors, m.RedisRefusals, m.NoKey,
+			m.traffic, m.SessionSeconds, m.SessionEnds, m.Gateways, m.ClusterMembers, m.GossipEncrypted, m.IDConflicts, m.RedisErrors, m.RedisRefusals, m.NoKey,
 			m.Parked, m.ParkErrors, m.Wakeups, m.Handoffs, m.TLSHandshakes, m.TLSReloadErrors, m.InHandshake, m.RateLimited)
 	}
 	return m

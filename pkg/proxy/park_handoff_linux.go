@@ -167,8 +167,8 @@ func (p *parker) adoptHanded(ses *session, dirs [2]DirState, pipes [2]*pipePair)
 		return errors.New("handed session is not plain TCP")
 	}
 	ps := &parkedSession{p: p, ses: ses}
-	ps.dirs[0] = parkedDir{ps: ps, src: ses.client, dst: ses.gw, srcRC: cRC, dstRC: gRC}
-	ps.dirs[1] = parkedDir{ps: ps, src: ses.gw, dst: ses.client, srcRC: gRC, dstRC: cRC}
+	ps.dirs[0] = parkedDir{ps: ps, src: ses.client, dst: ses.gw, srcRC: cRC, dstRC: gRC, meter: &ses.moved[dirUp]}
+	ps.dirs[1] = parkedDir{ps: ps, src: ses.gw, dst: ses.client, srcRC: gRC, dstRC: cRC, meter: &ses.moved[dirDown]}
 	var live []*parkedDir
 	for i := range ps.dirs {
 		d := &ps.dirs[i]

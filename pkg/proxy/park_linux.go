@@ -97,13 +97,14 @@ type parkedDir struct {
 	ps           *parkedSession
 	src, dst     net.Conn
 	srcRC, dstRC syscall.RawConn
-	bytes        int64  // moved so far; only whoever claimed the direction touches it
-	parkedAt     int64  // when it last parked, UnixNano
-	mv           *mover // while claimed: the move in progress (nil while parked)
-	slot, gen    uint32 // its place in parker.slots once armed (slot > 0)
-	armed        bool   // in the epoll set (maybe spent); only its claimant touches it
-	done         bool   // EOF or error seen; guarded by ps.mu
-	parked       bool   // waiting in the epoll set; guarded by ps.mu
+	bytes        int64         // moved so far; only whoever claimed the direction touches it
+	meter        *atomic.Int64 // the session's live count of this direction (this process's bytes)
+	parkedAt     int64         // when it last parked, UnixNano
+	mv           *mover        // while claimed: the move in progress (nil while parked)
+	slot, gen    uint32        // its place in parker.slots once armed (slot > 0)
+	armed        bool          // in the epoll set (maybe spent); only its claimant touches it
+	done         bool          // EOF or error seen; guarded by ps.mu
+	parked       bool          // waiting in the epoll set; guarded by ps.mu
 }
 
 func newParker(log *zap.Logger, m *Metrics, parkAfter time.Duration, now func() time.Time, onEnd func(*session, int64, int64)) (*parker, error) {
@@ -155,8 +156,8 @@ func (p *parker) adopt(ses *session) *parkedSession {
 		return nil
 	}
 	ps := &parkedSession{p: p, ses: ses, open: 2}
-	ps.dirs[0] = parkedDir{ps: ps, src: ses.client, dst: ses.gw, srcRC: cRC, dstRC: gRC}
-	ps.dirs[1] = parkedDir{ps: ps, src: ses.gw, dst: ses.client, srcRC: gRC, dstRC: cRC}
+	ps.dirs[0] = parkedDir{ps: ps, src: ses.client, dst: ses.gw, srcRC: cRC, dstRC: gRC, meter: &ses.moved[dirUp]}
+	ps.dirs[1] = parkedDir{ps: ps, src: ses.gw, dst: ses.client, srcRC: gRC, dstRC: cRC, meter: &ses.moved[dirDown]}
 	ses.parked.Store(ps)
 	// Both directions wait in Go's poller before parking, so a short
 	// session or the hello/reply exchange of a long one never touches the

@@ -89,6 +89,7 @@ func (mv *mover) writeOnce(fd uintptr) bool {
 	if mv.rerr == nil {
 		mv.left -= m
 		mv.d.bytes += m
+		mv.d.meter.Add(m)
 	}
 	return !errors.Is(mv.rerr, unix.EAGAIN)
 }

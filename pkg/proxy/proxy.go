@@ -159,6 +159,7 @@ type Server struct {
 	mu       sync.Mutex
 	sessions map[*session]struct{}
 	perGW    map[string]int // open sessions by gateway ID
+	ended    byteTotals     // bytes of the sessions that ended
 	lns      map[net.Listener]struct{}
 }
 
@@ -206,6 +207,7 @@ func New(cfg Config) (*Server, error) {
 		lns:      make(map[net.Listener]struct{}),
 	}
 	s.pool.New = func() any { b := make([]byte, s.bufSize); return &b }
+	s.m.traffic.server.Store(s)
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	if cfg.Park {
 		if cfg.ParkAfter <= 0 {
@@ -487,6 +489,10 @@ type session struct {
 	hello      int64         // bytes forwarded before splicing
 	peer       net.Addr      // the client's address (from a PROXY header if one came)
 	idle       time.Duration // a TLS direction quiet this long gives back its buffer
+	// moved counts the bytes this process moved, client → gateway (the
+	// hello included) and gateway → client, as they move; only the mover
+	// of a direction adds to it (traffic.go).
+	moved [2]atomic.Int64
 	// parked, when set (by the parker), learns of an abort after it
 	// closed the connections, so a parked session knows it is over.
 	parked  atomic.Pointer[parkedSession]
@@ -816,6 +822,7 @@ func (s *Server) serveSession(hs *handshake, res route.Result) *parkedSession {
 		s.unregister(ses)
 		return nil
 	}
+	ses.moved[dirUp].Add(int64(n))
 	if s.parker != nil {
 		if ps := s.parker.adopt(ses); ps != nil {
 			return ps
@@ -856,8 +863,6 @@ func (s *Server) endSession(ses *session, up, down int64) {
 	reason := ses.closeReason()
 	d := time.Since(ses.start)
 	id, keyHash, hello := ses.id, ses.keyHash, ses.hello
-	s.m.Bytes.WithLabelValues("client_to_gateway").Add(float64(up + hello))
-	s.m.Bytes.WithLabelValues("gateway_to_client").Add(float64(down))
 	s.m.SessionSeconds.Observe(d.Seconds())
 	s.m.SessionEnds.WithLabelValues(string(reason)).Inc()
 	s.log.Info("session end",
@@ -885,6 +890,10 @@ func (s *Server) register(ses *session) bool {
 func (s *Server) unregister(ses *session) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if _, ok := s.sessions[ses]; !ok {
+		return
+	}
+	s.ended.add(ses)
 	delete(s.sessions, ses)
 	if s.perGW[ses.gwID]--; s.perGW[ses.gwID] <= 0 {
 		delete(s.perGW, ses.gwID)
@@ -898,9 +907,9 @@ func (s *Server) splice(ses *session) (up, down int64) {
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		up = pipe(ses, ses.gw, ses.client, endClientError)
+		up = pipe(ses, ses.gw, ses.client, &ses.moved[dirUp], endClientError)
 	}()
-	down = pipe(ses, ses.client, ses.gw, endGatewayError)
+	down = pipe(ses, ses.client, ses.gw, &ses.moved[dirDown], endGatewayError)
 	<-done
 	ses.client.Close()
 	ses.gw.Close()
@@ -911,16 +920,42 @@ func (s *Server) splice(ses *session) (up, down int64) {
 // it). On EOF it half-closes dst so the peer sees FIN and the other
 // direction keeps flowing; on an error it aborts the whole session, which
 // also unblocks the other direction.
-func pipe(ses *session, dst, src net.Conn, reason endReason) int64 {
+//
+// meter counts the bytes as they move (see spliceCounted).
+func pipe(ses *session, dst, src net.Conn, meter *atomic.Int64, reason endReason) int64 {
 	var n int64
 	var err error
 	if isTLS(dst) || isTLS(src) {
-		n, err = copyUser(dst, src, ses.idle)
+		n, err = copyUser(dst, src, ses.idle, meter)
 	} else {
-		n, err = io.Copy(dst, src)
+		n, err = spliceCounted(dst, src, meter)
 	}
 	ses.endDirection(dst, src, err, reason)
 	return n
+}
+
+// liveChunk is how many bytes a --no-park direction splices between
+// updates of its byte count.
+const liveChunk = 1 << 20
+
+// spliceCounted is io.Copy (splice(2) between TCP sockets) in chunks of
+// liveChunk, adding each chunk to meter as it completes: a bulk stream's
+// bytes show in tether_bytes_total while it runs, at the cost of one
+// extra call per MiB. A direction that moves less than a chunk is counted
+// when it ends.
+func spliceCounted(dst, src net.Conn, meter *atomic.Int64) (int64, error) {
+	var total int64
+	for {
+		n, err := io.CopyN(dst, src, liveChunk)
+		total += n
+		meter.Add(n)
+		if errors.Is(err, io.EOF) {
+			return total, nil
+		}
+		if err != nil {
+			return total, err
+		}
+	}
 }
 
 // endDirection is what both data paths do when one direction stops: after

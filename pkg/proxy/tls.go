@@ -8,6 +8,7 @@ import (
 	"net"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -110,13 +111,14 @@ var copyBufs = sync.Pool{New: func() any { b := make([]byte, copyBufSize); retur
 // source is read inside RawConn.Read, which gives the buffer back before
 // waiting for more, so an idle direction holds none (a TLS source must be
 // read into one).
-func copyUser(dst, src net.Conn, idle time.Duration) (int64, error) {
+// Every write is added to meter as it happens.
+func copyUser(dst, src net.Conn, idle time.Duration, meter *atomic.Int64) (int64, error) {
 	if tc := rawTCP(src); tc != nil {
 		if rc, err := tc.SyscallConn(); err == nil {
-			return copyFromTCP(dst, rc)
+			return copyFromTCP(dst, rc, meter)
 		}
 	}
-	return copyFromTLS(dst, src, idle)
+	return copyFromTLS(dst, src, idle, meter)
 }
 
 // copyFromTLS is copyUser from a TLS connection. A quiet source (no whole
@@ -124,7 +126,7 @@ func copyUser(dst, src net.Conn, idle time.Duration) (int64, error) {
 // stays buffered in the connection) gives its buffer back and waits for
 // the socket to become readable: with no whole record buffered, new bytes
 // are the only way forward.
-func copyFromTLS(dst, src net.Conn, idle time.Duration) (int64, error) {
+func copyFromTLS(dst, src net.Conn, idle time.Duration, meter *atomic.Int64) (int64, error) {
 	var raw syscall.RawConn
 	if tc := tcpOf(src); tc != nil {
 		raw, _ = tc.SyscallConn()
@@ -153,6 +155,7 @@ func copyFromTLS(dst, src net.Conn, idle time.Duration) (int64, error) {
 		if n > 0 {
 			m, werr := dst.Write((*bp)[:n])
 			total += int64(m)
+			meter.Add(int64(m))
 			if werr != nil {
 				return total, werr
 			}
@@ -188,7 +191,7 @@ func waitReadable(rc syscall.RawConn) error {
 }
 
 // copyFromTCP is copyUser from a plain TCP socket.
-func copyFromTCP(dst net.Conn, rc syscall.RawConn) (int64, error) {
+func copyFromTCP(dst net.Conn, rc syscall.RawConn, meter *atomic.Int64) (int64, error) {
 	var total int64
 	var bp *[]byte
 	var n int
@@ -223,6 +226,7 @@ func copyFromTCP(dst net.Conn, rc syscall.RawConn) (int64, error) {
 		}
 		m, werr := dst.Write((*bp)[:n])
 		total += int64(m)
+		meter.Add(int64(m))
 		copyBufs.Put(bp)
 		bp = nil
 		if werr != nil {

@@ -1,5 +1,7 @@
 package ring
 
+import "strconv"
+
 // KeyHash is the 64-bit hash every tether version uses for keys and member
 // IDs: FNV-1a over the bytes, then the murmur3 fmix64 finalizer so that
 // every input bit affects every output bit. It is part of the wire contract:
@@ -27,3 +29,8 @@ func fmix64(h uint64) uint64 {
 	h ^= h >> 33
 	return h
 }
+
+// KeyHashHex is KeyHash in lowercase hex, the form tether's logs and admin
+// answers show in place of a key (they never show the key itself), so one
+// session can be followed across proxies, gateways and lookups.
+func KeyHashHex(b []byte) string { return strconv.FormatUint(KeyHash(b), 16) }

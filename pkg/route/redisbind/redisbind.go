@@ -198,6 +198,66 @@ func (b *Resolver) Resolve(ctx context.Context, key []byte) (route.Route, error)
 	return route.Route{Source: route.SourceRing, Candidates: cands}, nil
 }
 
+var _ route.Looker = (*Resolver)(nil)
+
+// LookupRoutes implements route.Looker: where a connect for each key goes
+// now, read with one pipelined GET per key (one round trip for the batch).
+// It never creates or refreshes a binding: a key without one is answered
+// with its ring owner, as a connect would bind it; a binding to a gateway
+// that is gone or draining is answered with the ring owner a connect would
+// move it to. While Redis does not answer every key gets its ring route,
+// route.SourceFallback, as connects do.
+func (b *Resolver) LookupRoutes(ctx context.Context, keys []string) ([]route.Route, error) {
+	rg := b.cfg.Ring.Load()
+	routes := make([]route.Route, len(keys))
+	n := min(b.cfg.Candidates, rg.Len())
+	for i, k := range keys {
+		cands := make([]route.Gateway, n)
+		if rg.LookupN([]byte(k), cands) == 0 {
+			return nil, route.ErrNoGateway
+		}
+		routes[i] = route.Route{Source: route.SourceFallback, Candidates: cands}
+	}
+	if len(keys) == 0 || b.cfg.Now().UnixNano() < b.skipUntil.Load() {
+		return routes, nil
+	}
+	// A batch gets one more timeout per 250 keys: 1000 GETs are one
+	// round trip but Redis takes a moment to run them.
+	ctx, cancel := context.WithTimeout(ctx, b.cfg.Timeout*time.Duration(1+len(keys)/250))
+	defer cancel()
+	cmds := make([]*redis.StringCmd, len(keys))
+	_, err := b.cfg.Client.Pipelined(ctx, func(p redis.Pipeliner) error {
+		for i, k := range keys {
+			cmds[i] = p.Get(ctx, KeyPrefix+k)
+		}
+		return nil
+	})
+	if err != nil && !errors.Is(err, redis.Nil) && !IsWriteRefused(err) {
+		b.down(err)
+		return routes, nil
+	}
+	for i, cmd := range cmds {
+		bound, err := cmd.Result()
+		switch {
+		case errors.Is(err, redis.Nil):
+			routes[i].Source = route.SourceRing
+		case err != nil:
+			// Redis refused the read (NOAUTH, ACL): fallback, as a
+			// connect would be.
+			if b.cfg.OnError != nil {
+				b.cfg.OnError(err)
+			}
+		default:
+			if r, ok := bindingRoute(rg, bound, routes[i].Candidates); ok {
+				routes[i] = r
+			} else {
+				routes[i].Source = route.SourceRing
+			}
+		}
+	}
+	return routes, nil
+}
+
 // readOnly serves a key while Redis refuses writes (werr, or nil inside the
 // window after a refusal): a plain GET honours the binding in force; a key
 // without a live one goes to its ring owner, unstored. For breakerPeriod
@@ -274,12 +334,18 @@ func bindingRoute(rg *ring.Ring, id string, cands []route.Gateway) (route.Route,
 }
 
 func (b *Resolver) fallback(cands []route.Gateway, err error) (route.Route, error) {
+	b.down(err)
+	return route.Route{Source: route.SourceFallback, Candidates: cands}, nil
+}
+
+// down records Redis not answering: counted, logged once per state change,
+// and Redis skipped for breakerPeriod.
+func (b *Resolver) down(err error) {
 	b.skipUntil.Store(b.cfg.Now().Add(breakerPeriod).UnixNano())
 	if b.cfg.OnError != nil {
 		b.cfg.OnError(err)
 	}
 	b.setState(redisDown, err)
-	return route.Route{Source: route.SourceFallback, Candidates: cands}, nil
 }
 
 // Preload loads the scripts into Redis so the first connections do not pay

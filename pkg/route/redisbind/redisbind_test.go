@@ -447,3 +447,92 @@ func (c *fakeClock) Add(d time.Duration) {
 	defer c.mu.Unlock()
 	c.now = c.now.Add(d)
 }
+
+// TestLookupRoutesReadOnly: lookups answer as a connect would route each
+// key, in one pipelined round trip, and leave Redis exactly as it was: no
+// new binding, no moved binding, no refreshed TTL.
+func TestLookupRoutesReadOnly(t *testing.T) {
+	rd := testenv.StartRedis(t)
+	c := newClient(t, rd.Addr)
+	hook := &getPipelines{}
+	c.AddHook(hook)
+	ms := gws(1, 1, 1)
+	ms[1].Weight = 0 // gw-2 draining
+	h := holder(t, ms...)
+	b := resolver(t, c, h, time.Minute)
+	ctx := context.Background()
+	admin := newClient(t, rd.Addr)
+	admin.Set(ctx, KeyPrefix+"bound-3", "gw-3", time.Minute)
+	admin.Set(ctx, KeyPrefix+"bound-2", "gw-2", time.Minute)
+	admin.Set(ctx, KeyPrefix+"bound-gone", "gw-gone", time.Minute)
+	ttlBefore := admin.PTTL(ctx, KeyPrefix+"bound-3").Val()
+	sizeBefore := admin.DBSize(ctx).Val()
+	keys := []string{"bound-3", "new-key", "bound-2", "bound-gone"}
+	routes, err := b.LookupRoutes(ctx, keys)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := hook.n.Load(); got != 1 {
+		t.Fatalf("%d pipelines of GETs for a batch of %d; want one", got, len(keys))
+	}
+	owner := func(k string) string { m, _ := h.Load().Lookup([]byte(k)); return m.ID }
+	want := []struct {
+		gw  string
+		src route.Source
+	}{{"gw-3", route.SourceBinding}, {owner("new-key"), route.SourceRing}, {owner("bound-2"), route.SourceRing}, {owner("bound-gone"), route.SourceRing}}
+	for i, w := range want {
+		if routes[i].Candidates[0].ID != w.gw || routes[i].Source != w.src {
+			t.Errorf("%s: %s via %s, want %s via %s", keys[i], routes[i].Candidates[0].ID, routes[i].Source, w.gw, w.src)
+		}
+	}
+	if n := admin.DBSize(ctx).Val(); n != sizeBefore {
+		t.Fatalf("Redis holds %d keys after lookups, %d before", n, sizeBefore)
+	}
+	for k, v := range map[string]string{"bound-2": "gw-2", "bound-gone": "gw-gone", "bound-3": "gw-3"} {
+		if got := admin.Get(ctx, KeyPrefix+k).Val(); got != v {
+			t.Errorf("lookup moved %s from %s to %s", k, v, got)
+		}
+	}
+	time.Sleep(20 * time.Millisecond) // let the TTL visibly run down
+	if ttl := admin.PTTL(ctx, KeyPrefix+"bound-3").Val(); ttl >= ttlBefore {
+		t.Fatalf("lookup refreshed a TTL: %v then %v", ttlBefore, ttl)
+	}
+
+	// A connect for the same keys then goes where the lookup said.
+	for i, k := range keys {
+		rt, err := b.Resolve(ctx, []byte(k))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rt.Candidates[0].ID != routes[i].Candidates[0].ID {
+			t.Errorf("%s: connect went to %s, lookup said %s", k, rt.Candidates[0].ID, routes[i].Candidates[0].ID)
+		}
+	}
+
+	// Redis gone: every key answered from the ring as fallback.
+	rd.Kill()
+	routes, err = b.LookupRoutes(ctx, keys)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, rt := range routes {
+		if rt.Source != route.SourceFallback || rt.Candidates[0].ID != owner(keys[i]) {
+			t.Errorf("Redis down, %s: %+v", keys[i], rt)
+		}
+	}
+}
+
+// getPipelines counts pipelines of GETs (not the connection setup a new
+// pooled connection sends).
+type getPipelines struct{ n atomic.Int64 }
+
+func (h *getPipelines) DialHook(next redis.DialHook) redis.DialHook          { return next }
+func (h *getPipelines) ProcessHook(next redis.ProcessHook) redis.ProcessHook { return next }
+func (h *getPipelines) ProcessPipelineHook(next redis.ProcessPipelineHook) redis.ProcessPipelineHook {
+	return func(ctx context.Context, cmds []redis.Cmder) error {
+		if len(cmds) > 0 && cmds[0].Name() == "get" {
+			h.n.Add(1)
+		}
+		return next(ctx, cmds)
+	}
+}
