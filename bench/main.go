@@ -55,11 +55,11 @@ func main() {
 	loadFor := fs.Duration("for", 20*time.Second, "how long --load runs")
 	loadStreams := fs.Int("streams", 8, "concurrent streams of --load bulk")
 	loadSessions := fs.Int("sessions", 3000, "idle sessions --load idle opens (from 32 goroutines) and holds")
-	only := fs.String("only", "", "run one section only and print it: handoff or tls")
+	only := fs.String("only", "", "run one section only and print it: handoff, tls or lookup")
 	_ = fs.Parse(os.Args[1:])
-	sections := map[string]func(*strings.Builder, options) error{"handoff": handoffSection, "tls": tlsSection}
+	sections := map[string]func(*strings.Builder, options) error{"handoff": handoffSection, "tls": tlsSection, "lookup": lookupSection}
 	if _, ok := sections[*only]; *only != "" && !ok {
-		fatal(fmt.Errorf("--only %q: want handoff or tls", *only))
+		fatal(fmt.Errorf("--only %q: want handoff, tls or lookup", *only))
 	}
 	if *load != "" {
 		if err := loadOnly(*load, *addr, *loadFor, *loadSessions, *loadStreams); err != nil {
@@ -378,7 +378,7 @@ func run(o options) (string, error) {
 			return "", err
 		}
 	}
-	for _, section := range []func(*strings.Builder, options) error{tlsSection, handoffSection} {
+	for _, section := range []func(*strings.Builder, options) error{tlsSection, handoffSection, lookupSection} {
 		if err := section(&b, o); err != nil {
 			return "", err
 		}

@@ -726,14 +726,14 @@ func (p *process) startAdmin() error {
 }
 
 // lookup answers /lookup from the resolver in use, passing over gateways
-// in their cooldown as the dialer does.
+// whose last connection attempt failed, as connects fail over from them.
 func (p *process) lookup() func(ctx context.Context, keys []string) ([]route.Answer, error) {
 	l, ok := p.srv.Resolver().(route.Looker)
 	if !ok {
 		return nil
 	}
 	return func(ctx context.Context, keys []string) ([]route.Answer, error) {
-		return route.Lookup(ctx, l, keys, p.dialer.CoolingDown)
+		return route.Lookup(ctx, l, keys, p.dialer.Unreachable)
 	}
 }
 

@@ -171,6 +171,17 @@ func (d *Dialer) cooldown() time.Duration {
 // connection attempt.
 func (d *Dialer) CoolingDown(id string) bool { return d.coolingDown(id) }
 
+// Unreachable reports whether the last connection attempt to gateway id
+// failed (and none succeeded since), cooldown over or not. Lookups pass
+// such a gateway over: once its cooldown ends the next connect tries it
+// again first, but while it stays down that connect fails over to the same
+// next choice, which is where the session lands.
+func (d *Dialer) Unreachable(id string) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.unreachable[id]
+}
+
 func (d *Dialer) coolingDown(id string) bool {
 	d.mu.Lock()
 	defer d.mu.Unlock()

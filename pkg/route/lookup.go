@@ -26,8 +26,8 @@ type Looker interface {
 }
 
 // Answer is where a connect for one key goes now: the owner of its route,
-// passed over if it is cooling down after a failed connection attempt, as a
-// Dialer would. It is the JSON body of the proxy's /lookup.
+// passed over if connection attempts to it are failing, as a Dialer fails
+// over from it. It is the JSON body of the proxy's /lookup.
 type Answer struct {
 	// Key is the key asked about.
 	Key string `json:"key"`
@@ -42,17 +42,17 @@ type Answer struct {
 	// when the ring did (no binding, or one to a gateway that is gone or
 	// draining), fallback when the binding store did not answer in time.
 	Source Source `json:"source"`
-	// Live is false when every candidate is cooling down after failed
-	// connection attempts: a connect would try Gateway anyway, but it is
-	// probably not up.
+	// Live is false when connection attempts to every candidate are
+	// failing: a connect would try Gateway anyway, but it is probably not
+	// up.
 	Live bool `json:"live"`
 }
 
-// Lookup answers keys in order with l, passing over the gateways cooling
-// reports (as a Dialer skips gateways in their cooldown; nil skips none).
+// Lookup answers keys in order with l, passing over the gateways down
+// reports (for a proxy, Dialer.Unreachable; nil passes over none).
 // It never changes a binding. It fails with ErrTooManyKeys beyond
 // MaxLookupKeys and ErrNoGateway when no gateway is known.
-func Lookup(ctx context.Context, l Looker, keys []string, cooling func(id string) bool) ([]Answer, error) {
+func Lookup(ctx context.Context, l Looker, keys []string, down func(id string) bool) ([]Answer, error) {
 	if len(keys) > MaxLookupKeys {
 		return nil, fmt.Errorf("%w: %d > %d", ErrTooManyKeys, len(keys), MaxLookupKeys)
 	}
@@ -70,7 +70,7 @@ func Lookup(ctx context.Context, l Looker, keys []string, cooling func(id string
 		}
 		gw, live := rt.Candidates[0], false
 		for _, c := range rt.Candidates {
-			if cooling == nil || !cooling(c.ID) {
+			if down == nil || !down(c.ID) {
 				gw, live = c, true
 				break
 			}

@@ -7,6 +7,7 @@ import (
 	"os"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -261,5 +262,41 @@ func TestDialerAdmit(t *testing.T) {
 	_, err = d.Dial(context.Background(), []Gateway{{ID: "busy", Addr: live}, {ID: "live", Addr: live}})
 	if !errors.Is(err, refuse) || strings.Join(asked, ",") != "busy" {
 		t.Fatalf("Dial = %v after asking %v; want the refusal, and no other candidate tried", err, asked)
+	}
+}
+
+// TestDialerUnreachable: a gateway whose last attempt failed stays
+// unreachable after its cooldown, until an attempt to it succeeds.
+func TestDialerUnreachable(t *testing.T) {
+	live := listener(t)
+	var refuse atomic.Bool
+	refuse.Store(true)
+	clk := &fakeClock{now: time.Unix(1000, 0)}
+	d := &Dialer{Now: clk.Now, Cooldown: time.Second, MaxTries: 1,
+		DialContext: func(ctx context.Context, network, _ string) (net.Conn, error) {
+			if refuse.Load() {
+				return nil, syscall.ECONNREFUSED
+			}
+			return (&net.Dialer{}).DialContext(ctx, network, live)
+		}}
+	gw := []Gateway{{ID: "gw", Addr: "gateway:9000"}}
+	if d.Unreachable("gw") {
+		t.Fatal("unreachable before any attempt")
+	}
+	if _, err := d.Dial(context.Background(), gw); err == nil {
+		t.Fatal("refused dial succeeded")
+	}
+	clk.Add(2 * time.Second)
+	if d.CoolingDown("gw") || !d.Unreachable("gw") {
+		t.Fatalf("after the cooldown: cooling %v, unreachable %v; want false, true", d.CoolingDown("gw"), d.Unreachable("gw"))
+	}
+	refuse.Store(false)
+	res, err := d.Dial(context.Background(), gw)
+	if err != nil {
+		t.Fatal(err)
+	}
+	res.Conn.Close()
+	if d.Unreachable("gw") {
+		t.Fatal("still unreachable after a successful attempt")
 	}
 }
