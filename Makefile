@@ -3,15 +3,20 @@ GO       ?= go
 BIN      := bin
 BINARIES := $(BIN)/proxy $(BIN)/gateway-stub $(BIN)/tether-client $(BIN)/tether-agent
 export CGO_ENABLED ?= 1
+# --version and tether_build_info: the release tag (v0.1.0-dev before the
+# first one) and the commit, "-dirty" with uncommitted changes.
+VERSION  ?= $(shell git describe --tags --match 'v*' 2>/dev/null || echo v0.1.0-dev)
+REVISION ?= $(shell git rev-parse --short=12 HEAD 2>/dev/null)$(shell git diff --quiet HEAD 2>/dev/null || echo -dirty)
+LDFLAGS  := -X github.com/tether-proxy/tether/internal/version.Version=$(VERSION) -X github.com/tether-proxy/tether/internal/version.Revision=$(REVISION)
 
-.PHONY: all build deps demo test test-unit test-js test-e2e chaos bench bench-smoke lint fuzz bench-ring clean
+.PHONY: all build deps demo test test-unit test-js test-deploy test-e2e chaos bench bench-smoke lint fuzz bench-ring clean
 
 all: build
 
 build: $(BINARIES)
 
 $(BIN)/%: FORCE
-	$(GO) build -o $@ ./cmd/$*
+	$(GO) build -ldflags "$(LDFLAGS)" -o $@ ./cmd/$*
 
 FORCE:
 
@@ -26,7 +31,7 @@ deps:
 
 ## test: lint (gofmt, vet, staticcheck), unit tests with -race, then end-to-end tests with real processes
 ## (real redis-server, haproxy and nginx, installed by deps when missing).
-test: deps lint test-unit test-js test-e2e bench-smoke
+test: deps lint test-unit test-js test-deploy test-e2e bench-smoke
 
 test-unit:
 	$(GO) test -race -count=1 ./...
@@ -34,6 +39,13 @@ test-unit:
 ## test-js: the JavaScript client's tests (Node's test runner; no packages needed).
 test-js:
 	cd clients/js && node --test test/
+
+## test-deploy: the deploy kit against the binaries: alert rules through promtool (Debian's prometheus
+## package), Kubernetes manifests decoded strictly and checked against the flags, systemd, sysctl, a static build.
+test-deploy: build
+	@command -v promtool >/dev/null || { echo "promtool missing: make deps installs it (Debian package prometheus)"; exit 1; }
+	promtool check rules deploy/prometheus/tether-rules.yaml
+	cd deploy && $(GO) test -count=1 ./...
 
 test-e2e:
 	$(GO) test -race -count=1 -tags e2e -timeout 10m ./test/e2e/
@@ -43,6 +55,7 @@ lint:
 	if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	$(GO) vet -tags e2e ./test/e2e/
+	cd deploy && $(GO) vet ./...
 	$(GO) run honnef.co/go/tools/cmd/staticcheck@v0.6.1 ./...
 	$(GO) run honnef.co/go/tools/cmd/staticcheck@v0.6.1 -tags e2e ./test/e2e/
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what the tests need and a fresh Debian machine lacks: redis-server,
 # haproxy, nginx (stream module), chromium (the browser test), node (the
-# JavaScript client's tests) and python3 (the example gateway in another
-# language), from Debian's packages. Tests start their
+# JavaScript client's tests), python3 (the example gateway in another
+# language), promtool (checks deploy/prometheus; Debian's prometheus
+# package) and iproute2 (the network-namespace test), from Debian's packages. Tests start their
 # own instances on loopback ports; the system services stay stopped. Safe to
 # run again: it installs only what is missing.
 set -euo pipefail
@@ -15,6 +16,8 @@ if ! ls /usr/lib/nginx/modules/ngx_stream_module.so >/dev/null 2>&1; then need+=
 command -v chromium >/dev/null || need+=(chromium)
 command -v python3 >/dev/null || need+=(python3-minimal)
 command -v node >/dev/null || need+=(nodejs)
+command -v promtool >/dev/null || need+=(prometheus)
+command -v ip >/dev/null || need+=(iproute2)
 ((${#need[@]})) || exit 0
 
 if ! command -v apt-get >/dev/null; then

@@ -29,6 +29,7 @@ import (
 	"github.com/tether-proxy/tether/internal/pidfile"
 	"github.com/tether-proxy/tether/internal/tlsconf"
 	"github.com/tether-proxy/tether/internal/upgrade"
+	"github.com/tether-proxy/tether/internal/version"
 	"github.com/tether-proxy/tether/pkg/admin"
 	"github.com/tether-proxy/tether/pkg/cluster"
 	"github.com/tether-proxy/tether/pkg/proto"
@@ -49,9 +50,6 @@ func main() {
 	signal.Notify(sigs, syscall.SIGHUP, syscall.SIGINT, syscall.SIGTERM, syscall.SIGUSR2)
 	os.Exit(run(os.Args[1:], sigs, os.Stdout, os.Stderr))
 }
-
-// version is set at build time (-ldflags "-X main.version=...").
-var version = "dev"
 
 // errForced means a second stop signal cut the drain short.
 var errForced = errors.New("second stop signal: closed every session at once")
@@ -667,7 +665,7 @@ func (p *process) startAdmin() error {
 	o := p.o
 	p.log.Info("listening", zap.String("addr", p.tcpLn.Addr().String()), zap.Int("static_gateways", len(o.gateways)),
 		zap.String("proxy_protocol_in", o.proxyProtocolIn), zap.String("proxy_protocol_out", o.proxyProtocolOut),
-		zap.Int("max_conns", o.maxConns), zap.String("version", version), zap.Int("pid", os.Getpid()))
+		zap.Int("max_conns", o.maxConns), zap.String("version", version.Get().Version), zap.Int("pid", os.Getpid()))
 	if o.admin == "" {
 		return nil
 	}

@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"time"
 
@@ -16,6 +15,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/tether-proxy/tether/internal/upgrade"
+	"github.com/tether-proxy/tether/internal/version"
 	"github.com/tether-proxy/tether/pkg/cluster"
 	"github.com/tether-proxy/tether/pkg/proxy"
 )
@@ -296,13 +296,14 @@ func mergeSeeds(a, b []string) []string {
 	return out
 }
 
-// buildInfo registers tether_build_info: the version and Go release of
-// this binary, so a dashboard shows an upgrade took.
+// buildInfo registers tether_build_info: the version, source revision and
+// Go release of this binary, so a dashboard shows an upgrade took.
 func buildInfo(reg prometheus.Registerer) {
 	g := prometheus.NewGaugeVec(prometheus.GaugeOpts{
 		Name: "tether_build_info",
-		Help: "Always 1; the labels are this binary's version and Go release.",
-	}, []string{"version", "go_version"})
-	g.WithLabelValues(version, runtime.Version()).Set(1)
+		Help: "Always 1; the labels are this binary's version, source revision and Go release (as --version prints them).",
+	}, []string{"version", "revision", "goversion"})
+	v := version.Get()
+	g.WithLabelValues(v.Version, v.Revision, v.GoVersion).Set(1)
 	reg.MustRegister(g)
 }

@@ -19,6 +19,7 @@ import (
 	"go.uber.org/zap"
 	"go.uber.org/zap/zapcore"
 
+	"github.com/tether-proxy/tether/internal/version"
 	"github.com/tether-proxy/tether/pkg/ring"
 )
 
@@ -341,7 +342,14 @@ func (g *GossipFlags) Register(fs *flag.FlagSet, nodeNameHelp string) {
 // A value a flag rejects is reported as "--NAME: want FORM, got VALUE"
 // (FORM from the flag's type: a duration like 2s, a whole number, ...),
 // here and in ApplyConfig.
+//
+// Every binary gets --version: Parse prints the version line (to
+// VersionOutput) and returns ErrVersion, which FlagOutcome turns into exit 0.
 func Parse(fs *flag.FlagSet, args []string, stderr io.Writer) error {
+	var showVersion *bool
+	if fs.Lookup("version") == nil {
+		showVersion = fs.Bool("version", false, "print the version, source revision and Go version, and exit")
+	}
 	explain(fs)
 	fs.SetOutput(io.Discard)
 	err := fs.Parse(args)
@@ -349,6 +357,10 @@ func Parse(fs *flag.FlagSet, args []string, stderr io.Writer) error {
 	if errors.Is(err, flag.ErrHelp) {
 		fs.Usage()
 		return err
+	}
+	if err == nil && showVersion != nil && *showVersion {
+		fmt.Fprintln(VersionOutput, version.Get().String(fs.Name()))
+		return ErrVersion
 	}
 	if err != nil {
 		var bad error
@@ -366,14 +378,22 @@ func Parse(fs *flag.FlagSet, args []string, stderr io.Writer) error {
 	return nil
 }
 
+// ErrVersion means --version was given and the version line printed: the
+// binary exits 0 without doing anything else.
+var ErrVersion = errors.New("cli: version printed")
+
+// VersionOutput is where --version prints (standard output).
+var VersionOutput io.Writer = os.Stdout
+
 // FlagOutcome turns the result of a binary's flag parsing into what the
 // binary does next: go on (ok), or exit with code — 0 after --help (the
-// usage was printed), 2 after a bad flag, printed here with a hint.
+// usage was printed) or --version, 2 after a bad flag, printed here with a
+// hint.
 func FlagOutcome(name string, err error, stderr io.Writer) (code int, ok bool) {
 	switch {
 	case err == nil:
 		return 0, true
-	case errors.Is(err, flag.ErrHelp):
+	case errors.Is(err, flag.ErrHelp), errors.Is(err, ErrVersion):
 		return 0, false
 	}
 	fmt.Fprintf(stderr, "%s: %v\nRun %s --help for the flags.\n", name, err, name)

@@ -1,11 +1,13 @@
 package cli
 
 import (
+	"bytes"
 	"errors"
 	"flag"
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"testing"
 	"time"
@@ -241,5 +243,31 @@ func TestApplyConfigAfterParse(t *testing.T) {
 	}
 	if err := Parse(fs, []string{"--dial-timeout", "x"}, io.Discard); err == nil || err.Error() != `--dial-timeout: want a duration like 2s, 500ms or 1m30s, got "x"` {
 		t.Fatalf("flag error: %v", err)
+	}
+}
+
+func TestVersionFlag(t *testing.T) {
+	var out bytes.Buffer
+	old := VersionOutput
+	VersionOutput = &out
+	defer func() { VersionOutput = old }()
+	fs := flag.NewFlagSet("proxy", flag.ContinueOnError)
+	fs.String("listen", ":7000", "")
+	err := Parse(fs, []string{"--version"}, io.Discard)
+	if !errors.Is(err, ErrVersion) {
+		t.Fatalf("Parse(--version) = %v", err)
+	}
+	if code, ok := FlagOutcome("proxy", err, io.Discard); code != 0 || ok {
+		t.Fatalf("FlagOutcome after --version: %d %v", code, ok)
+	}
+	if !strings.HasPrefix(out.String(), "proxy ") || !strings.Contains(out.String(), "revision ") || !strings.Contains(out.String(), runtime.Version()) {
+		t.Fatalf("--version printed %q", out.String())
+	}
+	cfg := filepath.Join(t.TempDir(), "c.yaml")
+	if err := os.WriteFile(cfg, []byte("version: true\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := ApplyConfig(fs, cfg, nil); err == nil {
+		t.Fatal("version accepted in a config file")
 	}
 }

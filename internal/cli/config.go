@@ -50,7 +50,7 @@ func ApplyConfig(fs *flag.FlagSet, path string, skip map[string]bool, notInConfi
 	if root.Kind != yaml.MappingNode {
 		return fmt.Errorf("config %s line %d: want a mapping of flag names to values", path, root.Line)
 	}
-	excluded := map[string]bool{}
+	excluded := map[string]bool{"version": true}
 	for _, n := range notInConfig {
 		excluded[n] = true
 	}

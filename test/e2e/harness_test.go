@@ -57,7 +57,7 @@ func TestMain(m *testing.M) {
 	}
 	// A second proxy build with another version: the binary an upgrade
 	// test swaps in, so the new process is provably the new file.
-	cmd := exec.Command("go", "build", "-race", "-ldflags", "-X main.version="+nextVersion, "-o", filepath.Join(dir, "proxy-next"), "../../cmd/proxy")
+	cmd := exec.Command("go", "build", "-race", "-ldflags", "-X github.com/tether-proxy/tether/internal/version.Version="+nextVersion, "-o", filepath.Join(dir, "proxy-next"), "../../cmd/proxy")
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
 	if err := cmd.Run(); err != nil {
 		fmt.Fprintf(os.Stderr, "building proxy-next: %v\n", err)

@@ -361,7 +361,7 @@ func TestUpgradeNoSessionNotices(t *testing.T) {
 	}
 
 	m := metrics(t, p) // the admin socket is the new process's now
-	if m[`tether_build_info{go_version="`+goVersion(m)+`",version="`+nextVersion+`"}`] != 1 {
+	if buildVersion(m) != nextVersion {
 		t.Errorf("admin answers for a process that is not the new build: %v", buildInfo(m))
 	}
 	if got := m[`tether_handoff_sessions_total{side="received"}`]; got < 1020 {
@@ -381,17 +381,22 @@ func TestUpgradeNoSessionNotices(t *testing.T) {
 		old, pid, took.Round(time.Millisecond), bulkBytes>>20, tr.served.Load(), slowest.Round(time.Millisecond))
 }
 
-// goVersion finds the go_version label of tether_build_info.
-func goVersion(m map[string]float64) string {
-	for k := range m {
-		if strings.HasPrefix(k, "tether_build_info{") {
-			if i := strings.Index(k, `go_version="`); i >= 0 {
-				rest := k[i+len(`go_version="`):]
-				return rest[:strings.IndexByte(rest, '"')]
-			}
+// buildVersion is the version label of the one tether_build_info series
+// at value 1 ("" if there is not exactly one).
+func buildVersion(m map[string]float64) string {
+	found := ""
+	for k, v := range m {
+		if !strings.HasPrefix(k, "tether_build_info{") || v != 1 {
+			continue
 		}
+		i := strings.Index(k, `,version="`)
+		if i < 0 || found != "" {
+			return ""
+		}
+		rest := k[i+len(`,version="`):]
+		found = rest[:strings.IndexByte(rest, '"')]
 	}
-	return ""
+	return found
 }
 
 func buildInfo(m map[string]float64) []string {
@@ -687,7 +692,7 @@ func TestUpgradeAsPID1UnderSupervise(t *testing.T) {
 	upgrade(t, supervisor) // forwarded to the proxy
 	waitLog(t, p, "supervise: the proxy was upgraded", 20*time.Second)
 	echoAll(t, held, "after")
-	if m := metrics(t, p); m[`tether_build_info{go_version="`+goVersion(m)+`",version="`+nextVersion+`"}`] != 1 {
+	if m := metrics(t, p); buildVersion(m) != nextVersion {
 		t.Errorf("the new build does not answer: %v", buildInfo(m))
 	}
 	if err := syscall.Kill(supervisor, syscall.SIGTERM); err != nil {
@@ -845,7 +850,7 @@ func TestUpgradeThroughSymlink(t *testing.T) {
 	}
 	upgrade(t, old)
 	waitTakeover(t, u, old, 20*time.Second)
-	if m := metrics(t, p); m[`tether_build_info{go_version="`+goVersion(m)+`",version="`+nextVersion+`"}`] != 1 {
+	if m := metrics(t, p); buildVersion(m) != nextVersion {
 		t.Fatalf("after switching the symlink, the build answering is %v", buildInfo(m))
 	}
 }
