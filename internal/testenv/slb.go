@@ -72,22 +72,46 @@ type HAProxy struct {
 // adds, and waits until it accepts connections on the frontend.
 func StartHAProxy(t testing.TB, cfg string, env ...string) *HAProxy {
 	t.Helper()
-	bin := Need(t, "haproxy")
-	sock := filepath.Join(t.TempDir(), "haproxy.sock")
-	var lastOut string
 	for range 3 {
 		bind := fmt.Sprintf("127.0.0.1:%d", FreePort(t, "127.0.0.1"))
-		full := append([]string{"TETHER_SLB_BIND=" + bind, "TETHER_STATS_SOCKET=" + sock}, env...)
-		h := &HAProxy{Bind: bind, socket: sock}
-		h.Proc = Start(t, full, bin, "-db", "-f", cfg)
-		if waitDial(bind, 10*time.Second, h.Proc) == nil {
+		if h := startHAProxy(t, cfg, bind, nil, env); h != nil {
 			return h
 		}
-		lastOut = h.Output()
-		h.Stop()
 	}
-	t.Fatalf("haproxy did not start:\n%s", lastOut)
+	t.Fatal("haproxy did not start three times")
 	return nil
+}
+
+// StartHAProxyAt is StartHAProxy on a given frontend address, run through
+// a command prefix (["ip", "netns", "exec", NS] runs it in a network
+// namespace); the runtime API socket is a file, reachable from anywhere.
+func StartHAProxyAt(t testing.TB, cfg, bind string, prefix []string, env ...string) *HAProxy {
+	t.Helper()
+	h := startHAProxy(t, cfg, bind, prefix, env)
+	if h == nil {
+		t.Fatalf("haproxy did not start on %s", bind)
+	}
+	return h
+}
+
+func startHAProxy(t testing.TB, cfg, bind string, prefix, env []string) *HAProxy {
+	t.Helper()
+	bin := Need(t, "haproxy")
+	sock := filepath.Join(t.TempDir(), "haproxy.sock")
+	full := append([]string{"TETHER_SLB_BIND=" + bind, "TETHER_STATS_SOCKET=" + sock}, env...)
+	h := &HAProxy{Bind: bind, socket: sock}
+	args := []string{"-db", "-f", cfg}
+	if len(prefix) > 0 {
+		args = append(append(append([]string{}, prefix[1:]...), bin), args...)
+		bin = prefix[0]
+	}
+	h.Proc = Start(t, full, bin, args...)
+	if err := waitDial(bind, 10*time.Second, h.Proc); err != nil {
+		t.Logf("haproxy on %s: %v\n%s", bind, err, h.Output())
+		h.Stop()
+		return nil
+	}
+	return h
 }
 
 func waitDial(addr string, timeout time.Duration, p *Proc) error {
