@@ -134,7 +134,7 @@ func bulk(addr string, n int, total int64, idle time.Duration) (float64, error) 
 
 // connRate opens, greets and resets connections with workers in parallel
 // for d (or until max connections) and returns connections per second.
-func connRate(addr string, workers int, d time.Duration, max int64) (float64, error) {
+func connRate(addr string, workers int, d time.Duration, max int64) (float64, int64, error) {
 	var done, failed atomic.Int64
 	var firstErr atomic.Value
 	stop := time.Now().Add(d)
@@ -159,9 +159,9 @@ func connRate(addr string, workers int, d time.Duration, max int64) (float64, er
 	wg.Wait()
 	elapsed := time.Since(start)
 	if f := failed.Load(); f > done.Load()/1000 {
-		return 0, fmt.Errorf("%d of %d connections failed: %v", f, f+done.Load(), firstErr.Load())
+		return 0, done.Load(), fmt.Errorf("%d of %d connections failed: %v", f, f+done.Load(), firstErr.Load())
 	}
-	return float64(done.Load()) / elapsed.Seconds(), nil
+	return float64(done.Load()) / elapsed.Seconds(), done.Load(), nil
 }
 
 // latency runs sessions concurrent ping-pong loops of 64-byte messages and

@@ -108,7 +108,7 @@ func main() {
 func loadOnly(kind, addr string, d time.Duration, sessions, streams int) error {
 	switch kind {
 	case "connrate":
-		v, err := connRate(addr, 32, d, 1<<40)
+		v, _, err := connRate(addr, 32, d, 1<<40)
 		fmt.Printf("%.0f connections/s\n", v)
 		return err
 	case "idle":
@@ -224,6 +224,12 @@ func setup(o options, echoBuffer string) (*env, error) {
 	}
 	e.procs = append(e.procs, h)
 	e.targets = append(e.targets, target{name: "haproxy", addr: h.addr, p: h})
+	n, err := startNginx(o.tmp, e.stub.addr, 9000)
+	if err != nil {
+		return e, err
+	}
+	e.procs = append(e.procs, n)
+	e.targets = append(e.targets, target{name: "nginx", addr: n.addr, p: n})
 	return e, nil
 }
 
@@ -273,21 +279,25 @@ func run(o options) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	names := []string{"direct", "tether", "tether+v2", "tether-nopark", "haproxy"}
-	fmt.Fprintf(&b, "Targets: `direct` (client → echo gateway), `tether` (PROXY out off), `tether+v2` (PROXY v2 header with the key TLV), `tether-nopark` (`--no-park`: a goroutine and splice pipe per direction, the data path before issue 8), `haproxy` (HAProxy %s, mode tcp, `option splice-request` + `option splice-response`, tcp-smart-accept/connect, no logging). tether runs at `--log-level warn` (no per-session log line) and `--client-keepalive 0`, like HAProxy without logs and without `option clitcpka`. Each metric runs %d rounds, targets in alternating order; the figure is the median. \"First message after idle\": %d sessions sit idle %v (tether parks them after its default --park-after 1s), then each gets one 4-byte round trip in turn — a push to a quiet session.\n\n", haproxyVersion(), o.rounds, o.wakeSessions, o.wakeIdle)
-	fmt.Fprintf(&b, "| metric | %s | tether / HAProxy | tether / direct |\n|---|%s---|---|\n", strings.Join(names, " | "), strings.Repeat("---|", len(names)))
+	names := []string{"direct", "tether", "tether+v2", "tether-nopark", "haproxy", "nginx"}
+	fmt.Fprintf(&b, "Targets: `direct` (client → echo gateway), `tether` (PROXY out off), `tether+v2` (PROXY v2 header with the key TLV), `tether-nopark` (`--no-park`: a goroutine and splice pipe per direction, the data path before issue 8), `haproxy` (HAProxy %s, mode tcp, `option splice-request` + `option splice-response`, tcp-smart-accept/connect, no logging), `nginx` (%s, stream module, `proxy_protocol off`, `listen ... reuseport`, `tcp_nodelay on`, a worker per core, no logging). tether runs at `--log-level warn` (no per-session log line) and `--client-keepalive 0`, like HAProxy without logs and without `option clitcpka`. Each metric runs %d rounds, targets in alternating order; the figure is the median. \"First message after idle\": %d sessions sit idle %v (tether parks them after its default --park-after 1s), then each gets one 4-byte round trip in turn — a push to a quiet session. CPU figures are user + system time of the target's processes (nginx: master and workers) from /proc over the runs of that metric.\n\n", haproxyVersion(), nginxVersion(), o.rounds, o.wakeSessions, o.wakeIdle)
+	fmt.Fprintf(&b, "| metric | %s | tether / HAProxy | tether / nginx | tether / direct |\n|---|%s---|---|---|\n", strings.Join(names, " | "), strings.Repeat("---|", len(names)))
 
 	row := func(label string, res map[string][]float64, format func(float64) string, higherBetter bool) {
 		fmt.Fprintf(&b, "| %s |", label)
 		for _, n := range names {
 			fmt.Fprintf(&b, " %s |", format(median(res[n])))
 		}
-		t, h, d := median(res["tether"]), median(res["haproxy"]), median(res["direct"])
+		t, h, n, d := median(res["tether"]), median(res["haproxy"]), median(res["nginx"]), median(res["direct"])
+		vsDirect := "–" // nothing to compare with (CPU of a direct connection)
+		if d > 0 {
+			vsDirect = fmt.Sprintf("%.2f", t/d)
+		}
 		if !higherBetter {
-			fmt.Fprintf(&b, " %.2f (lower is better) | %.2f |\n", t/h, t/d)
+			fmt.Fprintf(&b, " %.2f (lower is better) | %.2f | %s |\n", t/h, t/n, vsDirect)
 			return
 		}
-		fmt.Fprintf(&b, " **%.2f** | %.2f |\n", t/h, t/d)
+		fmt.Fprintf(&b, " **%.2f** | %.2f | %s |\n", t/h, t/n, vsDirect)
 	}
 	mib := func(v float64) string { return fmt.Sprintf("%.0f MiB/s", v/(1<<20)) }
 
@@ -300,14 +310,13 @@ func run(o options) (string, error) {
 		streams := run.streams
 		progress("bulk throughput, %d streams, %d MiB each way per run, sessions idle %v first", streams, o.bulkBytes>>20, run.idle)
 		res, err := rounds(e.targets, o.rounds, func(t target) (float64, error) {
-			var before procStats
+			var before time.Duration
 			if t.p != nil {
-				before, _ = statsOf(t.p.Pid())
+				before = treeCPU(t.p.Pid())
 			}
 			v, err := bulk(t.addr, streams, o.bulkBytes, run.idle)
 			if t.p != nil {
-				after, _ := statsOf(t.p.Pid())
-				cpu[t.name] += after.cpu - before.cpu
+				cpu[t.name] += treeCPU(t.p.Pid()) - before
 				moved[t.name] += 2 * o.bulkBytes
 			}
 			return v, err
@@ -323,13 +332,36 @@ func run(o options) (string, error) {
 	}
 
 	progress("new connections per second (hello + reply + reset, 32 workers, %v per run)", o.rateFor)
+	connCPU := map[string]time.Duration{}
+	conns := map[string]int64{}
 	res, err := rounds(e.targets, o.rounds, func(t target) (float64, error) {
-		return connRate(t.addr, 32, o.rateFor, 500000)
+		var before time.Duration
+		if t.p != nil {
+			before = treeCPU(t.p.Pid())
+		}
+		v, n, err := connRate(t.addr, 32, o.rateFor, 500000)
+		if t.p != nil {
+			connCPU[t.name] += treeCPU(t.p.Pid()) - before
+			conns[t.name] += n
+		}
+		return v, err
 	})
 	if err != nil {
 		return "", err
 	}
 	row("new connections / s", res, func(v float64) string { return fmt.Sprintf("%.0f", v) }, true)
+	perK := map[string][]float64{}
+	for name, c := range connCPU {
+		if conns[name] > 0 {
+			perK[name] = []float64{c.Seconds() / (float64(conns[name]) / 1000)}
+		}
+	}
+	row("CPU seconds per 1,000 connections", perK, func(v float64) string {
+		if v == 0 {
+			return "–"
+		}
+		return fmt.Sprintf("%.3f", v)
+	}, false)
 
 	progress("latency: 16 sessions × %d round trips of 64 bytes", o.latMsgs)
 	lat := map[string][][]time.Duration{}
@@ -369,8 +401,8 @@ func run(o options) (string, error) {
 	row("first message after idle, p50", wake, us, false)
 	row("first message after idle, p99", wake99, us, false)
 	gib := func(n string) float64 { return cpu[n].Seconds() / (float64(moved[n]) / (1 << 30)) }
-	fmt.Fprintf(&b, "| CPU seconds per GiB moved (bulk runs) | – | %.3f | %.3f | %.3f | %.3f | %.2f (lower is better) | – |\n\n",
-		gib("tether"), gib("tether+v2"), gib("tether-nopark"), gib("haproxy"), gib("tether")/gib("haproxy"))
+	fmt.Fprintf(&b, "| CPU seconds per GiB moved (bulk runs) | – | %.3f | %.3f | %.3f | %.3f | %.3f | %.2f (lower is better) | %.2f | – |\n\n",
+		gib("tether"), gib("tether+v2"), gib("tether-nopark"), gib("haproxy"), gib("nginx"), gib("tether")/gib("haproxy"), gib("tether")/gib("nginx"))
 	e.stop()
 
 	if !o.skipIdle {

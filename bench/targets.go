@@ -189,3 +189,95 @@ func haproxyBin() string {
 	}
 	return bin
 }
+
+// nginxConfig is nginx's stream module tuned for this job: a listener per
+// worker (reuseport), one worker per core, no PROXY header, TCP_NODELAY,
+// no logging; proxy_half_close passes a client's FIN on (the bulk runs
+// half-close and read the echo), as tether and HAProxy do.
+func nginxConfig(bind, server, pidFile string, maxconn int) string {
+	return fmt.Sprintf(`load_module /usr/lib/nginx/modules/ngx_stream_module.so;
+daemon off;
+worker_processes auto;
+worker_rlimit_nofile %d;
+pid %s;
+error_log stderr warn;
+events {
+    worker_connections %d;
+    multi_accept on;
+}
+stream {
+    access_log off;
+    upstream gw {
+        server %s;
+    }
+    server {
+        listen %s reuseport;
+        proxy_pass gw;
+        proxy_protocol off;
+        tcp_nodelay on;
+        proxy_half_close on;
+        proxy_connect_timeout 5s;
+        proxy_timeout 10m;
+    }
+}
+`, 2*maxconn+100, pidFile, maxconn, server, bind)
+}
+
+// startNginx writes the config to dir and runs nginx in the foreground.
+func startNginx(dir, server string, maxconn int) (*proc, error) {
+	if _, err := os.Stat("/usr/lib/nginx/modules/ngx_stream_module.so"); err != nil {
+		return nil, fmt.Errorf("nginx stream module missing (make deps installs libnginx-mod-stream): %w", err)
+	}
+	port, err := freePort()
+	if err != nil {
+		return nil, err
+	}
+	bind := fmt.Sprintf("127.0.0.1:%d", port)
+	cfg := filepath.Join(dir, fmt.Sprintf("nginx-%d.conf", port))
+	conf := nginxConfig(bind, server, filepath.Join(dir, fmt.Sprintf("nginx-%d.pid", port)), maxconn)
+	if err := os.WriteFile(cfg, []byte(conf), 0o644); err != nil {
+		return nil, err
+	}
+	return startProc("nginx", bind, false, nginxBin(), "-e", "stderr", "-p", dir, "-c", cfg)
+}
+
+// nginxBin is the nginx executable.
+func nginxBin() string {
+	bin, err := exec.LookPath("nginx")
+	if err != nil {
+		bin = "/usr/sbin/nginx"
+	}
+	return bin
+}
+
+// nginxVersion is "nginx/1.x.y".
+func nginxVersion() string {
+	out, err := exec.Command(nginxBin(), "-v").CombinedOutput()
+	if err != nil {
+		return "nginx (version unknown)"
+	}
+	return strings.TrimSpace(strings.TrimPrefix(string(out), "nginx version: "))
+}
+
+// treeCPU is the CPU time (user + system) of a process and every
+// descendant still running: nginx works in worker processes.
+func treeCPU(pid int) time.Duration {
+	st, err := statsOf(pid)
+	if err != nil {
+		return 0
+	}
+	total := st.cpu
+	tasks, _ := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+	for _, task := range tasks {
+		raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/task/%s/children", pid, task.Name()))
+		if err != nil {
+			continue
+		}
+		for _, c := range strings.Fields(string(raw)) {
+			if child, err := strconv.Atoi(c); err == nil {
+				total += treeCPU(child)
+			}
+		}
+	}
+	return total
+}

@@ -70,7 +70,7 @@ func tlsSection(b *strings.Builder, o options) error {
 	fmt.Fprintf(b, "## TLS termination\n\ntether (`--tls-cert`, Go's crypto/tls) and HAProxy %s (`bind ... ssl crt`, OpenSSL) terminate TLS with the same ECDSA P-256 certificate in front of the same echo gateway; the client offers only X25519 and TLS 1.3 (negotiated: tether %s; HAProxy %s). \"Handshakes\" are new connections: full TLS handshake (no resumption), hello, reply, reset, 32 workers; the load generator's TLS work is the same for both and shares the 2 cores. %d rounds, alternating; medians.\n\n",
 		haproxyVersion(), suites["tether"], suites["haproxy"], o.rounds)
 	fmt.Fprintf(b, "| metric | tether | HAProxy | tether / HAProxy |\n|---|---|---|---|\n")
-	rate, err := rounds(targets, o.rounds, func(t target) (float64, error) { return connRate(t.addr, 32, o.rateFor, 500000) })
+	rate, err := rounds(targets, o.rounds, func(t target) (float64, error) { v, _, err := connRate(t.addr, 32, o.rateFor, 500000); return v, err })
 	if err != nil {
 		return err
 	}
