@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# A/B the bulk path of two proxy builds against one echo gateway,
-# alternating, three rounds: did a change cost throughput?
+# A/B two proxy builds against one echo gateway, alternating, three rounds:
+# bulk throughput (8 streams), then new connections per second with the
+# proxy's CPU milliseconds per 1,000 connections (from /proc). Did a change
+# cost (or gain) anything?
 #
 #   git worktree add /tmp/old <rev> && (cd /tmp/old && go build -o /tmp/old-proxy ./cmd/proxy)
 #   make build && bench/ab.sh /tmp/old-proxy bin/proxy
@@ -21,6 +23,17 @@ for hp in "127.0.1.1/$gw" "127.0.0.1/$pa" "127.0.0.1/$pb"; do
 done
 for round in 1 2 3; do
 	for t in "old:$pa" "new:$pb"; do
-		echo "round $round ${t%%:*}: $(bin/benchload --load bulk --addr "127.0.0.1:${t##*:}" --for 4s --streams 8 | tr '\n' ' ')"
+		echo "round $round ${t%%:*} bulk: $(bin/benchload --load bulk --addr "127.0.0.1:${t##*:}" --for 4s --streams 8 | tr '\n' ' ')"
+	done
+done
+cpu() { awk '{print $14 + $15}' "/proc/$1/stat"; } # user + system, in 10 ms ticks
+for round in 1 2 3; do
+	for t in "old:$pa:${pids[1]}" "new:$pb:${pids[2]}"; do
+		IFS=: read -r name port pid <<<"$t"
+		c0=$(cpu "$pid")
+		rate=$(bin/benchload --load connrate --addr "127.0.0.1:$port" --for 5s)
+		c1=$(cpu "$pid")
+		n=${rate%% *}
+		echo "round $round $name connrate: $rate, $(( (c1 - c0) * 10 * 1000 / (n * 5) )) ms CPU per 1,000 connections"
 	done
 done

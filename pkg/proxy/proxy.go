@@ -148,6 +148,12 @@ type Server struct {
 
 	parker *parker // nil: one goroutine and io.Copy per direction
 
+	// next hands an accepted connection to a handler goroutine waiting
+	// for one (workers.go); idleHandlers counts those waiting.
+	next            chan net.Conn
+	idleHandlers    atomic.Int32
+	handlersStarted atomic.Int64 // goroutines dispatch started (tests)
+
 	local    exhaustion // out of descriptors or ports: logged once per change
 	overload exhaustion // over --max-handshakes: logged once per change
 	active   atomic.Int64
@@ -204,6 +210,7 @@ func New(cfg Config) (*Server, error) {
 		bufSize:  headroom + cfg.Extractor.MaxPeek(),
 		sessions: make(map[*session]struct{}),
 		perGW:    make(map[string]int),
+		next:     make(chan net.Conn),
 		lns:      make(map[net.Listener]struct{}),
 	}
 	s.pool.New = func() any { b := make([]byte, s.bufSize); return &b }
@@ -292,7 +299,7 @@ func (s *Server) Serve(ln net.Listener) error {
 		s.active.Add(1)
 		s.m.Active.Inc()
 		s.wg.Add(1)
-		go s.handle(c)
+		s.dispatch(c)
 	}
 }
 
