@@ -64,6 +64,23 @@ type parker struct {
 	closeMu   sync.Once
 	done      chan struct{} // closed when the loop has returned
 	closing   atomic.Bool   // close began: the loop's wakeup error is expected
+
+	// spawn runs a direction's worker on a reused goroutine (the server's
+	// handlers, workers.go); nil starts a goroutine of its own.
+	spawn func(d *parkedDir, claimed bool)
+}
+
+// start runs d's worker in another goroutine: run (which claims d) or,
+// when the caller claimed it, work.
+func (p *parker) start(d *parkedDir, claimed bool) {
+	switch {
+	case p.spawn != nil:
+		p.spawn(d, claimed)
+	case claimed:
+		go p.work(d)
+	default:
+		go p.run(d)
+	}
 }
 
 // maxSplice is the most one splice call moves; pipes are sized to it.
@@ -165,7 +182,7 @@ func (p *parker) adopt(ses *session) *parkedSession {
 	// client → gateway one runs in the handler's (runClient), whose large
 	// stack is then held only for the first, short wait: a reconnect storm
 	// keeps few stacks alive at a time.
-	go p.run(&ps.dirs[1])
+	p.start(&ps.dirs[1], false)
 	return ps
 }
 

@@ -9,7 +9,12 @@ import (
 )
 
 // parker is Linux-only; elsewhere sessions use one goroutine per direction.
-type parker struct{}
+type parker struct {
+	spawn func(*parkedDir, bool)
+}
+
+// parkedDir is a parked direction; never created here.
+type parkedDir struct{}
 
 // parkedSession is the parker's state of a session; never created here.
 type parkedSession struct{}
@@ -21,5 +26,7 @@ func newParker(*zap.Logger, *Metrics, time.Duration, func() time.Time, func(*ses
 }
 func (p *parker) adopt(*session) *parkedSession { return nil }
 func (p *parker) runClient(*parkedSession)      {}
+func (p *parker) run(*parkedDir)                {}
+func (p *parker) work(*parkedDir)               {}
 func (p *parker) close()                        {}
 func (p *parker) parkedCount() int              { return 0 }

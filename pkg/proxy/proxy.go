@@ -150,7 +150,7 @@ type Server struct {
 
 	// next hands an accepted connection to a handler goroutine waiting
 	// for one (workers.go); idleHandlers counts those waiting.
-	next            chan net.Conn
+	next            chan job
 	idleHandlers    atomic.Int32
 	handlersStarted atomic.Int64 // goroutines dispatch started (tests)
 
@@ -210,7 +210,7 @@ func New(cfg Config) (*Server, error) {
 		bufSize:  headroom + cfg.Extractor.MaxPeek(),
 		sessions: make(map[*session]struct{}),
 		perGW:    make(map[string]int),
-		next:     make(chan net.Conn),
+		next:     make(chan job),
 		lns:      make(map[net.Listener]struct{}),
 	}
 	s.pool.New = func() any { b := make([]byte, s.bufSize); return &b }
@@ -226,6 +226,9 @@ func New(cfg Config) (*Server, error) {
 			return nil, fmt.Errorf("proxy: park: %w", err)
 		}
 		s.parker = p // nil where parking is not supported
+		if p != nil {
+			p.spawn = s.dispatchDir
+		}
 	}
 	return s, nil
 }
