@@ -217,23 +217,11 @@ func (s *phoneSession) echo(d time.Duration) error {
 		return err
 	}
 	got := make([]byte, len(msg))
-	_, err := ioReadFull(s.c, got)
+	_, err := readFull(s.c, got)
 	if err == nil && string(got) != string(msg) {
 		err = fmt.Errorf("echo %q", got)
 	}
 	return err
-}
-
-func ioReadFull(c net.Conn, b []byte) (int, error) {
-	n := 0
-	for n < len(b) {
-		m, err := c.Read(b[n:])
-		n += m
-		if err != nil {
-			return n, err
-		}
-	}
-	return n, nil
 }
 
 // TestMultiHost: phone, HAProxy (the SLB), two proxies, three gateways and
