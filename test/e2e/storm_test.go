@@ -94,6 +94,22 @@ func (s *stormClients) connected() int {
 	return len(s.current)
 }
 
+// firstConnects is when the n-th distinct key first connected.
+func (s *stormClients) firstConnects(n int) time.Time {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	seen := map[string]bool{}
+	for _, c := range s.connects {
+		if !seen[c.key] {
+			seen[c.key] = true
+			if len(seen) == n {
+				return c.at
+			}
+		}
+	}
+	return time.Time{}
+}
+
 // maxPerSecond is the most connects of gw in any window of one second
 // starting after from (gw "" counts every gateway).
 func (s *stormClients) maxPerSecond(gw string, from time.Time) int {
@@ -223,7 +239,10 @@ func stormGateway(t *testing.T, n int) *proc {
 
 // TestReconnectStorm: 3,000 pkg/client clients connect at once to one
 // proxy with --gateway-rate 300 --max-handshakes 1000 in front of one
-// gateway. All get in within 25 s; after the first second the gateway
+// gateway. All get in within 45 s (the last ones are clients refused
+// several times, whose full-jitter backoff grows toward its 30 s ceiling:
+// alone on this machine the last got in after 11-25 s, so a tighter bound
+// flakes), 95% within 20 s; after the first second the gateway
 // never admits more than 375 sessions in a second; /healthz answers within
 // 250 ms throughout; the proxy stays below 300 MiB; refusals are counted.
 func TestReconnectStorm(t *testing.T) {
@@ -232,8 +251,12 @@ func TestReconnectStorm(t *testing.T) {
 	probe := healthProbe(t, p.admin)
 	start := time.Now()
 	s := startStorm(t, p.addr, keyList("storm", 3000))
-	waitFor(t, 25*time.Second, "all 3,000 clients connected", func() bool { return s.connected() == 3000 })
+	waitFor(t, 45*time.Second, "all 3,000 clients connected", func() bool { return s.connected() == 3000 })
 	took := time.Since(start)
+	p95 := s.firstConnects(2850).Sub(start)
+	if p95 > 20*time.Second {
+		t.Errorf("95%% of the clients got in after %v, want within 20s", p95)
+	}
 	slowest := probe()
 	peak := s.maxPerSecond("gw-1", start.Add(time.Second))
 	m := metrics(t, p)
@@ -252,8 +275,8 @@ func TestReconnectStorm(t *testing.T) {
 		t.Errorf("refusals: proxy counted %v (gateway_rate %v, overload %v), clients saw %d", refused,
 			m[`tether_connections_rejected_total{reason="gateway_rate"}`], m[`tether_connections_rejected_total{reason="overload"}`], s.refusals.Load())
 	}
-	t.Logf("3,000 clients in after %v; gateway peak %d sessions/s after the first second; refused %v gateway_rate + %v overload (clients backed off %d times); /healthz slowest %v; proxy peak RSS %.0f MiB",
-		took.Round(100*time.Millisecond), peak, m[`tether_connections_rejected_total{reason="gateway_rate"}`],
+	t.Logf("3,000 clients in after %v (95%% after %v); gateway peak %d sessions/s after the first second; refused %v gateway_rate + %v overload (clients backed off %d times); /healthz slowest %v; proxy peak RSS %.0f MiB",
+		took.Round(100*time.Millisecond), p95.Round(100*time.Millisecond), peak, m[`tether_connections_rejected_total{reason="gateway_rate"}`],
 		m[`tether_connections_rejected_total{reason="overload"}`], s.refusals.Load(), slowest.Round(time.Millisecond), rss)
 }
 
