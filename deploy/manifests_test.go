@@ -39,6 +39,13 @@ type manifests struct {
 	pdbs         []policyv1.PodDisruptionBudget
 }
 
+// grow appends a zero T to *s and returns it, to be decoded into before
+// the next append.
+func grow[T any](s *[]T) *T {
+	*s = append(*s, *new(T))
+	return &(*s)[len(*s)-1]
+}
+
 // decodeStrict fills out from one YAML document, refusing unknown or
 // misspelt fields and duplicate keys.
 func decodeStrict(doc []byte, out any) error {
@@ -68,20 +75,15 @@ func loadManifests(t *testing.T) manifests {
 			var obj any
 			switch tm.APIVersion + " " + tm.Kind {
 			case "apps/v1 Deployment":
-				m.deployments = append(m.deployments, appsv1.Deployment{})
-				obj = &m.deployments[len(m.deployments)-1]
+				obj = grow(&m.deployments)
 			case "apps/v1 StatefulSet":
-				m.statefulSets = append(m.statefulSets, appsv1.StatefulSet{})
-				obj = &m.statefulSets[len(m.statefulSets)-1]
+				obj = grow(&m.statefulSets)
 			case "v1 Service":
-				m.services = append(m.services, corev1.Service{})
-				obj = &m.services[len(m.services)-1]
+				obj = grow(&m.services)
 			case "v1 ConfigMap":
-				m.configMaps = append(m.configMaps, corev1.ConfigMap{})
-				obj = &m.configMaps[len(m.configMaps)-1]
+				obj = grow(&m.configMaps)
 			case "policy/v1 PodDisruptionBudget":
-				m.pdbs = append(m.pdbs, policyv1.PodDisruptionBudget{})
-				obj = &m.pdbs[len(m.pdbs)-1]
+				obj = grow(&m.pdbs)
 			default:
 				t.Fatalf("%s document %d: unexpected %s %s", f, i+1, tm.APIVersion, tm.Kind)
 			}

@@ -22,6 +22,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/tether-proxy/tether/pkg/cluster"
+	"github.com/tether-proxy/tether/pkg/proto"
 	"github.com/tether-proxy/tether/pkg/ring"
 	"github.com/tether-proxy/tether/pkg/route"
 )
@@ -179,9 +180,8 @@ func Handler(cfg Config) http.Handler {
 	}
 	if cfg.Resolver != nil {
 		mux.Handle("GET /route", cfg.readAuth(func(w http.ResponseWriter, r *http.Request) {
-			key := r.URL.Query().Get("key")
-			if checkKey(key) != nil {
-				http.Error(w, "want ?key= with 1..255 bytes", http.StatusBadRequest)
+			key, ok := queryKey(w, r)
+			if !ok {
 				return
 			}
 			rt, err := cfg.Resolver.Resolve(r.Context(), []byte(key))
@@ -202,9 +202,8 @@ func Handler(cfg Config) http.Handler {
 	}
 	if cfg.Lookup != nil {
 		mux.Handle("GET /lookup", cfg.readAuth(func(w http.ResponseWriter, r *http.Request) {
-			key := r.URL.Query().Get("key")
-			if checkKey(key) != nil {
-				http.Error(w, "want ?key= with 1..255 bytes", http.StatusBadRequest)
+			key, ok := queryKey(w, r)
+			if !ok {
 				return
 			}
 			if ans, ok := cfg.lookup(w, r, []string{key}); ok {
@@ -250,12 +249,22 @@ func (cfg Config) lookup(w http.ResponseWriter, r *http.Request, keys []string) 
 	return nil, false
 }
 
-// checkKey accepts the keys a hello can carry: 1..255 bytes.
+// checkKey accepts the keys a hello can carry: 1..proto.MaxKeyLen bytes.
 func checkKey(k string) error {
-	if k == "" || len(k) > 255 {
-		return fmt.Errorf("a key has 1..255 bytes, not %d", len(k))
+	if k == "" || len(k) > proto.MaxKeyLen {
+		return fmt.Errorf("a key has 1..%d bytes, not %d", proto.MaxKeyLen, len(k))
 	}
 	return nil
+}
+
+// queryKey is the ?key= of r, or answers 400 (ok false).
+func queryKey(w http.ResponseWriter, r *http.Request) (key string, ok bool) {
+	key = r.URL.Query().Get("key")
+	if checkKey(key) != nil {
+		http.Error(w, fmt.Sprintf("want ?key= with 1..%d bytes", proto.MaxKeyLen), http.StatusBadRequest)
+		return "", false
+	}
+	return key, true
 }
 
 // auth wraps an admin endpoint with the admin token check when a token is

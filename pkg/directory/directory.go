@@ -11,9 +11,9 @@
 // without Redis and one GET with it; a batch is one pipelined round trip.
 //
 // Its answers are the proxies' answers with two exceptions, both about
-// state that lives in one proxy only: a gateway one proxy is skipping after
-// a failed connection attempt (its cooldown), and a drain an operator set on
-// one proxy through its admin API. Gossip carries everything else (a
+// state that lives in one proxy only: a gateway one proxy passes over
+// because its last connection attempt failed, and a drain an operator set
+// on one proxy through its admin API. Gossip carries everything else (a
 // gateway joining, draining, going down, dying) to the directory and the
 // proxies alike, within the same second or so.
 package directory

@@ -152,7 +152,7 @@ func (p *parker) resume(ps *parkedSession) {
 		if d.mv == nil {
 			p.getMover(d)
 		}
-		go p.work(d)
+		p.spawn(d, true)
 	}
 }
 
@@ -195,7 +195,7 @@ func (p *parker) adoptHanded(ses *session, dirs [2]DirState, pipes [2]*pipePair)
 		if pipes[i] != nil {
 			mv := p.getMover(d)
 			mv.pipe, mv.left = pipes[i], dirs[i].Pending
-			go p.work(d)
+			p.spawn(d, true)
 			continue
 		}
 		p.parkDir(d)

@@ -65,22 +65,10 @@ type parker struct {
 	done      chan struct{} // closed when the loop has returned
 	closing   atomic.Bool   // close began: the loop's wakeup error is expected
 
-	// spawn runs a direction's worker on a reused goroutine (the server's
-	// handlers, workers.go); nil starts a goroutine of its own.
+	// spawn runs a direction's worker in another goroutine, a reused one
+	// (the server's handlers, workers.go): run, which claims d, or, when
+	// the caller claimed it, work. It never blocks.
 	spawn func(d *parkedDir, claimed bool)
-}
-
-// start runs d's worker in another goroutine: run (which claims d) or,
-// when the caller claimed it, work.
-func (p *parker) start(d *parkedDir, claimed bool) {
-	switch {
-	case p.spawn != nil:
-		p.spawn(d, claimed)
-	case claimed:
-		go p.work(d)
-	default:
-		go p.run(d)
-	}
 }
 
 // maxSplice is the most one splice call moves; pipes are sized to it.
@@ -124,7 +112,7 @@ type parkedDir struct {
 	parked       bool          // waiting in the epoll set; guarded by ps.mu
 }
 
-func newParker(log *zap.Logger, m *Metrics, parkAfter time.Duration, now func() time.Time, onEnd func(*session, int64, int64)) (*parker, error) {
+func newParker(log *zap.Logger, m *Metrics, parkAfter time.Duration, now func() time.Time, onEnd func(*session, int64, int64), spawn func(*parkedDir, bool)) (*parker, error) {
 	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
 		return nil, err
@@ -143,7 +131,7 @@ func newParker(log *zap.Logger, m *Metrics, parkAfter time.Duration, now func() 
 		ep.Close()
 		return nil, err
 	}
-	p := &parker{log: log, m: m, parkAfter: parkAfter, now: now, onEnd: onEnd, ep: ep, epRC: rc,
+	p := &parker{log: log, m: m, parkAfter: parkAfter, now: now, onEnd: onEnd, spawn: spawn, ep: ep, epRC: rc,
 		wakesInline: m.Wakeups.WithLabelValues("inline"), wakesWorker: m.Wakeups.WithLabelValues("worker"),
 		slots: make([]*parkedDir, 1), // slot 0 means "never armed"
 		pipes: make(chan *pipePair, pipePool), done: make(chan struct{})}
@@ -182,7 +170,7 @@ func (p *parker) adopt(ses *session) *parkedSession {
 	// client → gateway one runs in the handler's (runClient), whose large
 	// stack is then held only for the first, short wait: a reconnect storm
 	// keeps few stacks alive at a time.
-	p.start(&ps.dirs[1], false)
+	p.spawn(&ps.dirs[1], false)
 	return ps
 }
 

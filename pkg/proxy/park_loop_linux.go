@@ -97,7 +97,7 @@ func (p *parker) wake(d *parkedDir, events uint32, now int64) {
 	if events&unix.EPOLLIN == 0 || events&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 ||
 		time.Duration(now-d.parkedAt) < p.parkAfter {
 		p.wakesWorker.Inc()
-		p.start(d, true)
+		p.spawn(d, true)
 		return
 	}
 	mv := d.mv
@@ -117,7 +117,7 @@ func (p *parker) wake(d *parkedDir, events uint32, now int64) {
 		// EOF, a stream, or a destination that is full: the worker
 		// flushes what is left and carries on.
 		p.wakesWorker.Inc()
-		p.start(d, true)
+		p.spawn(d, true)
 	}
 }
 

@@ -9,9 +9,7 @@ import (
 )
 
 // parker is Linux-only; elsewhere sessions use one goroutine per direction.
-type parker struct {
-	spawn func(*parkedDir, bool)
-}
+type parker struct{}
 
 // parkedDir is a parked direction; never created here.
 type parkedDir struct{}
@@ -21,7 +19,7 @@ type parkedSession struct{}
 
 func (*parkedSession) aborted() {}
 
-func newParker(*zap.Logger, *Metrics, time.Duration, func() time.Time, func(*session, int64, int64)) (*parker, error) {
+func newParker(*zap.Logger, *Metrics, time.Duration, func() time.Time, func(*session, int64, int64), func(*parkedDir, bool)) (*parker, error) {
 	return nil, nil
 }
 func (p *parker) adopt(*session) *parkedSession { return nil }

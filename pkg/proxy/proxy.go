@@ -221,14 +221,11 @@ func New(cfg Config) (*Server, error) {
 			cfg.ParkAfter = DefaultParkAfter
 			s.cfg.ParkAfter = DefaultParkAfter
 		}
-		p, err := newParker(s.log, s.m, cfg.ParkAfter, cfg.Now, s.parkedEnd)
+		p, err := newParker(s.log, s.m, cfg.ParkAfter, cfg.Now, s.parkedEnd, s.dispatchDir)
 		if err != nil {
 			return nil, fmt.Errorf("proxy: park: %w", err)
 		}
 		s.parker = p // nil where parking is not supported
-		if p != nil {
-			p.spawn = s.dispatchDir
-		}
 	}
 	return s, nil
 }

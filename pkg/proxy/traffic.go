@@ -76,35 +76,30 @@ func (t *traffic) Describe(ch chan<- *prometheus.Desc) {
 	ch <- gatewayBytesDesc
 }
 
-// Collect implements prometheus.Collector.
+// Collect implements prometheus.Collector: the ended sessions' totals plus
+// every open session's bytes, added as if it ended now.
 func (t *traffic) Collect(ch chan<- prometheus.Metric) {
-	var all [2]int64
-	perGW := map[string][2]int64{}
+	tot := byteTotals{perGW: map[string]*[2]int64{}}
 	t.mu.Lock()
 	for _, id := range t.members {
-		perGW[id] = [2]int64{}
+		tot.perGW[id] = new([2]int64)
 	}
 	t.mu.Unlock()
 	if s := t.server.Load(); s != nil {
 		s.mu.Lock()
-		all = s.ended.all
+		tot.all = s.ended.all
 		for id, v := range s.ended.perGW {
-			perGW[id] = *v
+			c := *v
+			tot.perGW[id] = &c
 		}
 		for ses := range s.sessions {
-			up, down := ses.moved[dirUp].Load(), ses.moved[dirDown].Load()
-			all[dirUp] += up
-			all[dirDown] += down
-			g := perGW[ses.gwID]
-			g[dirUp] += up
-			g[dirDown] += down
-			perGW[ses.gwID] = g
+			tot.add(ses)
 		}
 		s.mu.Unlock()
 	}
 	for i, dir := range directions {
-		ch <- prometheus.MustNewConstMetric(bytesDesc, prometheus.CounterValue, float64(all[i]), dir)
-		for id, v := range perGW {
+		ch <- prometheus.MustNewConstMetric(bytesDesc, prometheus.CounterValue, float64(tot.all[i]), dir)
+		for id, v := range tot.perGW {
 			ch <- prometheus.MustNewConstMetric(gatewayBytesDesc, prometheus.CounterValue, float64(v[i]), id, dir)
 		}
 	}

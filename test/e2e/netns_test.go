@@ -10,7 +10,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
-	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -355,48 +355,38 @@ func TestMultiHost(t *testing.T) {
 	lab.run("-n", pxNS[0], "link", "set", "eth0", "down")
 	live = proxies[1:]
 	lb.WaitServers(t, "DOWN", "proxy1")
-	var moved, kept int
-	var mu sync.Mutex
-	var wg sync.WaitGroup
-	for i, s := range second {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			// An app heartbeat notices the dead path; the client
-			// reconnects through the SLB.
-			if err := s.echo(time.Second); err == nil {
-				mu.Lock()
-				kept++
-				mu.Unlock()
-				return
+	var moved, kept atomic.Int64
+	parallel(len(second), len(second), func(i int) {
+		s := second[i]
+		// An app heartbeat notices the dead path; the client
+		// reconnects through the SLB.
+		if err := s.echo(time.Second); err == nil {
+			kept.Add(1)
+			return
+		}
+		s.c.Close()
+		var again *phoneSession
+		var err error
+		for try := 0; try < 5; try++ {
+			if again, err = openFrom(phone, newIP, slb, s.key); err == nil {
+				break
 			}
-			s.c.Close()
-			var again *phoneSession
-			var err error
-			for try := 0; try < 5; try++ {
-				if again, err = openFrom(phone, newIP, slb, s.key); err == nil {
-					break
-				}
-			}
-			if err != nil {
-				t.Errorf("%s: no way back after proxy1 lost its link: %v", s.key, err)
-				return
-			}
-			defer again.c.Close()
-			if again.reply.Gateway != first[i].reply.Gateway {
-				t.Errorf("%s: was on %s, came back through proxy2 to %s", s.key, first[i].reply.Gateway, again.reply.Gateway)
-			}
-			if err := again.echo(2 * time.Second); err != nil {
-				t.Errorf("%s through proxy2: %v", s.key, err)
-			}
-			mu.Lock()
-			moved++
-			mu.Unlock()
-		}()
+		}
+		if err != nil {
+			t.Errorf("%s: no way back after proxy1 lost its link: %v", s.key, err)
+			return
+		}
+		defer again.c.Close()
+		if again.reply.Gateway != first[i].reply.Gateway {
+			t.Errorf("%s: was on %s, came back through proxy2 to %s", s.key, first[i].reply.Gateway, again.reply.Gateway)
+		}
+		if err := again.echo(2 * time.Second); err != nil {
+			t.Errorf("%s through proxy2: %v", s.key, err)
+		}
+		moved.Add(1)
+	})
+	if float64(moved.Load()) != via1 || kept.Load()+moved.Load() != keys {
+		t.Errorf("after proxy1 lost its link: %d reconnected, %d kept; proxy1 had %v", moved.Load(), kept.Load(), via1)
 	}
-	wg.Wait()
-	if float64(moved) != via1 || kept+moved != keys {
-		t.Errorf("after proxy1 lost its link: %d reconnected, %d kept; proxy1 had %v", moved, kept, via1)
-	}
-	t.Logf("proxy1 link down: its %d clients reconnected through proxy2 to their gateways; %d sessions on proxy2 untouched", moved, kept)
+	t.Logf("proxy1 link down: its %d clients reconnected through proxy2 to their gateways; %d sessions on proxy2 untouched", moved.Load(), kept.Load())
 }

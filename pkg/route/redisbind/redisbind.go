@@ -146,8 +146,8 @@ func New(cfg Config) (*Resolver, error) {
 // read and honoured; new keys go to their ring owner without being stored.
 func (b *Resolver) Resolve(ctx context.Context, key []byte) (route.Route, error) {
 	rg := b.cfg.Ring.Load()
-	cands := make([]route.Gateway, min(b.cfg.Candidates, rg.Len()))
-	if rg.LookupN(key, cands) == 0 {
+	cands, ok := b.ringCandidates(rg, key)
+	if !ok {
 		return route.Route{}, route.ErrNoGateway
 	}
 	now := b.cfg.Now().UnixNano()
@@ -210,10 +210,9 @@ var _ route.Looker = (*Resolver)(nil)
 func (b *Resolver) LookupRoutes(ctx context.Context, keys []string) ([]route.Route, error) {
 	rg := b.cfg.Ring.Load()
 	routes := make([]route.Route, len(keys))
-	n := min(b.cfg.Candidates, rg.Len())
 	for i, k := range keys {
-		cands := make([]route.Gateway, n)
-		if rg.LookupN([]byte(k), cands) == 0 {
+		cands, ok := b.ringCandidates(rg, []byte(k))
+		if !ok {
 			return nil, route.ErrNoGateway
 		}
 		routes[i] = route.Route{Source: route.SourceFallback, Candidates: cands}
@@ -256,6 +255,13 @@ func (b *Resolver) LookupRoutes(ctx context.Context, keys []string) ([]route.Rou
 		}
 	}
 	return routes, nil
+}
+
+// ringCandidates is key's failover order on rg, owner first; false when
+// no gateway takes keys.
+func (b *Resolver) ringCandidates(rg *ring.Ring, key []byte) ([]route.Gateway, bool) {
+	cands := make([]route.Gateway, min(b.cfg.Candidates, rg.Len()))
+	return cands, rg.LookupN(key, cands) > 0
 }
 
 // readOnly serves a key while Redis refuses writes (werr, or nil inside the
