@@ -27,6 +27,7 @@ import (
 
 	"github.com/tether-proxy/tether/internal/cli"
 	"github.com/tether-proxy/tether/internal/pidfile"
+	"github.com/tether-proxy/tether/internal/sock"
 	"github.com/tether-proxy/tether/internal/tlsconf"
 	"github.com/tether-proxy/tether/internal/upgrade"
 	"github.com/tether-proxy/tether/internal/version"
@@ -582,6 +583,11 @@ func (p *process) keepRing() error {
 func (p *process) newServer() error {
 	o := p.o
 	p.dialer = &route.Dialer{MaxTries: o.maxTries, DialTimeout: o.dialTimeout, Cooldown: o.cooldown, Logger: p.log.Named("dial")}
+	if !o.noPark {
+		// The lean dial's connections are spliced by the parker; the
+		// --no-park path splices through net.TCPConn and keeps Go's dial.
+		p.dialer.DialContext = sock.Dial
+	}
 	p.metrics.WatchDialer(p.reg, &p.holder, p.dialer)
 	resolver, err := p.newResolver()
 	if err != nil {

@@ -17,6 +17,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/tether-proxy/tether/internal/sock"
 	"github.com/tether-proxy/tether/internal/stub"
 	"github.com/tether-proxy/tether/pkg/ring"
 )
@@ -198,6 +199,11 @@ func TestParkedGatewayReset(t *testing.T) {
 		t.Fatal(err)
 	}
 	waitFor(t, func() bool { return h.srv.parker.parkedCount() == 2 })
+	if ses := h.srv.anySession(); ses == nil {
+		t.Fatal("no open session")
+	} else if _, ok := ses.gw.(*sock.Conn); !ok {
+		t.Fatalf("gateway connection is a %T, want the lean dial's *sock.Conn", ses.gw)
+	}
 	g.SetLinger(0)
 	g.Close()
 	if _, err := c.Read(buf); err == nil {

@@ -31,6 +31,7 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/tether-proxy/tether/internal/sock"
 	"github.com/tether-proxy/tether/pkg/proto"
 	"github.com/tether-proxy/tether/pkg/ring"
 	"github.com/tether-proxy/tether/pkg/route"
@@ -1018,14 +1019,26 @@ func abort(c net.Conn) {
 	c.Close()
 }
 
-// rawTCP finds the *net.TCPConn under c, or nil.
-func rawTCP(c net.Conn) *net.TCPConn {
+// tcpSocket is what the proxy needs of a TCP connection under any
+// wrapper: *net.TCPConn is one, and so is sock.Conn (the lean gateway dial).
+type tcpSocket interface {
+	net.Conn
+	syscall.Conn
+	CloseWrite() error
+	SetLinger(sec int) error
+}
+
+// rawTCP finds the TCP connection under c, or nil.
+func rawTCP(c net.Conn) tcpSocket {
 	switch t := c.(type) {
 	case *net.TCPConn:
 		return t
+	case *sock.Conn:
+		return t
 	case interface{ TCPConn() (*net.TCPConn, bool) }:
-		tc, _ := t.TCPConn()
-		return tc
+		if tc, _ := t.TCPConn(); tc != nil {
+			return tc
+		}
 	}
 	return nil
 }

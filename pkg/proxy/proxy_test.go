@@ -16,6 +16,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
+	"github.com/tether-proxy/tether/internal/sock"
 	"github.com/tether-proxy/tether/internal/stub"
 	"github.com/tether-proxy/tether/pkg/proto"
 	"github.com/tether-proxy/tether/pkg/ring"
@@ -71,7 +72,13 @@ func startWrapped(t *testing.T, cfg Config, wrap func(net.Listener, *Metrics) ne
 	cfg.Resolver = &route.RingResolver{Ring: h.ring}
 	cfg.Metrics = h.m
 	if cfg.Dialer == nil {
-		cfg.Dialer = &route.Dialer{DialTimeout: time.Second, Cooldown: -1}
+		d := &route.Dialer{DialTimeout: time.Second, Cooldown: -1}
+		if cfg.Park {
+			// As the proxy binary is wired: the parker's sessions
+			// reach gateways through the lean dial.
+			d.DialContext = sock.Dial
+		}
+		cfg.Dialer = d
 	}
 	h.srv, err = New(cfg)
 	if err != nil {

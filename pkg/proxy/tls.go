@@ -243,7 +243,7 @@ func isTLS(c net.Conn) bool {
 
 // tcpOf finds the TCP connection under c, below TLS too (for resets,
 // half-closes and blame; never for splicing).
-func tcpOf(c net.Conn) *net.TCPConn {
+func tcpOf(c net.Conn) tcpSocket {
 	if tc, ok := c.(*tls.Conn); ok {
 		c = tc.NetConn()
 		if p, ok := c.(*prefixConn); ok {

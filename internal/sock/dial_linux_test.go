@@ -1,0 +1,233 @@
+//go:build linux
+
+package sock
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"syscall"
+	"testing"
+	"time"
+)
+
+// echoOnce accepts one connection on ln and echoes it until EOF.
+func echoOnce(t *testing.T, ln net.Listener) <-chan error {
+	t.Helper()
+	done := make(chan error, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			done <- err
+			return
+		}
+		defer c.Close()
+		_, err = io.Copy(c, c)
+		done <- err
+	}()
+	return done
+}
+
+func TestDialEchoesAndHalfCloses(t *testing.T) {
+	for _, network := range []string{"tcp4", "tcp6"} {
+		t.Run(network, func(t *testing.T) {
+			addr := map[string]string{"tcp4": "127.0.0.1:0", "tcp6": "[::1]:0"}[network]
+			ln, err := net.Listen(network, addr)
+			if err != nil {
+				if os.Getenv("CI") == "true" {
+					t.Fatalf("no %s loopback: %v", network, err)
+				}
+				t.Skipf("no %s loopback here: %v", network, err)
+			}
+			defer ln.Close()
+			done := echoOnce(t, ln)
+			c, err := Dial(context.Background(), "tcp", ln.Addr().String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			sc, ok := c.(*Conn)
+			if !ok {
+				t.Fatalf("Dial gave a %T for an IP address, want *sock.Conn", c)
+			}
+			if got, want := c.RemoteAddr().String(), ln.Addr().String(); got != want {
+				t.Errorf("RemoteAddr = %s, want %s", got, want)
+			}
+			if la := c.LocalAddr().(*net.TCPAddr); la.Port == 0 || !la.IP.IsLoopback() {
+				t.Errorf("LocalAddr = %v, want a loopback address with a port", la)
+			}
+			nodelay := 0
+			rc, _ := sc.SyscallConn()
+			_ = rc.Control(func(fd uintptr) {
+				nodelay, _ = syscall.GetsockoptInt(int(fd), syscall.IPPROTO_TCP, syscall.TCP_NODELAY)
+			})
+			if nodelay == 0 {
+				t.Error("TCP_NODELAY is off")
+			}
+			if _, err := c.Write([]byte("hello")); err != nil {
+				t.Fatal(err)
+			}
+			if err := sc.CloseWrite(); err != nil {
+				t.Fatal(err)
+			}
+			got, err := io.ReadAll(c)
+			if err != nil || string(got) != "hello" {
+				t.Fatalf("echo after half-close = %q, %v; want \"hello\", nil", got, err)
+			}
+			if err := <-done; err != nil {
+				t.Fatalf("echo side: %v", err)
+			}
+		})
+	}
+}
+
+func TestDialRefused(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+	_, err = Dial(context.Background(), "tcp", addr)
+	var oe *net.OpError
+	if !errors.Is(err, syscall.ECONNREFUSED) || !errors.As(err, &oe) || oe.Op != "dial" {
+		t.Fatalf("Dial to a closed port = %v, want a dial *net.OpError wrapping ECONNREFUSED", err)
+	}
+}
+
+// TestDialTimesOut dials a listener whose accept queue is full, so the
+// kernel drops the SYN and the connect never completes: the dial must end
+// at the context's deadline, and a cancelled context must end it too.
+func TestDialTimesOut(t *testing.T) {
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer syscall.Close(fd)
+	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	sa, _ := syscall.Getsockname(fd)
+	addr := (&net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: sa.(*syscall.SockaddrInet4).Port}).String()
+	// Fill the queue (backlog 0 holds one) until a connect stalls.
+	var fill []net.Conn
+	defer func() {
+		for _, c := range fill {
+			c.Close()
+		}
+	}()
+	for range 8 {
+		c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
+		if err != nil {
+			break
+		}
+		fill = append(fill, c)
+	}
+
+	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
+	defer cancel()
+	c, err := Dial(ctx, "tcp", addr)
+	if err == nil {
+		c.Close()
+		t.Fatal("the kernel completed a connect to a full accept queue; nothing timed out")
+	}
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Dial past its deadline = %v, want context.DeadlineExceeded", err)
+	}
+
+	ctx, cancel = context.WithCancel(context.Background())
+	time.AfterFunc(50*time.Millisecond, cancel)
+	if _, err := Dial(ctx, "tcp", addr); !errors.Is(err, context.Canceled) {
+		t.Fatalf("Dial with a cancelled context = %v, want context.Canceled", err)
+	}
+}
+
+func TestClosedConnErrorsAreNets(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	_ = echoOnce(t, ln)
+	c, err := Dial(context.Background(), "tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	sc := c.(*Conn)
+	rc, _ := sc.SyscallConn()
+	if err := c.Close(); err != nil {
+		t.Fatal(err)
+	}
+	for name, err := range map[string]error{
+		"Read":      func() error { _, err := c.Read(make([]byte, 1)); return err }(),
+		"Write":     func() error { _, err := c.Write([]byte("x")); return err }(),
+		"Close":     c.Close(),
+		"Control":   rc.Control(func(uintptr) {}),
+		"SetLinger": sc.SetLinger(0),
+	} {
+		if !errors.Is(err, net.ErrClosed) {
+			t.Errorf("%s after Close = %v, want net.ErrClosed", name, err)
+		}
+		if errors.Is(err, os.ErrClosed) {
+			t.Errorf("%s after Close = %v: os.ErrClosed leaks out", name, err)
+		}
+	}
+}
+
+// TestSetLingerZeroResets: a connection closed after SetLinger(0) reaches
+// its peer as a reset, which is how the proxy aborts a session.
+func TestSetLingerZeroResets(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	accepted := make(chan net.Conn, 1)
+	go func() {
+		c, err := ln.Accept()
+		if err == nil {
+			accepted <- c
+		}
+		close(accepted)
+	}()
+	c, err := Dial(context.Background(), "tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	peer := <-accepted
+	if peer == nil {
+		t.Fatal("accept failed")
+	}
+	defer peer.Close()
+	if err := c.(*Conn).SetLinger(0); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	_ = peer.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := peer.Read(make([]byte, 1)); !errors.Is(err, syscall.ECONNRESET) {
+		t.Fatalf("peer read after SetLinger(0) + Close = %v, want ECONNRESET", err)
+	}
+}
+
+func TestDialHostNameFallsBack(t *testing.T) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	_ = echoOnce(t, ln)
+	_, port, _ := net.SplitHostPort(ln.Addr().String())
+	c, err := Dial(context.Background(), "tcp", net.JoinHostPort("localhost", port))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if _, ok := c.(*net.TCPConn); !ok {
+		t.Fatalf("Dial of a host name gave a %T, want net.Dialer's *net.TCPConn", c)
+	}
+}
