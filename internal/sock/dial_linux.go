@@ -260,7 +260,7 @@ func (c *Conn) LocalAddr() net.Addr {
 
 // CloseWrite shuts down the sending side (a FIN).
 func (c *Conn) CloseWrite() error {
-	return c.control(func(fd int) error { return unix.Shutdown(fd, unix.SHUT_WR) })
+	return c.control("shutdown", func(fd int) error { return unix.Shutdown(fd, unix.SHUT_WR) })
 }
 
 // SetLinger is net.TCPConn.SetLinger: 0 makes Close send a reset.
@@ -269,16 +269,17 @@ func (c *Conn) SetLinger(sec int) error {
 	if sec >= 0 {
 		l.Onoff, l.Linger = 1, int32(sec)
 	}
-	return c.control(func(fd int) error { return unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &l) })
+	return c.control("setsockopt", func(fd int) error { return unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &l) })
 }
 
-func (c *Conn) control(f func(fd int) error) error {
+// control runs the system call op (f) on the socket.
+func (c *Conn) control(op string, f func(fd int) error) error {
 	var err error
 	if cerr := c.rc.Control(func(fd uintptr) { err = f(int(fd)) }); cerr != nil {
 		return cerr
 	}
 	if err != nil {
-		return os.NewSyscallError("setsockopt", err)
+		return os.NewSyscallError(op, err)
 	}
 	return nil
 }

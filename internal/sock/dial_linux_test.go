@@ -13,6 +13,17 @@ import (
 	"time"
 )
 
+// listen listens on 127.0.0.1 for the test's duration.
+func listen(t *testing.T) net.Listener {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	return ln
+}
+
 // echoOnce accepts one connection on ln and echoes it until EOF.
 func echoOnce(t *testing.T, ln net.Listener) <-chan error {
 	t.Helper()
@@ -84,13 +95,10 @@ func TestDialEchoesAndHalfCloses(t *testing.T) {
 }
 
 func TestDialRefused(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
+	ln := listen(t)
 	addr := ln.Addr().String()
 	ln.Close()
-	_, err = Dial(context.Background(), "tcp", addr)
+	_, err := Dial(context.Background(), "tcp", addr)
 	var oe *net.OpError
 	if !errors.Is(err, syscall.ECONNREFUSED) || !errors.As(err, &oe) || oe.Op != "dial" {
 		t.Fatalf("Dial to a closed port = %v, want a dial *net.OpError wrapping ECONNREFUSED", err)
@@ -148,11 +156,7 @@ func TestDialTimesOut(t *testing.T) {
 }
 
 func TestClosedConnErrorsAreNets(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
+	ln := listen(t)
 	_ = echoOnce(t, ln)
 	c, err := Dial(context.Background(), "tcp", ln.Addr().String())
 	if err != nil {
@@ -182,11 +186,7 @@ func TestClosedConnErrorsAreNets(t *testing.T) {
 // TestSetLingerZeroResets: a connection closed after SetLinger(0) reaches
 // its peer as a reset, which is how the proxy aborts a session.
 func TestSetLingerZeroResets(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
+	ln := listen(t)
 	accepted := make(chan net.Conn, 1)
 	go func() {
 		c, err := ln.Accept()
@@ -215,11 +215,7 @@ func TestSetLingerZeroResets(t *testing.T) {
 }
 
 func TestDialHostNameFallsBack(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
+	ln := listen(t)
 	_ = echoOnce(t, ln)
 	_, port, _ := net.SplitHostPort(ln.Addr().String())
 	c, err := Dial(context.Background(), "tcp", net.JoinHostPort("localhost", port))

@@ -149,9 +149,8 @@ func (p *parker) parkDir(d *parkedDir) {
 	if err := p.arm(d, op); err != nil {
 		// Closed meanwhile: an abort or drain already finished every
 		// direction, and this abort does nothing. Otherwise the epoll
-		// set is full (fs.epoll.max_user_watches) or broken. (A lean
-		// dial's connection is an os.File: its close error is os.ErrClosed.)
-		if !errors.Is(err, net.ErrClosed) && !errors.Is(err, os.ErrClosed) {
+		// set is full (fs.epoll.max_user_watches) or broken.
+		if !errors.Is(err, net.ErrClosed) {
 			p.m.ParkErrors.Inc()
 			p.log.Warn("park: cannot watch an idle session; closing it", zap.Error(err))
 		}
