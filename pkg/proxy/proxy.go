@@ -154,6 +154,7 @@ type Server struct {
 	next            chan job
 	idleHandlers    atomic.Int32
 	handlersStarted atomic.Int64 // goroutines dispatch started (tests)
+	linger          atomic.Int64 // how long an idle handler waits: handlerLinger (tests change it)
 
 	local    exhaustion // out of descriptors or ports: logged once per change
 	overload exhaustion // over --max-handshakes: logged once per change
@@ -215,6 +216,7 @@ func New(cfg Config) (*Server, error) {
 		lns:      make(map[net.Listener]struct{}),
 	}
 	s.pool.New = func() any { b := make([]byte, s.bufSize); return &b }
+	s.linger.Store(int64(handlerLinger))
 	s.m.traffic.server.Store(s)
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	if cfg.Park {

@@ -57,7 +57,7 @@ func (s *Server) dispatchJob(j job) {
 }
 
 // handler runs j, then further jobs dispatchJob hands it, until it has
-// waited handlerLinger for one, there are enough idle handlers, or the
+// waited its linger (handlerLinger) for one, there are enough idle handlers, or the
 // server closes.
 func (s *Server) handler(j job) {
 	var t *time.Timer
@@ -67,10 +67,11 @@ func (s *Server) handler(j job) {
 			s.idleHandlers.Add(-1)
 			return
 		}
+		linger := time.Duration(s.linger.Load())
 		if t == nil {
-			t = time.NewTimer(handlerLinger)
+			t = time.NewTimer(linger)
 		} else {
-			t.Reset(handlerLinger)
+			t.Reset(linger)
 		}
 		select {
 		case j = <-s.next:

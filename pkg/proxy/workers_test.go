@@ -3,6 +3,7 @@ package proxy
 import (
 	"io"
 	"testing"
+	"time"
 
 	"github.com/tether-proxy/tether/internal/stub"
 	"github.com/tether-proxy/tether/pkg/ring"
@@ -16,6 +17,9 @@ func TestHandlersReused(t *testing.T) {
 	cfg := DefaultConfig()
 	cfg.Park = false
 	h := start(t, cfg, ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
+	// While reuse is checked the handler waits far longer than a loaded
+	// machine can take to see it idle (1 s of real time was missed).
+	h.srv.linger.Store(int64(time.Minute))
 	session := func() {
 		c := dial(t, h.addr)
 		defer c.Close()
@@ -35,7 +39,12 @@ func TestHandlersReused(t *testing.T) {
 	if n := h.srv.handlersStarted.Load(); n != 1 {
 		t.Fatalf("%d handler goroutines started for two sequential connections, want 1", n)
 	}
-	// Nothing more to do: the handler exits after handlerLinger (the
-	// wait is real time, bounded by waitFor's 10 s).
-	waitFor(t, func() bool { return h.srv.idleHandlers.Load() == 0 })
+	// Nothing more to do: with a short linger, the handler that serves a
+	// third connection exits after it (real time, bounded by waitFor).
+	h.srv.linger.Store(int64(10 * time.Millisecond))
+	session()
+	waitFor(t, func() bool { return h.srv.Active() == 0 && h.srv.idleHandlers.Load() == 0 })
+	if n := h.srv.handlersStarted.Load(); n != 1 {
+		t.Fatalf("%d handler goroutines started for three sequential connections, want 1", n)
+	}
 }
