@@ -4,12 +4,9 @@ package sock
 
 import (
 	"context"
-	"errors"
-	"io"
 	"net"
 	"net/netip"
 	"os"
-	"sync/atomic"
 	"syscall"
 	"time"
 	"unsafe"
@@ -56,7 +53,7 @@ func Dial(ctx context.Context, network, addr string) (net.Conn, error) {
 	// Still connecting: wait in Go's poller until the socket is writable.
 	c := newConn(fd, ap)
 	// The context's end (deadline or cancel) interrupts the wait.
-	stop := context.AfterFunc(ctx, func() { _ = c.f.SetWriteDeadline(aLongTimeAgo) })
+	stop := context.AfterFunc(ctx, func() { _ = c.SetWriteDeadline(aLongTimeAgo) })
 	var cerr error
 	err = c.rc.Write(func(fd uintptr) bool {
 		switch e := connect(fd, &sa, salen); e {
@@ -130,156 +127,119 @@ func connect(fd uintptr, sa *sockaddr, n uintptr) syscall.Errno {
 	return e
 }
 
-// Conn is a TCP connection made by Dial. Besides net.Conn it has what
-// *net.TCPConn has and a proxy needs: SyscallConn, CloseWrite, SetLinger.
-//
-// Its errors are net's: a *net.OpError around the system call's error, and
-// net.ErrClosed (not os.ErrClosed) once it is closed, so callers cannot
-// tell it from a *net.TCPConn by its errors.
-type Conn struct {
-	f      *os.File
-	rc     rawConn
-	raddr  netip.AddrPort
-	laddr  atomic.Pointer[net.TCPAddr]
-	closed atomic.Bool
-}
-
-func newConn(fd uintptr, raddr netip.AddrPort) *Conn {
-	f := os.NewFile(fd, "")
-	c := &Conn{f: f, raddr: raddr}
-	c.rc.c = c
-	c.rc.rc, _ = f.SyscallConn()
-	return c
-}
-
-// Read reads from the connection.
-func (c *Conn) Read(b []byte) (int, error) {
-	n, err := c.f.Read(b)
-	if err != nil && err != io.EOF {
-		err = c.opError("read", err)
+// Start begins a non-blocking connect to ap (TCP_NODELAY on, no keepalive)
+// and returns the socket without waiting: connected reports whether the
+// connection is already up (on loopback it nearly always is). Otherwise the
+// caller waits for the socket to become writable and asks Connected. The
+// caller owns fd: NewConn wraps it, unix.Close drops it.
+func Start(ap netip.AddrPort) (fd int, connected bool, err error) {
+	ip := ap.Addr().Unmap()
+	family := unix.AF_INET
+	if ip.Is6() {
+		family = unix.AF_INET6
 	}
-	return n, err
+	addr := ap.String()
+	sfd, _, e := unix.RawSyscall(unix.SYS_SOCKET, uintptr(family), unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
+	if e != 0 {
+		return -1, false, opError("socket", addr, e)
+	}
+	one := int32(1)
+	if _, _, e := unix.RawSyscall6(unix.SYS_SETSOCKOPT, sfd, unix.IPPROTO_TCP, unix.TCP_NODELAY, uintptr(unsafe.Pointer(&one)), 4, 0); e != 0 {
+		unix.Close(int(sfd))
+		return -1, false, opError("setsockopt", addr, e)
+	}
+	var sa sockaddr
+	salen := sa.set(ip, ap.Port())
+	switch e := connect(sfd, &sa, salen); e {
+	case 0, unix.EISCONN:
+		return int(sfd), true, nil
+	case unix.EINPROGRESS, unix.EALREADY, unix.EINTR:
+	default:
+		unix.Close(int(sfd))
+		return -1, false, opError("connect", addr, e)
+	}
+	// A loopback connect has completed by now; a second one says so.
+	switch e := connect(sfd, &sa, salen); e {
+	case 0, unix.EISCONN:
+		return int(sfd), true, nil
+	case unix.EINPROGRESS, unix.EALREADY, unix.EINTR:
+		return int(sfd), false, nil
+	default:
+		unix.Close(int(sfd))
+		return -1, false, opError("connect", addr, e)
+	}
 }
 
-// Write writes to the connection.
-func (c *Conn) Write(b []byte) (int, error) {
-	n, err := c.f.Write(b)
+// Connected reports how a connect that Start left in progress ended, once
+// its socket is writable (or reported an error): nil when it is up.
+func Connected(fd int, ap netip.AddrPort) error {
+	v, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_ERROR)
+	if err == nil && v != 0 {
+		err = syscall.Errno(v)
+	}
 	if err != nil {
-		err = c.opError("write", err)
-	}
-	return n, err
-}
-
-// Close closes the connection.
-func (c *Conn) Close() error {
-	if c.closed.Swap(true) {
-		return c.opError("close", net.ErrClosed)
-	}
-	if err := c.f.Close(); err != nil {
-		return c.opError("close", err)
+		return opError("connect", ap.String(), err)
 	}
 	return nil
 }
 
-// opError dresses an os.File error as net's: *net.OpError around the
-// system call error, net.ErrClosed once closed.
-func (c *Conn) opError(op string, err error) error {
-	var pe *os.PathError
-	switch {
-	case c.closed.Load() || errors.Is(err, os.ErrClosed):
-		err = net.ErrClosed
-	case errors.Is(err, os.ErrDeadlineExceeded):
-		err = os.ErrDeadlineExceeded
-	case errors.As(err, &pe):
-		err = os.NewSyscallError(op, pe.Err)
+// Accept takes one connection from the listening socket lfd without
+// waiting (unix.EAGAIN when there is none) and returns it non-blocking,
+// with TCP_NODELAY on, and its peer's address.
+func Accept(lfd int) (int, netip.AddrPort, error) {
+	var rsa unix.RawSockaddrAny
+	n := uint32(unix.SizeofSockaddrAny)
+	r, _, e := unix.RawSyscall6(unix.SYS_ACCEPT4, uintptr(lfd), uintptr(unsafe.Pointer(&rsa)), uintptr(unsafe.Pointer(&n)), unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0, 0)
+	if e != 0 {
+		return -1, netip.AddrPort{}, e
 	}
-	return &net.OpError{Op: op, Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: err}
-}
-
-// rawConn is the socket's syscall.RawConn with net's error once closed.
-type rawConn struct {
-	c  *Conn
-	rc syscall.RawConn
-}
-
-func (r *rawConn) Control(f func(fd uintptr)) error { return r.err(r.rc.Control(f)) }
-func (r *rawConn) Read(f func(fd uintptr) bool) error {
-	return r.err(r.rc.Read(f))
-}
-func (r *rawConn) Write(f func(fd uintptr) bool) error {
-	return r.err(r.rc.Write(f))
-}
-
-// err maps the poller's "use of closed file" to net.ErrClosed.
-func (r *rawConn) err(err error) error {
-	if err != nil && r.c.closed.Load() {
-		return net.ErrClosed
+	fd := int(r)
+	one := int32(1)
+	if _, _, e := unix.RawSyscall6(unix.SYS_SETSOCKOPT, r, unix.IPPROTO_TCP, unix.TCP_NODELAY, uintptr(unsafe.Pointer(&one)), 4, 0); e != 0 {
+		unix.Close(fd)
+		return -1, netip.AddrPort{}, os.NewSyscallError("setsockopt", e)
 	}
-	return err
+	return fd, addrPort(&rsa), nil
 }
 
-// SetDeadline sets the read and write deadlines.
-func (c *Conn) SetDeadline(t time.Time) error { return c.f.SetDeadline(t) }
-
-// SetReadDeadline sets the read deadline.
-func (c *Conn) SetReadDeadline(t time.Time) error { return c.f.SetReadDeadline(t) }
-
-// SetWriteDeadline sets the write deadline.
-func (c *Conn) SetWriteDeadline(t time.Time) error { return c.f.SetWriteDeadline(t) }
-
-// SyscallConn gives raw access to the socket, waits in Go's poller included.
-func (c *Conn) SyscallConn() (syscall.RawConn, error) { return &c.rc, nil }
-
-// RemoteAddr is the address dialed.
-func (c *Conn) RemoteAddr() net.Addr { return net.TCPAddrFromAddrPort(c.raddr) }
-
-// LocalAddr asks the kernel for the local address on first use.
-func (c *Conn) LocalAddr() net.Addr {
-	if a := c.laddr.Load(); a != nil {
-		return a
+// addrPort converts a raw IPv4 or IPv6 socket address.
+func addrPort(rsa *unix.RawSockaddrAny) netip.AddrPort {
+	switch rsa.Addr.Family {
+	case unix.AF_INET:
+		s4 := (*unix.RawSockaddrInet4)(unsafe.Pointer(rsa))
+		return netip.AddrPortFrom(netip.AddrFrom4(s4.Addr), ntohs(s4.Port))
+	case unix.AF_INET6:
+		s6 := (*unix.RawSockaddrInet6)(unsafe.Pointer(rsa))
+		return netip.AddrPortFrom(netip.AddrFrom16(s6.Addr), ntohs(s6.Port))
 	}
-	var a *net.TCPAddr
-	_ = c.rc.Control(func(fd uintptr) {
-		sa, err := unix.Getsockname(int(fd))
-		if err != nil {
-			return
+	return netip.AddrPort{}
+}
+
+func ntohs(p uint16) uint16 {
+	b := (*[2]byte)(unsafe.Pointer(&p))
+	return uint16(b[0])<<8 | uint16(b[1])
+}
+
+// SetKeepAlive applies ka to a socket as net.ListenConfig's KeepAliveConfig
+// does for accepted connections; a zero ka leaves keepalive off.
+func SetKeepAlive(fd int, ka net.KeepAliveConfig) error {
+	if !ka.Enable {
+		return nil
+	}
+	opts := [][3]int{{unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1}}
+	if ka.Idle > 0 {
+		opts = append(opts, [3]int{unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, int(max(ka.Idle/time.Second, 1))})
+	}
+	if ka.Interval > 0 {
+		opts = append(opts, [3]int{unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, int(max(ka.Interval/time.Second, 1))})
+	}
+	if ka.Count > 0 {
+		opts = append(opts, [3]int{unix.IPPROTO_TCP, unix.TCP_KEEPCNT, ka.Count})
+	}
+	for _, o := range opts {
+		if err := unix.SetsockoptInt(fd, o[0], o[1], o[2]); err != nil {
+			return os.NewSyscallError("setsockopt", err)
 		}
-		switch sa := sa.(type) {
-		case *unix.SockaddrInet4:
-			a = &net.TCPAddr{IP: sa.Addr[:], Port: sa.Port}
-		case *unix.SockaddrInet6:
-			a = &net.TCPAddr{IP: sa.Addr[:], Port: sa.Port}
-		}
-	})
-	if a == nil {
-		return &net.TCPAddr{}
-	}
-	c.laddr.Store(a)
-	return a
-}
-
-// CloseWrite shuts down the sending side (a FIN).
-func (c *Conn) CloseWrite() error {
-	return c.control("shutdown", func(fd int) error { return unix.Shutdown(fd, unix.SHUT_WR) })
-}
-
-// SetLinger is net.TCPConn.SetLinger: 0 makes Close send a reset.
-func (c *Conn) SetLinger(sec int) error {
-	l := unix.Linger{}
-	if sec >= 0 {
-		l.Onoff, l.Linger = 1, int32(sec)
-	}
-	return c.control("setsockopt", func(fd int) error { return unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &l) })
-}
-
-// control runs the system call op (f) on the socket.
-func (c *Conn) control(op string, f func(fd int) error) error {
-	var err error
-	if cerr := c.rc.Control(func(fd uintptr) { err = f(int(fd)) }); cerr != nil {
-		return cerr
-	}
-	if err != nil {
-		return os.NewSyscallError(op, err)
 	}
 	return nil
 }

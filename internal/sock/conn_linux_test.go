@@ -1,0 +1,233 @@
+//go:build linux
+
+package sock
+
+import (
+	"errors"
+	"io"
+	"net"
+	"net/netip"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// rawPair connects a Start socket to a raw Accept socket over loopback and
+// returns both, unregistered in Go's poller.
+func rawPair(t *testing.T) (client, server *Conn) {
+	t.Helper()
+	ln := listen(t)
+	lap := ln.Addr().(*net.TCPAddr).AddrPort()
+	fd, connected, err := Start(lap)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !connected {
+		// Wait for writability as an event loop would.
+		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
+		if _, err := unix.Poll(pfd, 5000); err != nil {
+			t.Fatal(err)
+		}
+		if err := Connected(fd, lap); err != nil {
+			t.Fatal(err)
+		}
+	}
+	client = NewConn(fd, lap)
+	t.Cleanup(func() { client.Close() })
+
+	lrc, err := ln.(*net.TCPListener).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var sfd int
+	var peer netip.AddrPort
+	var aerr error
+	// The listener is non-blocking: wait for the connection, then take it.
+	if err := lrc.Control(func(lfd uintptr) {
+		pfd := []unix.PollFd{{Fd: int32(lfd), Events: unix.POLLIN}}
+		if _, aerr = unix.Poll(pfd, 5000); aerr == nil {
+			sfd, peer, aerr = Accept(int(lfd))
+		}
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if aerr != nil {
+		t.Fatal(aerr)
+	}
+	if local := client.LocalAddr().(*net.TCPAddr).AddrPort(); peer != local {
+		t.Fatalf("Accept's peer %v, client's local address %v", peer, local)
+	}
+	if nd, err := unix.GetsockoptInt(sfd, unix.IPPROTO_TCP, unix.TCP_NODELAY); err != nil || nd == 0 {
+		t.Fatalf("accepted socket TCP_NODELAY = %d, %v", nd, err)
+	}
+	if nd, err := unix.GetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY); err != nil || nd == 0 {
+		t.Fatalf("started socket TCP_NODELAY = %d, %v", nd, err)
+	}
+	server = NewConn(sfd, peer)
+	t.Cleanup(func() { server.Close() })
+	return client, server
+}
+
+// TestRawConnLazyRegistration checks a NewConn socket through its life:
+// plain system calls first (Control, WriteNow, SetLinger), then Go's poller
+// once something waits (Read with a deadline), and net's errors once closed.
+func TestRawConnLazyRegistration(t *testing.T) {
+	client, server := rawPair(t)
+
+	if n, err := client.WriteNow([]byte("hello")); n != 5 || err != nil {
+		t.Fatalf("WriteNow = %d, %v", n, err)
+	}
+	if client.reg.Load() != nil {
+		t.Fatal("WriteNow registered the socket in Go's poller")
+	}
+	var sawFD bool
+	if err := client.rc.Control(func(fd uintptr) { sawFD = int(fd) == client.fd }); err != nil || !sawFD {
+		t.Fatalf("Control before registration: %v, saw fd %v", err, sawFD)
+	}
+	if client.reg.Load() != nil {
+		t.Fatal("Control registered the socket")
+	}
+
+	// Read waits: it registers; a deadline then works as on a net.Conn.
+	buf := make([]byte, 16)
+	if err := server.SetReadDeadline(time.Now().Add(5 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := io.ReadFull(server, buf[:5]); err != nil || string(buf[:n]) != "hello" {
+		t.Fatalf("Read = %q, %v", buf[:n], err)
+	}
+	if server.reg.Load() == nil {
+		t.Fatal("Read did not register the socket")
+	}
+	if err := server.SetReadDeadline(time.Now().Add(-time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	var ne net.Error
+	if _, err := server.Read(buf); !errors.As(err, &ne) || !ne.Timeout() {
+		t.Fatalf("Read past its deadline: %v, want a timeout", err)
+	}
+
+	// Half close before registration reaches the peer as EOF.
+	if err := client.CloseWrite(); err != nil {
+		t.Fatal(err)
+	}
+	if err := server.SetReadDeadline(time.Now().Add(5 * time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := server.Read(buf); n != 0 || err != io.EOF {
+		t.Fatalf("Read after the peer's CloseWrite = %d, %v; want EOF", n, err)
+	}
+
+	// Closing the unregistered socket closes its fd; afterwards every
+	// call reports net.ErrClosed.
+	fd := client.fd
+	if err := client.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_GETFD, 0); err != unix.EBADF {
+		t.Fatalf("fd %d still open after Close: %v", fd, err)
+	}
+	for name, err := range map[string]error{
+		"Close":   client.Close(),
+		"Control": client.rc.Control(func(uintptr) { t.Error("Control ran after Close") }),
+		"WriteNow": func() error {
+			_, err := client.WriteNow([]byte("x"))
+			return err
+		}(),
+		"Read": func() error {
+			_, err := client.Read(buf)
+			return err
+		}(),
+		"SetDeadline": client.SetDeadline(time.Now()),
+	} {
+		if !errors.Is(err, net.ErrClosed) {
+			t.Errorf("%s after Close: %v, want net.ErrClosed", name, err)
+		}
+	}
+	if err := server.Close(); err != nil {
+		t.Fatalf("closing a registered Conn: %v", err)
+	}
+	if !errors.Is(server.Close(), net.ErrClosed) {
+		t.Fatal("second Close of a registered Conn did not report net.ErrClosed")
+	}
+}
+
+// TestWriteNowPartial checks that WriteNow never waits: a peer that reads
+// nothing fills the socket and WriteNow reports how much it took and EAGAIN.
+func TestWriteNowPartial(t *testing.T) {
+	client, _ := rawPair(t)
+	_ = client.control("setsockopt", func(fd int) error {
+		return unix.SetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_SNDBUF, 4096)
+	})
+	big := make([]byte, 64<<20)
+	n, err := client.WriteNow(big)
+	if !errors.Is(err, unix.EAGAIN) || n <= 0 || n >= len(big) {
+		t.Fatalf("WriteNow of 64 MiB to a stalled peer = %d, %v; want part of it and EAGAIN", n, err)
+	}
+	var oe *net.OpError
+	if !errors.As(err, &oe) || oe.Op != "write" {
+		t.Fatalf("WriteNow's error %v is not a *net.OpError for write", err)
+	}
+}
+
+func TestStartRefusedAndConnectedErrors(t *testing.T) {
+	ln := listen(t)
+	ap := ln.Addr().(*net.TCPAddr).AddrPort()
+	ln.Close()
+	fd, connected, err := Start(ap)
+	if err == nil {
+		// The refusal may arrive after Start returns: Connected names it.
+		if connected {
+			unix.Close(fd)
+			t.Fatal("connect to a closed port reported up")
+		}
+		pfd := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLOUT}}
+		_, _ = unix.Poll(pfd, 5000)
+		err = Connected(fd, ap)
+		unix.Close(fd)
+	}
+	if !errors.Is(err, unix.ECONNREFUSED) {
+		t.Fatalf("err = %v, want ECONNREFUSED", err)
+	}
+	var oe *net.OpError
+	if !errors.As(err, &oe) || oe.Op != "dial" && oe.Op != "connect" {
+		t.Fatalf("err %v is not a *net.OpError naming the connect", err)
+	}
+	if _, _, err := Accept(-1); !errors.Is(err, unix.EBADF) {
+		t.Fatalf("Accept(-1) = %v", err)
+	}
+}
+
+func TestSetKeepAlive(t *testing.T) {
+	client, _ := rawPair(t)
+	get := func(level, opt int) int {
+		var v int
+		_ = client.control("getsockopt", func(fd int) (err error) {
+			v, err = unix.GetsockoptInt(fd, level, opt)
+			return err
+		})
+		return v
+	}
+	if err := SetKeepAlive(client.fd, net.KeepAliveConfig{}); err != nil || get(unix.SOL_SOCKET, unix.SO_KEEPALIVE) != 0 {
+		t.Fatalf("zero config turned keepalive on (%v)", err)
+	}
+	ka := net.KeepAliveConfig{Enable: true, Idle: 30 * time.Second, Interval: 10 * time.Second, Count: 4}
+	if err := SetKeepAlive(client.fd, ka); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		name       string
+		level, opt int
+		want       int
+	}{
+		{"SO_KEEPALIVE", unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
+		{"TCP_KEEPIDLE", unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, 30},
+		{"TCP_KEEPINTVL", unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, 10},
+		{"TCP_KEEPCNT", unix.IPPROTO_TCP, unix.TCP_KEEPCNT, 4},
+	} {
+		if got := get(c.level, c.opt); got != c.want {
+			t.Errorf("%s = %d, want %d", c.name, got, c.want)
+		}
+	}
+}
