@@ -91,19 +91,76 @@ func (d *Dialer) Dial(ctx context.Context, cands []Gateway) (Result, error) {
 	if len(cands) == 0 {
 		return Result{}, ErrNoGateway
 	}
+	return d.dial(ctx, cands, Result{}, nil, 0, -1)
+}
+
+// Attempt is a connection attempt Pick chose: the caller opens it itself,
+// without waiting (an event loop), and reports how it went with Connected
+// or DialAfter.
+type Attempt struct {
+	// Gateway is the candidate to connect to.
+	Gateway Gateway
+	pass    int // 0: the first not cooling down; 1: every one was
+	index   int // its place in the candidates
+}
+
+// Pick returns the attempt Dial would make first now: the first candidate
+// not cooling down, or the first of all if every one is. ok is false when
+// cands is empty or an Admit hook must be asked first (use Dial then).
+func (d *Dialer) Pick(cands []Gateway) (a Attempt, ok bool) {
+	if len(cands) == 0 || d.Admit != nil {
+		return Attempt{}, false
+	}
+	for i, c := range cands {
+		if !d.coolingDown(c.ID) {
+			return Attempt{Gateway: c, index: i}, true
+		}
+	}
+	return Attempt{Gateway: cands[0], pass: 1}, true
+}
+
+// Connected records that the connection of a (from Pick) succeeded: as
+// after a successful Dial, its gateway is no longer cooling down or
+// unreachable.
+func (d *Dialer) Connected(a Attempt) { d.markUp(a.Gateway.ID) }
+
+// DialAfter carries on a dial whose first attempt, a from Pick over the
+// same cands, the caller made and saw fail with err: it records the
+// failure as Dial would (cooldown, the unreachable warning), then makes
+// the attempts Dial would have made after it. The Result counts the
+// caller's attempt and lists its gateway among the failed; errors are
+// Dial's.
+func (d *Dialer) DialAfter(ctx context.Context, cands []Gateway, a Attempt, err error) (Result, error) {
+	res := Result{Attempts: 1}
+	if IsLocalResourceError(err) {
+		return res, fmt.Errorf("%w: %w", ErrLocalResources, err)
+	}
+	res.Failed = []Gateway{a.Gateway}
+	d.markDown(a.Gateway.ID, err)
+	if ctx.Err() != nil {
+		return res, fmt.Errorf("%w: %w", ErrUnreachable, ctx.Err())
+	}
+	return d.dial(ctx, cands, res, err, a.pass, a.index)
+}
+
+// dial runs Dial's attempts after those already in res (lastErr is the
+// last one's error), from pass fromPass on, past candidate index done in
+// that pass (-1: none done).
+func (d *Dialer) dial(ctx context.Context, cands []Gateway, res Result, lastErr error, fromPass, done int) (Result, error) {
 	tries := d.MaxTries
 	if tries <= 0 {
 		tries = DefaultMaxTries
 	}
-	var lastErr error
-	attempts := 0
-	var failed []Gateway
+	attempts, failed := res.Attempts, res.Failed
 	// Two passes: candidates not cooling down first, in order, then the
 	// cooling ones if tries remain.
-	for pass := 0; pass < 2 && attempts < tries; pass++ {
-		for _, gw := range cands {
+	for pass := fromPass; pass < 2 && attempts < tries; pass++ {
+		for i, gw := range cands {
 			if attempts >= tries {
 				break
+			}
+			if pass == fromPass && i <= done {
+				continue
 			}
 			if d.coolingDown(gw.ID) != (pass == 1) {
 				continue

@@ -55,6 +55,15 @@ type Resolver interface {
 	Resolve(ctx context.Context, key []byte) (Route, error)
 }
 
+// Immediate is implemented by resolvers that answer from memory, without
+// I/O or waiting, so a caller may resolve on an event loop's thread (the
+// proxy's accept loop does) instead of a goroutine of its own.
+type Immediate interface {
+	Resolver
+	// ResolvesImmediately reports whether Resolve never waits.
+	ResolvesImmediately() bool
+}
+
 // DefaultCandidates is how many candidates RingResolver returns by default:
 // one owner and two failovers, matching the default --max-tries.
 const DefaultCandidates = 3
@@ -69,6 +78,9 @@ type RingResolver struct {
 }
 
 var _ Resolver = (*RingResolver)(nil)
+
+// ResolvesImmediately is true: the ring is an in-memory snapshot.
+func (r *RingResolver) ResolvesImmediately() bool { return true }
 
 // Resolve implements Resolver. It never blocks and ignores ctx.
 func (r *RingResolver) Resolve(_ context.Context, key []byte) (Route, error) {

@@ -3,6 +3,7 @@ package route
 import (
 	"context"
 	"errors"
+	"fmt"
 	"net"
 	"os"
 	"strings"
@@ -299,4 +300,111 @@ func TestDialerUnreachable(t *testing.T) {
 	if d.Unreachable("gw") {
 		t.Fatal("still unreachable after a successful attempt")
 	}
+}
+
+// TestDialerPickDialAfter checks that an event loop's split dial (Pick, its
+// own attempt, then Connected or DialAfter) makes exactly the attempts Dial
+// makes and leaves the same cooldowns behind.
+func TestDialerPickDialAfter(t *testing.T) {
+	errRefused := fmt.Errorf("connect: %w", syscall.ECONNREFUSED)
+	ids := []string{"a", "b", "c", "d"}
+	tests := []struct {
+		name     string
+		cooling  string // IDs cooling down before the dial
+		failing  string // IDs whose connect fails
+		maxTries int
+	}{
+		{"owner up", "", "", 0},
+		{"owner down", "", "a", 0},
+		{"owner cooling", "a", "", 0},
+		{"owner cooling and next failing", "a", "b", 0},
+		{"all cooling", "abcd", "", 0},
+		{"all cooling first failing", "abcd", "a", 0},
+		{"all failing", "", "abcd", 0},
+		{"all failing more tries", "", "abcd", 6},
+		{"some cooling all failing", "bd", "abcd", 8},
+		{"one try", "", "a", 1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			// Each dialer gets the same state; trace records the attempts.
+			setup := func(trace *[]string) *Dialer {
+				clk := &fakeClock{now: time.Unix(1000, 0)}
+				d := &Dialer{Now: clk.Now, MaxTries: tt.maxTries}
+				d.DialContext = func(_ context.Context, _, addr string) (net.Conn, error) {
+					*trace = append(*trace, addr)
+					if strings.Contains(tt.failing, addr) {
+						return nil, errRefused
+					}
+					c1, c2 := net.Pipe()
+					c2.Close()
+					return c1, nil
+				}
+				for _, id := range tt.cooling {
+					d.markDown(string(id), errRefused)
+				}
+				return d
+			}
+			var cands []Gateway
+			for _, id := range ids {
+				cands = append(cands, Gateway{ID: id, Addr: id})
+			}
+
+			var want, got []string
+			d1 := setup(&want)
+			wantRes, wantErr := d1.Dial(context.Background(), cands)
+
+			d2 := setup(&got)
+			a, ok := d2.Pick(cands)
+			if !ok {
+				t.Fatal("Pick declined")
+			}
+			got = append(got, a.Gateway.Addr) // the caller's own attempt
+			var gotRes Result
+			var gotErr error
+			if strings.Contains(tt.failing, a.Gateway.Addr) {
+				gotRes, gotErr = d2.DialAfter(context.Background(), cands, a, errRefused)
+			} else {
+				d2.Connected(a)
+				gotRes = Result{Gateway: a.Gateway, Attempts: 1}
+			}
+			if strings.Join(got, ",") != strings.Join(want, ",") {
+				t.Fatalf("attempts %v, Dial made %v", got, want)
+			}
+			if (gotErr == nil) != (wantErr == nil) || gotRes.Attempts != wantRes.Attempts ||
+				gotRes.Gateway.ID != wantRes.Gateway.ID || len(gotRes.Failed) != len(wantRes.Failed) {
+				t.Fatalf("got %+v, %v; Dial gave %+v, %v", gotRes, gotErr, wantRes, wantErr)
+			}
+			for _, id := range ids {
+				if d1.CoolingDown(id) != d2.CoolingDown(id) {
+					t.Fatalf("%s cooling %v, after Dial %v", id, d2.CoolingDown(id), d1.CoolingDown(id))
+				}
+			}
+			if wantRes.Conn != nil {
+				wantRes.Conn.Close()
+			}
+			if gotRes.Conn != nil {
+				gotRes.Conn.Close()
+			}
+		})
+	}
+
+	t.Run("declines", func(t *testing.T) {
+		if _, ok := (&Dialer{}).Pick(nil); ok {
+			t.Fatal("Pick accepted no candidates")
+		}
+		d := &Dialer{Admit: func(context.Context, Gateway) error { return nil }}
+		if _, ok := d.Pick([]Gateway{{ID: "a"}}); ok {
+			t.Fatal("Pick accepted with an Admit hook")
+		}
+	})
+	t.Run("local resources", func(t *testing.T) {
+		d := &Dialer{}
+		cands := []Gateway{{ID: "a", Addr: "a"}, {ID: "b", Addr: "b"}}
+		a, _ := d.Pick(cands)
+		_, err := d.DialAfter(context.Background(), cands, a, fmt.Errorf("socket: %w", syscall.EMFILE))
+		if !errors.Is(err, ErrLocalResources) || d.CoolingDown("a") {
+			t.Fatalf("err = %v, cooling %v: a local shortage blamed the gateway", err, d.CoolingDown("a"))
+		}
+	})
 }
