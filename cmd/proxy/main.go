@@ -622,6 +622,8 @@ func (p *process) newServer() error {
 		ProxyProtocolOut: o.proxyProtocolOut == "v2",
 		MaxConns:         o.maxConns,
 		Park:             !o.noPark,
+		EventLoop:        !o.noPark,
+		ClientKeepAlive:  p.keepAlive(),
 		ParkAfter:        o.parkAfter,
 		Logger:           p.log.Named("proxy"),
 		Metrics:          p.metrics,

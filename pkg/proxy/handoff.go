@@ -75,8 +75,8 @@ func (s *Server) StopAccepting() {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.stopped.Store(true)
-	for ln := range s.lns {
-		ln.Close()
+	for _, stop := range s.lns {
+		stop()
 	}
 }
 

@@ -64,11 +64,16 @@ type parker struct {
 	closeMu   sync.Once
 	done      chan struct{} // closed when the loop has returned
 	closing   atomic.Bool   // close began: the loop's wakeup error is expected
+	started   bool          // start ran (set before the loop, read by close)
 
 	// spawn runs a direction's worker in another goroutine, a reused one
 	// (the server's handlers, workers.go): run, which claims d, or, when
 	// the caller claimed it, work. It never blocks.
 	spawn func(d *parkedDir, claimed bool)
+
+	// front, when set (before start), handles the loop's events of new
+	// connections (front_linux.go).
+	front *front
 }
 
 // maxSplice is the most one splice call moves; pipes are sized to it.
@@ -85,6 +90,10 @@ type parkedSession struct {
 	open     int8 // directions not finished
 	running  int8 // workers (or the loop) moving data now
 	finished bool // onEnd called, or handed to another process
+	// inline: a session the front started. Its wakeups move inline in
+	// the loop whenever they are small (not only after a quiet spell), and
+	// its EOFs and errors end there too.
+	inline bool
 
 	// A handoff (park_handoff_linux.go) sets handoff: directions stop at
 	// their next wait instead of waiting or parking, and the last one to
@@ -135,8 +144,15 @@ func newParker(log *zap.Logger, m *Metrics, parkAfter time.Duration, now func() 
 		wakesInline: m.Wakeups.WithLabelValues("inline"), wakesWorker: m.Wakeups.WithLabelValues("worker"),
 		slots: make([]*parkedDir, 1), // slot 0 means "never armed"
 		pipes: make(chan *pipePair, pipePool), done: make(chan struct{})}
-	go p.loop(rc)
 	return p, nil
+}
+
+// start runs the event loop, with fr (nil for none) taking new
+// connections' events.
+func (p *parker) start(fr *front) {
+	p.front = fr
+	p.started = true
+	go p.loop(p.epRC)
 }
 
 // close stops the event loop; sessions still parked must have been
@@ -145,7 +161,12 @@ func (p *parker) close() {
 	p.closeMu.Do(func() {
 		p.closing.Store(true)
 		p.ep.Close() // wakes the loop with an error; the descriptor closes once it is out
-		<-p.done
+		if p.started {
+			<-p.done
+		}
+		if p.front != nil {
+			p.front.close()
+		}
 		p.drainPipes()
 	})
 }
@@ -160,9 +181,7 @@ func (p *parker) adopt(ses *session) *parkedSession {
 	if !ok1 || !ok2 {
 		return nil
 	}
-	ps := &parkedSession{p: p, ses: ses, open: 2}
-	ps.dirs[0] = parkedDir{ps: ps, src: ses.client, dst: ses.gw, srcRC: cRC, dstRC: gRC, meter: &ses.moved[dirUp]}
-	ps.dirs[1] = parkedDir{ps: ps, src: ses.gw, dst: ses.client, srcRC: gRC, dstRC: cRC, meter: &ses.moved[dirDown]}
+	ps := p.newSession(ses, cRC, gRC, false)
 	ses.parked.Store(ps)
 	// Both directions wait in Go's poller before parking, so a short
 	// session or the hello/reply exchange of a long one never touches the
@@ -172,6 +191,31 @@ func (p *parker) adopt(ses *session) *parkedSession {
 	// keeps few stacks alive at a time.
 	p.spawn(&ps.dirs[1], false)
 	return ps
+}
+
+func (p *parker) newSession(ses *session, cRC, gRC syscall.RawConn, gwInEpoll bool) *parkedSession {
+	ps := &parkedSession{p: p, ses: ses, open: 2}
+	ps.dirs[0] = parkedDir{ps: ps, src: ses.client, dst: ses.gw, srcRC: cRC, dstRC: gRC, meter: &ses.moved[dirUp], armed: ses.clientInEpoll}
+	ps.dirs[1] = parkedDir{ps: ps, src: ses.gw, dst: ses.client, srcRC: gRC, dstRC: cRC, meter: &ses.moved[dirDown], armed: gwInEpoll}
+	return ps
+}
+
+// adoptParked takes over a session the front started (both sockets are
+// *sock.Conn, outside Go's poller) and parks both directions at once, in
+// the loop goroutine: the gateway's reply and the client's next message
+// wake them there and move inline (parkedSession.inline).
+func (p *parker) adoptParked(ses *session, gwInEpoll bool) {
+	cRC, _ := rawConn(ses.client)
+	gRC, _ := rawConn(ses.gw)
+	ps := p.newSession(ses, cRC, gRC, gwInEpoll)
+	ps.inline = true
+	ps.running = 2 // both directions are this caller's until parked
+	ses.parked.Store(ps)
+	for i := range ps.dirs {
+		d := &ps.dirs[i]
+		p.parkDir(d)
+		p.finish(d, false)
+	}
 }
 
 // runClient runs a parked session's client → gateway direction until it

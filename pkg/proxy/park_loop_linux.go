@@ -31,9 +31,14 @@ func (p *parker) loop(rc syscall.RawConn) {
 			}
 			now := p.now().UnixNano()
 			for _, ev := range events[:n] {
-				if d := p.lookup(uint32(ev.Fd), uint32(ev.Pad)); d != nil {
+				if slot := uint32(ev.Fd); slot&frontBit != 0 {
+					p.front.event(slot&^frontBit, uint32(ev.Pad), ev.Events)
+				} else if d := p.lookup(slot, uint32(ev.Pad)); d != nil {
 					p.wake(d, ev.Events, now)
 				}
+			}
+			if p.front != nil {
+				p.front.tick()
 			}
 			if n < len(events) {
 				// Drained: the poller is edge-triggered on the set,
@@ -48,6 +53,9 @@ func (p *parker) loop(rc syscall.RawConn) {
 		p.log.Error("park: epoll_wait failed; parked sessions stall", zap.Error(werr))
 	case err != nil && !errors.Is(err, os.ErrClosed) && !p.closing.Load():
 		p.log.Error("park: waiting for parked sessions failed; they stall", zap.Error(err))
+	}
+	if p.front != nil {
+		p.front.abandon() // nothing would finish the handshakes it holds
 	}
 }
 
@@ -94,8 +102,9 @@ func (p *parker) wake(d *parkedDir, events uint32, now int64) {
 	if !p.claim(d) {
 		return
 	}
-	if events&unix.EPOLLIN == 0 || events&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 ||
-		time.Duration(now-d.parkedAt) < p.parkAfter {
+	inline := d.ps.inline
+	if !inline && (events&unix.EPOLLIN == 0 || events&(unix.EPOLLRDHUP|unix.EPOLLHUP|unix.EPOLLERR) != 0 ||
+		time.Duration(now-d.parkedAt) < p.parkAfter) {
 		p.wakesWorker.Inc()
 		p.spawn(d, true)
 		return
@@ -106,6 +115,12 @@ func (p *parker) wake(d *parkedDir, events uint32, now int64) {
 	case err != nil:
 		p.putMover(d)
 		d.ps.ses.endDirection(d.dst, d.src, err, d.reason())
+		p.finish(d, true)
+	case inline && mv.eof && mv.left == 0:
+		// EOF with nothing left to pass on: the half-close, here.
+		p.wakesInline.Inc()
+		p.putMover(d)
+		d.ps.ses.endDirection(d.dst, d.src, nil, d.reason())
 		p.finish(d, true)
 	case mv.left == 0 && !mv.eof && mv.n < inlineMax:
 		// Moved (or, if the event raced a read, found nothing): park again.
@@ -138,12 +153,12 @@ func (p *parker) parkDir(d *parkedDir) {
 	d.parked = true
 	p.parkedDelta(1)
 	ps.mu.Unlock()
-	op := unix.EPOLL_CTL_MOD
+	if d.slot == 0 {
+		p.addSlot(d) // before the first arm: its event may come at once
+	}
+	op := unix.EPOLL_CTL_MOD // the front may have registered the socket already
 	if !d.armed {
 		op = unix.EPOLL_CTL_ADD
-		if d.slot == 0 {
-			p.addSlot(d) // before the first arm: its event may come at once
-		}
 		d.armed = true // before the arm: the direction is not ours after it
 	}
 	if err := p.arm(d, op); err != nil {

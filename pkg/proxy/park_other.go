@@ -28,3 +28,4 @@ func (p *parker) run(*parkedDir)                {}
 func (p *parker) work(*parkedDir)               {}
 func (p *parker) close()                        {}
 func (p *parker) parkedCount() int              { return 0 }
+func (p *parker) start(*front)                  {}

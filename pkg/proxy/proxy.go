@@ -50,6 +50,11 @@ const headroom = 320
 // ErrServerClosed is returned by Serve after Shutdown or Close.
 var ErrServerClosed = errors.New("proxy: server closed")
 
+// ErrEventLoopStopped is Serve's error when the event loop that accepts
+// on its listener stopped without a Shutdown (its epoll set failed, which
+// is logged): nothing would accept any more.
+var ErrEventLoopStopped = errors.New("proxy: event loop stopped")
+
 // GatewayDialer connects to the first reachable candidate; *route.Dialer is
 // the implementation. Dial must be safe for concurrent use.
 type GatewayDialer interface {
@@ -114,6 +119,23 @@ type Config struct {
 	// PROXY header and the client's bytes inside it); ServerName is set
 	// per connection to the gateway address's host.
 	GatewayTLS *tls.Config
+	// EventLoop runs a new connection's accept, hello read, ring lookup,
+	// gateway connect and first write as events of the parker's epoll loop
+	// (Linux, with Park), without a goroutine or a Go poller registration
+	// per connection; whatever may wait (a Redis resolver, a failover, a
+	// slow connect) carries on in a goroutine as without it. It applies to
+	// TCP listeners (not under a PROXY protocol listener) when TLS,
+	// GatewayTLS and GatewayRate are off and Dialer is a *route.Dialer
+	// without Admit; the loop connects by itself, so Dialer.DialContext is
+	// used only by the goroutine path. Such a listener's Serve returns when
+	// Shutdown, Close or StopAccepting closes it (closing it directly is
+	// not noticed). Set it for the proxy binary; tests of the goroutine
+	// path leave it off.
+	EventLoop bool
+	// ClientKeepAlive is the TCP keepalive the event loop sets on the
+	// connections it accepts (--client-keepalive); the goroutine path
+	// leaves keepalive to the listener, as net.ListenConfig does.
+	ClientKeepAlive net.KeepAliveConfig
 	// ParkAfter is how long a direction must be idle before it is parked;
 	// until then a goroutine waits for it in Go's poller, so busy sessions
 	// pay nothing for parking. 0 means DefaultParkAfter.
@@ -148,6 +170,7 @@ type Server struct {
 	cancel context.CancelFunc
 
 	parker *parker // nil: one goroutine and io.Copy per direction
+	front  *front  // nil: accept and handshake in goroutines (Config.EventLoop)
 
 	// next hands an accepted connection to a handler goroutine waiting
 	// for one (workers.go); idleHandlers counts those waiting.
@@ -166,9 +189,9 @@ type Server struct {
 	wg       sync.WaitGroup // one per handler goroutine
 	mu       sync.Mutex
 	sessions map[*session]struct{}
-	perGW    map[string]int // open sessions by gateway ID
-	ended    byteTotals     // bytes of the sessions that ended
-	lns      map[net.Listener]struct{}
+	perGW    map[string]int          // open sessions by gateway ID
+	ended    byteTotals              // bytes of the sessions that ended
+	lns      map[net.Listener]func() // closes it (and stops its Serve)
 }
 
 // New validates cfg (a copy is kept; the caller's is never modified) and
@@ -213,7 +236,7 @@ func New(cfg Config) (*Server, error) {
 		sessions: make(map[*session]struct{}),
 		perGW:    make(map[string]int),
 		next:     make(chan job),
-		lns:      make(map[net.Listener]struct{}),
+		lns:      make(map[net.Listener]func()),
 	}
 	s.pool.New = func() any { b := make([]byte, s.bufSize); return &b }
 	s.linger.Store(int64(handlerLinger))
@@ -229,6 +252,11 @@ func New(cfg Config) (*Server, error) {
 			return nil, fmt.Errorf("proxy: park: %w", err)
 		}
 		s.parker = p // nil where parking is not supported
+		if s.front, err = newFront(s, p); err != nil {
+			p.close()
+			return nil, fmt.Errorf("proxy: event loop: %w", err)
+		}
+		p.start(s.front)
 	}
 	return s, nil
 }
@@ -246,7 +274,12 @@ func (s *Server) Closing() bool { return s.closing.Load() }
 // Serve accepts connections on ln until Shutdown or a permanent accept
 // error. It always closes ln and returns ErrServerClosed after Shutdown.
 func (s *Server) Serve(ln net.Listener) error {
-	if !s.track(ln) {
+	if s.front != nil {
+		if rc := listenerConn(ln); rc != nil {
+			return s.serveLoop(ln, rc)
+		}
+	}
+	if !s.track(ln, func() { ln.Close() }) {
 		ln.Close()
 		return ErrServerClosed
 	}
@@ -277,50 +310,88 @@ func (s *Server) Serve(ln net.Listener) error {
 			continue
 		}
 		backoff = 0
-		s.m.Accepted.Inc()
-		if s.cfg.MaxConns > 0 && s.active.Load() >= int64(s.cfg.MaxConns) {
-			s.m.Rejected.WithLabelValues("max_conns").Inc()
-			s.m.Closed.Inc()
+		if !s.admit() {
 			abort(c)
 			continue
 		}
-		if s.cfg.MaxHandshakes > 0 && s.inHand.Load() >= int64(s.cfg.MaxHandshakes) {
-			s.m.Rejected.WithLabelValues("overload").Inc()
-			s.m.Closed.Inc()
-			if s.overload.fail(s.cfg.Now()) {
-				s.log.Warn("overload: more connections in their handshake than --max-handshakes; new ones are closed at once until they drain",
-					zap.Int("max_handshakes", s.cfg.MaxHandshakes), zap.Int("open_connections", s.Active()))
-			}
-			abort(c)
-			continue
-		}
-		if over, n := s.overload.ok(s.cfg.Now); over {
-			s.log.Info("overload over: accepting every connection again", zap.Int("closed_meanwhile", n))
-		}
-		s.inHand.Add(1)
-		s.m.InHandshake.Inc()
-		s.active.Add(1)
-		s.m.Active.Inc()
-		s.wg.Add(1)
 		s.dispatch(c)
 	}
 }
 
-func (s *Server) track(ln net.Listener) bool {
+// admit counts a connection just accepted and decides whether it may
+// proceed (--max-conns, --max-handshakes): if so it enters its handshake,
+// counted in wg and the gauges; otherwise it is counted closed and the
+// caller resets it at once.
+func (s *Server) admit() bool {
+	s.m.Accepted.Inc()
+	if s.cfg.MaxConns > 0 && s.active.Load() >= int64(s.cfg.MaxConns) {
+		s.m.Rejected.WithLabelValues("max_conns").Inc()
+		s.m.Closed.Inc()
+		return false
+	}
+	if s.cfg.MaxHandshakes > 0 && s.inHand.Load() >= int64(s.cfg.MaxHandshakes) {
+		s.m.Rejected.WithLabelValues("overload").Inc()
+		s.m.Closed.Inc()
+		if s.overload.fail(s.cfg.Now()) {
+			s.log.Warn("overload: more connections in their handshake than --max-handshakes; new ones are closed at once until they drain",
+				zap.Int("max_handshakes", s.cfg.MaxHandshakes), zap.Int("open_connections", s.Active()))
+		}
+		return false
+	}
+	if over, n := s.overload.ok(s.cfg.Now); over {
+		s.log.Info("overload over: accepting every connection again", zap.Int("closed_meanwhile", n))
+	}
+	s.inHand.Add(1)
+	s.m.InHandshake.Inc()
+	s.active.Add(1)
+	s.m.Active.Inc()
+	s.wg.Add(1)
+	return true
+}
+
+// serveLoop is Serve for a listener the event loop accepts on (rc is
+// its): it waits until Shutdown, Close or StopAccepting closes ln.
+func (s *Server) serveLoop(ln net.Listener, rc syscall.RawConn) error {
+	stop := make(chan struct{})
+	if !s.track(ln, sync.OnceFunc(func() {
+		s.front.unwatchListener(rc) // before the close: another process may hold the socket too
+		ln.Close()
+		close(stop)
+	})) {
+		ln.Close()
+		return ErrServerClosed
+	}
+	defer s.untrack(ln)
+	err := s.front.serve(rc, stop)
+	switch {
+	case s.closing.Load():
+		return ErrServerClosed
+	case err != nil:
+		return err
+	}
+	return ErrAcceptStopped
+}
+
+// track adds a listener Serve uses; stop closes it.
+func (s *Server) track(ln net.Listener, stop func()) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.closing.Load() {
 		return false
 	}
 	s.stopped.Store(false)
-	s.lns[ln] = struct{}{}
+	s.lns[ln] = stop
 	return true
 }
 
 func (s *Server) untrack(ln net.Listener) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	ln.Close()
+	if stop := s.lns[ln]; stop != nil {
+		stop()
+	} else {
+		ln.Close()
+	}
 	delete(s.lns, ln)
 }
 
@@ -334,8 +405,8 @@ func (s *Server) untrack(ln net.Listener) {
 func (s *Server) Shutdown(ctx context.Context) error {
 	s.mu.Lock()
 	s.closing.Store(true)
-	for ln := range s.lns {
-		ln.Close()
+	for _, stop := range s.lns {
+		stop()
 	}
 	s.mu.Unlock()
 
@@ -509,6 +580,9 @@ type session struct {
 	once    sync.Once
 	reason  endReason   // why the session was aborted; set once
 	aborted atomic.Bool // abort ran (its end may not be recorded yet)
+	// clientInEpoll: the front registered the client socket in the
+	// parker's epoll set (its one-shot spent), so parking it re-arms it.
+	clientInEpoll bool
 }
 
 // abort closes both sides with RST so both peers learn the session ended
@@ -548,8 +622,12 @@ func (ses *session) closeReason() endReason {
 	return ses.reason
 }
 
-func (s *Server) handle(c net.Conn) {
-	switch ps := s.handleConn(c); ps {
+func (s *Server) handle(c net.Conn) { s.served(s.handleConn(c)) }
+
+// served finishes a handler's part of a connection, given what its
+// handshake returned (handleConn, route).
+func (s *Server) served(ps *parkedSession) {
+	switch ps {
 	case nil:
 		s.connDone()
 	case detached:
@@ -579,27 +657,24 @@ func (s *Server) connDone() {
 // session when the session went to the parker: its end (and connDone) then
 // comes from the parker.
 func (s *Server) handleConn(c net.Conn) *parkedSession {
-	inHand := true // until the session splices (serveSession ends it)
-	defer func() {
-		if inHand {
-			s.handshakeOver()
-		}
-	}()
 	start := time.Now()
 	id := s.nextID.Add(1)
 
 	deadline := start.Add(s.cfg.HandshakeTimeout)
 	if err := c.SetReadDeadline(deadline); err != nil {
+		s.handshakeOver()
 		s.handshakeFailed(c, id, reasonReadError, err)
 		return nil
 	}
 	if err := readProxyHeader(c, deadline); err != nil {
+		s.handshakeOver()
 		s.handshakeFailed(c, id, headerReason(err), err)
 		return nil
 	}
 	if s.cfg.TLS != nil {
 		tc, err := s.startTLS(c, deadline)
 		if err != nil {
+			s.handshakeOver()
 			s.handshakeFailed(c, id, tlsReason(err), err)
 			return nil
 		}
@@ -609,48 +684,80 @@ func (s *Server) handleConn(c net.Conn) *parkedSession {
 	defer s.pool.Put(bufp)
 	buf := *bufp
 	n, key, err := s.readKey(c, buf[headroom:])
-	switch {
-	case errors.Is(err, proto.ErrNoKey) && s.cfg.NoKeyHashSource:
-		// Route by client address: stable for a client that does not move.
-		if ap, perr := netip.ParseAddrPort(c.RemoteAddr().String()); perr == nil {
-			key = []byte(ap.Addr().Unmap().String())
-			s.m.NoKey.WithLabelValues("hash_source").Inc()
-			err = nil
-		}
-	case errors.Is(err, proto.ErrNoKey) && proto.IsHTTP(buf[headroom:headroom+n]):
-		s.m.NoKey.WithLabelValues("reject").Inc()
-		s.handshakeFailed(c, id, keyReason(err), err)
-		return nil
+	if err != nil {
+		key, err = s.noKey(err, buf[headroom:headroom+n], c.RemoteAddr().String())
 	}
 	if err != nil {
+		s.handshakeOver()
 		s.handshakeFailed(c, id, keyReason(err), err)
 		return nil
 	}
-	keyHash := ring.KeyHash(key)
+	return s.route(&handshake{client: c, id: id, start: start, buf: buf, n: n, key: key, keyHash: ring.KeyHash(key)}, deadline)
+}
 
-	rt, err := s.cfg.Resolver.Resolve(s.ctx, key)
-	if err == nil {
-		s.m.Routes.WithLabelValues(string(rt.Source)).Inc()
-		// The dial may wait for a gateway's --gateway-rate token, within
-		// the handshake deadline.
-		dctx, cancel := s.ctx, context.CancelFunc(nil)
-		if s.cfg.GatewayRate != nil {
-			dctx, cancel = context.WithDeadline(s.ctx, deadline)
+// noKey handles a hello the extractor found no key in (err, from reading
+// it): with --no-key hash-source the client's IP address (peer, "ip:port")
+// is the key; otherwise err stays, and an HTTP request without the key is
+// counted as rejected.
+func (s *Server) noKey(err error, hello []byte, peer string) ([]byte, error) {
+	switch {
+	case !errors.Is(err, proto.ErrNoKey):
+	case s.cfg.NoKeyHashSource:
+		// Route by client address: stable for a client that does not move.
+		if ap, perr := netip.ParseAddrPort(peer); perr == nil {
+			s.m.NoKey.WithLabelValues("hash_source").Inc()
+			return []byte(ap.Addr().Unmap().String()), nil
 		}
-		var res route.Result
-		res, err = s.cfg.Dialer.Dial(dctx, rt.Candidates)
-		if cancel != nil {
-			cancel()
-		}
-		for _, gw := range res.Failed {
-			s.m.DialFailures.WithLabelValues(gw.ID).Inc()
-		}
-		if err == nil {
-			s.localOK()
-			inHand = false
-			return s.serveSession(&handshake{client: c, id: id, start: start, buf: buf, n: n, key: key, keyHash: keyHash, source: rt.Source}, res)
-		}
+	case proto.IsHTTP(hello):
+		s.m.NoKey.WithLabelValues("reject").Inc()
 	}
+	return nil, err
+}
+
+// route resolves a handshake's key, dials the gateway and serves the
+// session (serveSession), or closes the client. Either way it ends the
+// handshake phase. deadline bounds a wait for a --gateway-rate token.
+func (s *Server) route(hs *handshake, deadline time.Time) *parkedSession {
+	rt, err := s.cfg.Resolver.Resolve(s.ctx, hs.key)
+	if err != nil {
+		s.routeFailed(hs, err)
+		return nil
+	}
+	s.m.Routes.WithLabelValues(string(rt.Source)).Inc()
+	hs.source = rt.Source
+	return s.dialRoute(hs, deadline, func(ctx context.Context) (route.Result, error) {
+		return s.cfg.Dialer.Dial(ctx, rt.Candidates)
+	})
+}
+
+// dialRoute dials with dial and serves the session, or closes the client.
+func (s *Server) dialRoute(hs *handshake, deadline time.Time, dial func(context.Context) (route.Result, error)) *parkedSession {
+	// The dial may wait for a gateway's --gateway-rate token, within
+	// the handshake deadline.
+	dctx, cancel := s.ctx, context.CancelFunc(nil)
+	if s.cfg.GatewayRate != nil {
+		dctx, cancel = context.WithDeadline(s.ctx, deadline)
+	}
+	res, err := dial(dctx)
+	if cancel != nil {
+		cancel()
+	}
+	for _, gw := range res.Failed {
+		s.m.DialFailures.WithLabelValues(gw.ID).Inc()
+	}
+	if err != nil {
+		s.routeFailed(hs, err)
+		return nil
+	}
+	s.localOK()
+	return s.serveSession(hs, res)
+}
+
+// routeFailed ends the handshake of a client no gateway could take, and
+// closes it with a reset (zero bytes: the client retries).
+func (s *Server) routeFailed(hs *handshake, err error) {
+	s.handshakeOver()
+	c, id := hs.client, hs.id
 	reason := "unreachable"
 	switch {
 	case errors.Is(err, ErrRateLimited):
@@ -658,10 +765,10 @@ func (s *Server) handleConn(c net.Conn) *parkedSession {
 		// comes back later (zero bytes).
 		s.m.Rejected.WithLabelValues("gateway_rate").Inc()
 		if ce := s.log.Check(zap.DebugLevel, "gateway rate limit: closing client"); ce != nil {
-			ce.Write(zap.Uint64("conn", id), zap.String("key_hash", hashString(keyHash)), zap.Error(err))
+			ce.Write(zap.Uint64("conn", id), zap.String("key_hash", hashString(hs.keyHash)), zap.Error(err))
 		}
 		abort(c)
-		return nil
+		return
 	case errors.Is(err, route.ErrNoGateway):
 		reason = "no_gateway"
 	case errors.Is(err, route.ErrLocalResources):
@@ -671,10 +778,9 @@ func (s *Server) handleConn(c net.Conn) *parkedSession {
 	s.m.RouteFailures.WithLabelValues(reason).Inc()
 	if ce := s.log.Check(zap.DebugLevel, "route failed; closing client"); ce != nil {
 		ce.Write(zap.Uint64("conn", id), zap.String("client", c.RemoteAddr().String()),
-			zap.String("key_hash", hashString(keyHash)), zap.String("reason", reason), zap.Error(err))
+			zap.String("key_hash", hashString(hs.keyHash)), zap.String("reason", reason), zap.Error(err))
 	}
 	abort(c)
-	return nil
 }
 
 // handshakeOver ends a connection's handshake phase (--max-handshakes).
@@ -774,12 +880,32 @@ type handshake struct {
 	key     []byte    // the session key; aliases buf
 	keyHash uint64
 	source  route.Source // where the owner came from (binding, ring, fallback)
+	inEpoll bool         // the client socket is in the parker's epoll set already (the front read its hello)
 }
 
 // serveSession writes the PROXY header and the first bytes to the gateway,
 // then splices until both directions end — in this goroutine, or, when the
 // parker adopts the session, from the parker, whose session it returns.
 func (s *Server) serveSession(hs *handshake, res route.Result) *parkedSession {
+	ses, out := s.startSession(hs, res)
+	if ses == nil {
+		return nil
+	}
+	if _, err := ses.gw.Write(out); err != nil {
+		s.gatewayWriteFailed(ses, err)
+		return nil
+	}
+	ses.moved[dirUp].Add(ses.hello)
+	return s.spliceSession(ses)
+}
+
+// startSession ends the handshake phase and makes the session of a client
+// whose gateway answered: TLS to the gateway if configured, registration
+// (for the drain and the per-gateway count), and the bytes to send it first
+// (PROXY header and hello, in hs.buf; once they are written the caller
+// counts the hello in ses.moved). On failure both sides are closed and
+// it returns nil.
+func (s *Server) startSession(hs *handshake, res route.Result) (*session, []byte) {
 	s.handshakeOver()
 	c, id, buf, n := hs.client, hs.id, hs.buf, hs.n
 	gw := res.Conn
@@ -794,15 +920,16 @@ func (s *Server) serveSession(hs *handshake, res route.Result) *parkedSession {
 			s.log.Warn("TLS to gateway failed", zap.Uint64("conn", id), zap.String("gateway", res.Gateway.ID), zap.Error(err))
 			abort(gw)
 			abort(c)
-			return nil
+			return nil, nil
 		}
 		gw = tgw
 	}
-	ses := &session{client: c, gw: gw, gwID: res.Gateway.ID, id: id, start: hs.start, keyHash: hs.keyHash, hello: int64(n), peer: c.RemoteAddr(), idle: s.idle()}
+	ses := &session{client: c, gw: gw, gwID: res.Gateway.ID, id: id, start: hs.start, keyHash: hs.keyHash, hello: int64(n), peer: c.RemoteAddr(), idle: s.idle(),
+		clientInEpoll: hs.inEpoll}
 	if !s.register(ses) {
 		s.m.Rejected.WithLabelValues("shutdown").Inc()
 		ses.abort(endShutdown)
-		return nil
+		return nil, nil
 	}
 
 	// Header and hello leave in one write: the header is built in the
@@ -814,7 +941,7 @@ func (s *Server) serveSession(hs *handshake, res route.Result) *parkedSession {
 			s.log.Error("cannot build PROXY v2 header", zap.Uint64("conn", id), zap.Error(err))
 			ses.abort(endInternalError)
 			s.unregister(ses)
-			return nil
+			return nil, nil
 		}
 		copy(buf[headroom-len(hdr):], hdr)
 		out = buf[headroom-len(hdr) : headroom+n]
@@ -825,14 +952,22 @@ func (s *Server) serveSession(hs *handshake, res route.Result) *parkedSession {
 		ce.Write(zap.Uint64("conn", id), zap.String("key_hash", hashString(hs.keyHash)), zap.String("gateway", res.Gateway.ID),
 			zap.String("source", string(hs.source)), zap.String("client", c.RemoteAddr().String()), zap.Duration("connect", took))
 	}
-	if _, err := gw.Write(out); err != nil {
-		s.m.DialFailures.WithLabelValues(res.Gateway.ID).Inc()
-		s.log.Debug("write to gateway failed", zap.Uint64("conn", id), zap.String("gateway", res.Gateway.ID), zap.Error(err))
-		ses.abort(endGatewayWriteError)
-		s.unregister(ses)
-		return nil
-	}
-	ses.moved[dirUp].Add(int64(n))
+	return ses, out
+}
+
+// gatewayWriteFailed closes a session whose first write to the gateway
+// failed: the gateway is blamed, the client gets a reset.
+func (s *Server) gatewayWriteFailed(ses *session, err error) {
+	s.m.DialFailures.WithLabelValues(ses.gwID).Inc()
+	s.log.Debug("write to gateway failed", zap.Uint64("conn", ses.id), zap.String("gateway", ses.gwID), zap.Error(err))
+	ses.abort(endGatewayWriteError)
+	s.unregister(ses)
+}
+
+// spliceSession hands a started session to the parker (returning its
+// session) or splices it: TLS in goroutines of its own (detached), plain
+// TCP without parking in this goroutine, until it ends (nil).
+func (s *Server) spliceSession(ses *session) *parkedSession {
 	if s.parker != nil {
 		if ps := s.parker.adopt(ses); ps != nil {
 			return ps

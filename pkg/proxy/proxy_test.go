@@ -60,6 +60,35 @@ func start(t *testing.T, cfg Config, gws ...ring.Member) *harness {
 	return startWrapped(t, cfg, nil, gws...)
 }
 
+// startGoroutines is start with every handshake in a goroutine, as
+// without Config.EventLoop: the listener is wrapped, so the event loop
+// cannot accept on it.
+func startGoroutines(t *testing.T, cfg Config, gws ...ring.Member) *harness {
+	t.Helper()
+	return startWrapped(t, cfg, func(ln net.Listener, _ *Metrics) net.Listener { return plainListener{ln} }, gws...)
+}
+
+// plainListener hides the TCP listener's SyscallConn.
+type plainListener struct{ net.Listener }
+
+// fronts are the two ways a connection's handshake runs: as events of the
+// event loop (Linux; elsewhere the same as the second) and in a goroutine.
+// The tests of the handshake's outcomes run with both.
+var fronts = []struct {
+	name  string
+	start func(*testing.T, Config, ...ring.Member) *harness
+}{
+	{"event loop", start},
+	{"goroutines", startGoroutines},
+}
+
+// eachFront runs test once for each of fronts.
+func eachFront(t *testing.T, test func(t *testing.T, start func(*testing.T, Config, ...ring.Member) *harness)) {
+	for _, f := range fronts {
+		t.Run(f.name, func(t *testing.T) { test(t, f.start) })
+	}
+}
+
 // startWrapped is start with a listener wrapper (PROXY protocol in).
 func startWrapped(t *testing.T, cfg Config, wrap func(net.Listener, *Metrics) net.Listener, gws ...ring.Member) *harness {
 	t.Helper()
@@ -69,7 +98,9 @@ func startWrapped(t *testing.T, cfg Config, wrap func(net.Listener, *Metrics) ne
 		t.Fatal(err)
 	}
 	h.ring.Store(r)
-	cfg.Resolver = &route.RingResolver{Ring: h.ring}
+	if cfg.Resolver == nil {
+		cfg.Resolver = &route.RingResolver{Ring: h.ring}
+	}
 	cfg.Metrics = h.m
 	if cfg.Dialer == nil {
 		d := &route.Dialer{DialTimeout: time.Second, Cooldown: -1}
@@ -79,6 +110,11 @@ func startWrapped(t *testing.T, cfg Config, wrap func(net.Listener, *Metrics) ne
 			d.DialContext = sock.Dial
 		}
 		cfg.Dialer = d
+	}
+	if cfg.Park {
+		// As the proxy binary is wired: parking goes with the event
+		// loop's accept and handshake.
+		cfg.EventLoop = true
 	}
 	h.srv, err = New(cfg)
 	if err != nil {
@@ -177,145 +213,153 @@ func TestProxyProtocolOff(t *testing.T) {
 }
 
 func TestBadHandshakes(t *testing.T) {
-	gw := gateway(t, "gw-1", stub.ProxyRequire)
-	cfg := DefaultConfig()
-	cfg.HandshakeTimeout = 200 * time.Millisecond
-	h := start(t, cfg, ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
-	frame := func(length uint32, rest ...byte) []byte {
-		return append(binary.BigEndian.AppendUint32(nil, length), rest...)
-	}
-	tests := []struct {
-		name   string
-		send   []byte
-		fin    bool
-		reason string
-	}{
-		{"garbage", []byte{0xde, 0xad, 0xbe, 0xef, 0, 0}, false, "too_large"},
-		{"version 2", frame(3, 2, 1, 'k'), false, "bad_version"},
-		{"keylen 0", frame(2, 1, 0), false, "bad_keylen"},
-		{"length 0", frame(0), false, "bad_length"},
-		{"length max", frame(0xFFFFFFFF, 1, 1), false, "too_large"},
-		{"length above max-hello", frame(4097, 1, 1, 'k'), false, "too_large"},
-		{"http", []byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), false, "too_large"},
-		{"truncated then FIN", hello(t, "key", "payload")[:7], true, "eof"},
-		{"silent", nil, false, "timeout"},
-		{"slow partial", []byte{0, 0}, false, "timeout"},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			before := testutil.ToFloat64(h.m.HandshakeFailures.WithLabelValues(tt.reason))
-			c := dial(t, h.addr)
-			if len(tt.send) > 0 {
-				if _, err := c.Write(tt.send); err != nil {
-					t.Fatal(err)
+	eachFront(t, func(t *testing.T, start func(*testing.T, Config, ...ring.Member) *harness) {
+		gw := gateway(t, "gw-1", stub.ProxyRequire)
+		cfg := DefaultConfig()
+		cfg.HandshakeTimeout = 200 * time.Millisecond
+		h := start(t, cfg, ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
+		frame := func(length uint32, rest ...byte) []byte {
+			return append(binary.BigEndian.AppendUint32(nil, length), rest...)
+		}
+		tests := []struct {
+			name   string
+			send   []byte
+			fin    bool
+			reason string
+		}{
+			{"garbage", []byte{0xde, 0xad, 0xbe, 0xef, 0, 0}, false, "too_large"},
+			{"version 2", frame(3, 2, 1, 'k'), false, "bad_version"},
+			{"keylen 0", frame(2, 1, 0), false, "bad_keylen"},
+			{"length 0", frame(0), false, "bad_length"},
+			{"length max", frame(0xFFFFFFFF, 1, 1), false, "too_large"},
+			{"length above max-hello", frame(4097, 1, 1, 'k'), false, "too_large"},
+			{"http", []byte("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), false, "too_large"},
+			{"truncated then FIN", hello(t, "key", "payload")[:7], true, "eof"},
+			{"silent", nil, false, "timeout"},
+			{"slow partial", []byte{0, 0}, false, "timeout"},
+		}
+		for _, tt := range tests {
+			t.Run(tt.name, func(t *testing.T) {
+				before := testutil.ToFloat64(h.m.HandshakeFailures.WithLabelValues(tt.reason))
+				c := dial(t, h.addr)
+				if len(tt.send) > 0 {
+					if _, err := c.Write(tt.send); err != nil {
+						t.Fatal(err)
+					}
 				}
-			}
-			if tt.fin {
-				_ = c.CloseWrite()
-			}
-			got, err := io.ReadAll(c)
-			if len(got) != 0 {
-				t.Fatalf("proxy wrote %q to a bad client", got)
-			}
-			if err != nil && !errors.Is(err, syscall.ECONNRESET) {
-				t.Fatalf("read: %v", err)
-			}
-			waitFor(t, func() bool {
-				return testutil.ToFloat64(h.m.HandshakeFailures.WithLabelValues(tt.reason)) == before+1
+				if tt.fin {
+					_ = c.CloseWrite()
+				}
+				got, err := io.ReadAll(c)
+				if len(got) != 0 {
+					t.Fatalf("proxy wrote %q to a bad client", got)
+				}
+				if err != nil && !errors.Is(err, syscall.ECONNRESET) {
+					t.Fatalf("read: %v", err)
+				}
+				waitFor(t, func() bool {
+					return testutil.ToFloat64(h.m.HandshakeFailures.WithLabelValues(tt.reason)) == before+1
+				})
 			})
-		})
-	}
+		}
+	})
 }
 
 func TestNoGatewayAndUnreachable(t *testing.T) {
-	h := start(t, DefaultConfig())
-	c := dial(t, h.addr)
-	c.Write(hello(t, "k", ""))
-	if got, _ := io.ReadAll(c); len(got) != 0 {
-		t.Fatalf("wrote %q", got)
-	}
-	waitFor(t, func() bool { return testutil.ToFloat64(h.m.RouteFailures.WithLabelValues("no_gateway")) == 1 })
+	eachFront(t, func(t *testing.T, start func(*testing.T, Config, ...ring.Member) *harness) {
+		h := start(t, DefaultConfig())
+		c := dial(t, h.addr)
+		c.Write(hello(t, "k", ""))
+		if got, _ := io.ReadAll(c); len(got) != 0 {
+			t.Fatalf("wrote %q", got)
+		}
+		waitFor(t, func() bool { return testutil.ToFloat64(h.m.RouteFailures.WithLabelValues("no_gateway")) == 1 })
 
-	ln, _ := net.Listen("tcp", "127.0.0.1:0")
-	dead := ln.Addr().String()
-	ln.Close()
-	r, _ := ring.New([]ring.Member{{ID: "dead", Addr: dead, Weight: 1}})
-	h.ring.Store(r)
-	c = dial(t, h.addr)
-	c.Write(hello(t, "k", ""))
-	if got, _ := io.ReadAll(c); len(got) != 0 {
-		t.Fatalf("wrote %q", got)
-	}
-	waitFor(t, func() bool { return testutil.ToFloat64(h.m.RouteFailures.WithLabelValues("unreachable")) == 1 })
-	if testutil.ToFloat64(h.m.DialFailures.WithLabelValues("dead")) != 1 {
-		t.Fatal("dial failure not counted by gateway")
-	}
+		ln, _ := net.Listen("tcp", "127.0.0.1:0")
+		dead := ln.Addr().String()
+		ln.Close()
+		r, _ := ring.New([]ring.Member{{ID: "dead", Addr: dead, Weight: 1}})
+		h.ring.Store(r)
+		c = dial(t, h.addr)
+		c.Write(hello(t, "k", ""))
+		if got, _ := io.ReadAll(c); len(got) != 0 {
+			t.Fatalf("wrote %q", got)
+		}
+		waitFor(t, func() bool { return testutil.ToFloat64(h.m.RouteFailures.WithLabelValues("unreachable")) == 1 })
+		if testutil.ToFloat64(h.m.DialFailures.WithLabelValues("dead")) != 1 {
+			t.Fatal("dial failure not counted by gateway")
+		}
+	})
 }
 
 func TestFailoverToSecondChoice(t *testing.T) {
-	live := gateway(t, "live", stub.ProxyRequire)
-	ln, _ := net.Listen("tcp", "127.0.0.1:0")
-	dead := ln.Addr().String()
-	ln.Close()
-	h := start(t, DefaultConfig(), ring.Member{ID: "live", Addr: live, Weight: 1}, ring.Member{ID: "dead", Addr: dead, Weight: 1})
-	served := 0
-	for i := range 20 {
-		c := dial(t, h.addr)
-		c.Write(hello(t, "key-"+string(rune('a'+i)), ""))
-		rep, _, err := stub.ReadReply(c)
-		if err != nil {
-			t.Fatalf("key %d: %v", i, err)
+	eachFront(t, func(t *testing.T, start func(*testing.T, Config, ...ring.Member) *harness) {
+		live := gateway(t, "live", stub.ProxyRequire)
+		ln, _ := net.Listen("tcp", "127.0.0.1:0")
+		dead := ln.Addr().String()
+		ln.Close()
+		h := start(t, DefaultConfig(), ring.Member{ID: "live", Addr: live, Weight: 1}, ring.Member{ID: "dead", Addr: dead, Weight: 1})
+		served := 0
+		for i := range 20 {
+			c := dial(t, h.addr)
+			c.Write(hello(t, "key-"+string(rune('a'+i)), ""))
+			rep, _, err := stub.ReadReply(c)
+			if err != nil {
+				t.Fatalf("key %d: %v", i, err)
+			}
+			if rep.Gateway != "live" {
+				t.Fatalf("served by %s", rep.Gateway)
+			}
+			served++
+			c.Close()
 		}
-		if rep.Gateway != "live" {
-			t.Fatalf("served by %s", rep.Gateway)
+		if testutil.ToFloat64(h.m.Failovers.WithLabelValues("live")) == 0 {
+			t.Fatal("no failover counted although the dead gateway owns keys")
 		}
-		served++
-		c.Close()
-	}
-	if testutil.ToFloat64(h.m.Failovers.WithLabelValues("live")) == 0 {
-		t.Fatal("no failover counted although the dead gateway owns keys")
-	}
+	})
 }
 
 func TestMaxConns(t *testing.T) {
-	gw := gateway(t, "gw-1", stub.ProxyRequire)
-	cfg := DefaultConfig()
-	cfg.MaxConns = 2
-	h := start(t, cfg, ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
-	var held []*net.TCPConn
-	for range 2 {
-		c := dial(t, h.addr)
-		c.Write(hello(t, "k", ""))
-		if _, _, err := stub.ReadReply(c); err != nil {
-			t.Fatal(err)
+	eachFront(t, func(t *testing.T, start func(*testing.T, Config, ...ring.Member) *harness) {
+		gw := gateway(t, "gw-1", stub.ProxyRequire)
+		cfg := DefaultConfig()
+		cfg.MaxConns = 2
+		h := start(t, cfg, ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
+		var held []*net.TCPConn
+		for range 2 {
+			c := dial(t, h.addr)
+			c.Write(hello(t, "k", ""))
+			if _, _, err := stub.ReadReply(c); err != nil {
+				t.Fatal(err)
+			}
+			held = append(held, c)
 		}
-		held = append(held, c)
-	}
-	// The proxy resets the over-limit connection at once, which may even
-	// race the client's connect.
-	if c, err := net.Dial("tcp", h.addr); err == nil {
-		c.SetDeadline(time.Now().Add(5 * time.Second))
-		c.Write(hello(t, "k", ""))
-		if got, _ := io.ReadAll(c); len(got) != 0 {
-			t.Fatalf("over-limit client got %q", got)
+		// The proxy resets the over-limit connection at once, which may even
+		// race the client's connect.
+		if c, err := net.Dial("tcp", h.addr); err == nil {
+			c.SetDeadline(time.Now().Add(5 * time.Second))
+			c.Write(hello(t, "k", ""))
+			if got, _ := io.ReadAll(c); len(got) != 0 {
+				t.Fatalf("over-limit client got %q", got)
+			}
+			c.Close()
 		}
-		c.Close()
-	}
-	waitFor(t, func() bool { return testutil.ToFloat64(h.m.Rejected.WithLabelValues("max_conns")) == 1 })
-	if testutil.ToFloat64(h.m.Rejected.WithLabelValues("max_conns")) != 1 {
-		t.Fatal("rejection not counted")
-	}
-	if n := h.srv.SessionsByGateway()["gw-1"]; n != 2 {
-		t.Fatalf("SessionsByGateway = %d, want 2", n)
-	}
-	// Held sessions are untouched.
-	for _, c := range held {
-		c.Write([]byte("x"))
-		b := make([]byte, 1)
-		if _, err := io.ReadFull(c, b); err != nil {
-			t.Fatal(err)
+		waitFor(t, func() bool { return testutil.ToFloat64(h.m.Rejected.WithLabelValues("max_conns")) == 1 })
+		if testutil.ToFloat64(h.m.Rejected.WithLabelValues("max_conns")) != 1 {
+			t.Fatal("rejection not counted")
 		}
-	}
+		if n := h.srv.SessionsByGateway()["gw-1"]; n != 2 {
+			t.Fatalf("SessionsByGateway = %d, want 2", n)
+		}
+		// Held sessions are untouched.
+		for _, c := range held {
+			c.Write([]byte("x"))
+			b := make([]byte, 1)
+			if _, err := io.ReadFull(c, b); err != nil {
+				t.Fatal(err)
+			}
+		}
+	})
 }
 
 func TestShutdownDrains(t *testing.T) {

@@ -20,16 +20,20 @@ const (
 	handlerLinger = time.Second
 )
 
-// job is one piece of work for a handler: a new connection, or a parked
-// direction to run (claimed: the caller already claimed it).
+// job is one piece of work for a handler: a new connection, a parked
+// direction to run (claimed: the caller already claimed it), or the rest of
+// a connection the event loop started (fn).
 type job struct {
 	c       net.Conn
 	d       *parkedDir
 	claimed bool
+	fn      func()
 }
 
 func (s *Server) run(j job) {
 	switch {
+	case j.fn != nil:
+		j.fn()
 	case j.c != nil:
 		s.handle(j.c)
 	case j.claimed:

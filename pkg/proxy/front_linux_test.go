@@ -1,0 +1,265 @@
+//go:build linux
+
+package proxy
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"sync/atomic"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/tether-proxy/tether/internal/stub"
+	"github.com/tether-proxy/tether/pkg/ring"
+	"github.com/tether-proxy/tether/pkg/route"
+)
+
+// pending is how many connections the front holds now (in their hello
+// or their gateway connect), besides its wakeup and its listeners.
+func (f *front) pending() int {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	n := 0
+	for _, fc := range f.conns {
+		if fc != nil && (fc.state == fsHello || fc.state == fsConnect) {
+			n++
+		}
+	}
+	return n
+}
+
+// startLoop is start, checking that the event loop accepts.
+func startLoop(t *testing.T, cfg Config, gws ...ring.Member) *harness {
+	t.Helper()
+	h := start(t, cfg, gws...)
+	if h.srv.front == nil {
+		t.Fatal("the event loop is off on Linux with Park and a *route.Dialer")
+	}
+	return h
+}
+
+// TestFrontHelloInPieces: a hello that arrives a byte at a time waits in
+// the front between the pieces, then becomes a session; the front holds
+// nothing afterwards.
+func TestFrontHelloInPieces(t *testing.T) {
+	gw := gateway(t, "gw-1", stub.ProxyRequire)
+	h := startLoop(t, DefaultConfig(), ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
+	c := dial(t, h.addr)
+	_ = c.SetNoDelay(true)
+	b := hello(t, "pieces", "")
+	if _, err := c.Write(b[:1]); err != nil {
+		t.Fatal(err)
+	}
+	// The first byte was read: the connection waits in the front.
+	waitFor(t, func() bool { return h.srv.front.pending() == 1 })
+	for i := 1; i < len(b); i++ {
+		if _, err := c.Write(b[i : i+1]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	rep, _, err := stub.ReadReply(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Key != "pieces" || rep.Client != c.LocalAddr().String() {
+		t.Fatalf("reply %+v", rep)
+	}
+	if n := h.srv.front.pending(); n != 0 {
+		t.Fatalf("front holds %d connections after the session started", n)
+	}
+}
+
+// stalledGateway returns an address whose connects hang: a listener whose
+// accept queue is full, so the kernel drops new SYNs.
+func stalledGateway(t *testing.T) string {
+	t.Helper()
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Close(fd) })
+	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	sa, _ := syscall.Getsockname(fd)
+	addr := (&net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: sa.(*syscall.SockaddrInet4).Port}).String()
+	for range 8 {
+		c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
+		if err != nil {
+			return addr // this one stalled: the queue is full
+		}
+		t.Cleanup(func() { c.Close() })
+	}
+	t.Fatal("connects to a full accept queue did not stall")
+	return ""
+}
+
+// TestFrontConnectTimeoutFailsOver: a gateway whose connect hangs is given
+// up after the dial timeout in the loop, counted against it, and the
+// client reaches the next candidate.
+func TestFrontConnectTimeoutFailsOver(t *testing.T) {
+	live := gateway(t, "live", stub.ProxyRequire)
+	stalled := stalledGateway(t)
+	cfg := DefaultConfig()
+	cfg.Dialer = &route.Dialer{DialTimeout: 150 * time.Millisecond, Cooldown: -1}
+	h := startLoop(t, cfg, ring.Member{ID: "live", Addr: live, Weight: 1}, ring.Member{ID: "stalled", Addr: stalled, Weight: 1})
+	r := h.ring.Load()
+	key := ""
+	for i := range 100 {
+		k := "k" + string(rune('a'+i%26)) + string(rune('a'+i/26))
+		if m, _ := r.Lookup([]byte(k)); m.ID == "stalled" {
+			key = k
+			break
+		}
+	}
+	if key == "" {
+		t.Fatal("no key owned by the stalled gateway")
+	}
+	c := dial(t, h.addr)
+	if _, err := c.Write(hello(t, key, "")); err != nil {
+		t.Fatal(err)
+	}
+	rep, _, err := stub.ReadReply(c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if rep.Gateway != "live" {
+		t.Fatalf("served by %s", rep.Gateway)
+	}
+	if n := testutil.ToFloat64(h.m.DialFailures.WithLabelValues("stalled")); n != 1 {
+		t.Fatalf("dial failures of the stalled gateway = %v, want 1", n)
+	}
+	if n := testutil.ToFloat64(h.m.Failovers.WithLabelValues("live")); n != 1 {
+		t.Fatalf("failovers to live = %v, want 1", n)
+	}
+}
+
+// waitingResolver is a ring resolver that does not promise to answer
+// without waiting, as a Redis binding lookup would not.
+type waitingResolver struct {
+	r     atomic.Pointer[route.RingResolver]
+	calls atomic.Int64
+}
+
+func (w *waitingResolver) Resolve(ctx context.Context, key []byte) (route.Route, error) {
+	w.calls.Add(1)
+	return w.r.Load().Resolve(ctx, key)
+}
+
+// TestFrontHandsOffWaitingResolver: with a resolver that may wait, the
+// front reads the hello and passes the lookup to a goroutine; the session
+// works as any other and the front holds nothing afterwards.
+func TestFrontHandsOffWaitingResolver(t *testing.T) {
+	gw := gateway(t, "gw-1", stub.ProxyRequire)
+	w := &waitingResolver{}
+	cfg := DefaultConfig()
+	cfg.Resolver = w
+	h := startLoop(t, cfg, ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
+	w.r.Store(&route.RingResolver{Ring: h.ring})
+	if h.srv.front.immediate {
+		t.Fatal("a resolver without ResolvesImmediately is resolved in the loop")
+	}
+	for i := range 3 {
+		c := openSession(t, h, "waits")
+		if _, err := c.Write([]byte("x")); err != nil {
+			t.Fatal(err)
+		}
+		b := make([]byte, 1)
+		if _, err := c.Read(b); err != nil || b[0] != 'x' {
+			t.Fatalf("session %d echo %q, %v", i, b, err)
+		}
+	}
+	if n := w.calls.Load(); n != 3 {
+		t.Fatalf("resolver called %d times, want 3", n)
+	}
+	waitFor(t, func() bool { return h.srv.front.pending() == 0 })
+}
+
+// TestFrontLoopStopped: when the event loop dies (its epoll set fails),
+// Serve returns ErrEventLoopStopped instead of silently accepting nothing,
+// and the handshakes the loop held end at once (Close does not hang).
+func TestFrontLoopStopped(t *testing.T) {
+	cfg := DefaultConfig()
+	r, _ := ring.New(nil)
+	rh := &ring.Holder{}
+	rh.Store(r)
+	cfg.Resolver = &route.RingResolver{Ring: rh}
+	cfg.Dialer = &route.Dialer{}
+	cfg.EventLoop = true
+	cfg.Metrics = NewMetrics(nil)
+	srv, err := New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer srv.Close()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ln) }()
+	// Once a client waits in the front for its hello, break the loop's
+	// epoll set: the loop returns.
+	c := dial(t, ln.Addr().String())
+	waitFor(t, func() bool { return srv.front.pending() == 1 })
+	srv.parker.ep.Close()
+	select {
+	case err := <-done:
+		if !errors.Is(err, ErrEventLoopStopped) {
+			t.Fatalf("Serve returned %v, want ErrEventLoopStopped", err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("Serve still running after its event loop stopped")
+	}
+	// The waiting client is closed, not left hanging, and counted.
+	if got, err := io.ReadAll(c); len(got) != 0 || (err != nil && !errors.Is(err, syscall.ECONNRESET)) {
+		t.Fatalf("waiting client read %q, %v", got, err)
+	}
+	if n := testutil.ToFloat64(cfg.Metrics.HandshakeFailures.WithLabelValues(reasonReadError)); n != 1 {
+		t.Fatalf("read_error handshake failures = %v, want 1", n)
+	}
+	if srv.Active() != 0 {
+		t.Fatalf("%d connections still open", srv.Active())
+	}
+}
+
+// TestFrontDrainsEverything: many connections through the front — good
+// sessions, bad hellos, clients that leave mid-hello — leave no entry in
+// the front and no open connection.
+func TestFrontDrainsEverything(t *testing.T) {
+	gw := gateway(t, "gw-1", stub.ProxyRequire)
+	cfg := DefaultConfig()
+	h := startLoop(t, cfg, ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
+	for i := range 60 {
+		c := dial(t, h.addr)
+		switch i % 3 {
+		case 0:
+			if _, err := c.Write(hello(t, "drain", "")); err != nil {
+				t.Fatal(err)
+			}
+			if _, _, err := stub.ReadReply(c); err != nil {
+				t.Fatal(err)
+			}
+		case 1:
+			_, _ = c.Write([]byte{0xde, 0xad, 0xbe, 0xef, 0, 0})
+		case 2:
+			_, _ = c.Write(hello(t, "drain", "")[:3])
+		}
+		c.Close()
+	}
+	waitFor(t, func() bool { return h.srv.Active() == 0 && h.srv.front.pending() == 0 })
+	if n := testutil.ToFloat64(h.m.HandshakeFailures.WithLabelValues("too_large")); n != 20 {
+		t.Fatalf("too_large = %v, want 20", n)
+	}
+	if n := testutil.ToFloat64(h.m.HandshakeFailures.WithLabelValues("eof")); n != 20 {
+		t.Fatalf("eof = %v, want 20", n)
+	}
+}
