@@ -50,7 +50,7 @@ func main() {
 	fs.BoolVar(&o.skipIdle, "skip-idle", false, "skip the idle-session cost runs")
 	fs.DurationVar(&o.idleHold, "idle-hold", 60*time.Second, "how long tether holds the largest idle size before every session must echo")
 	fs.BoolVar(&o.save, "save", true, "write bench/results/<date>.md")
-	load := fs.String("load", "", "only generate load against --addr for profiling: connrate, bulk or idle (--sessions held for --for)")
+	load := fs.String("load", "", "only generate load against --addr for profiling: connrate, bulk, idle (--sessions held for --for) or wake (500 sessions idle --for, then one round trip each)")
 	addr := fs.String("addr", "", "target HOST:PORT for --load")
 	loadFor := fs.Duration("for", 20*time.Second, "how long --load runs")
 	loadStreams := fs.Int("streams", 8, "concurrent streams of --load bulk")
@@ -110,6 +110,10 @@ func loadOnly(kind, addr string, d time.Duration, sessions, streams int) error {
 	case "connrate":
 		v, _, err := connRate(addr, 32, d, 1<<40)
 		fmt.Printf("%.0f connections/s\n", v)
+		return err
+	case "wake":
+		lat, err := wakeLatency(addr, 500, d)
+		fmt.Printf("p50 %v p99 %v\n", percentile(lat, 0.5), percentile(lat, 0.99))
 		return err
 	case "idle":
 		conns, err := openMany(addr, sessions)
