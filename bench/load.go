@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -135,7 +136,15 @@ func bulk(addr string, n int, total int64, idle time.Duration) (float64, error) 
 // connRate opens, greets and resets connections with workers in parallel
 // for d (or until max connections) and returns connections per second.
 func connRate(addr string, workers int, d time.Duration, max int64) (float64, int64, error) {
+	rate, n, _, err := connRateLat(addr, workers, d, max)
+	return rate, n, err
+}
+
+// connRateLat is connRate that also returns each connection's time from
+// dial to reset, for --load connrate's percentiles.
+func connRateLat(addr string, workers int, d time.Duration, max int64) (float64, int64, []time.Duration, error) {
 	var done, failed atomic.Int64
+	lats := make([][]time.Duration, workers)
 	var firstErr atomic.Value
 	stop := time.Now().Add(d)
 	start := time.Now()
@@ -145,6 +154,7 @@ func connRate(addr string, workers int, d time.Duration, max int64) (float64, in
 		go func() {
 			defer wg.Done()
 			for i := 0; time.Now().Before(stop) && done.Load() < max; i++ {
+				t0 := time.Now()
 				c, err := open(addr, sources[(w+i)%len(sources)], fmt.Sprintf("cr-%d-%d", w, i%64))
 				if err != nil {
 					failed.Add(1)
@@ -152,6 +162,7 @@ func connRate(addr string, workers int, d time.Duration, max int64) (float64, in
 					continue
 				}
 				reset(c)
+				lats[w] = append(lats[w], time.Since(t0))
 				done.Add(1)
 			}
 		}()
@@ -159,9 +170,14 @@ func connRate(addr string, workers int, d time.Duration, max int64) (float64, in
 	wg.Wait()
 	elapsed := time.Since(start)
 	if f := failed.Load(); f > done.Load()/1000 {
-		return 0, done.Load(), fmt.Errorf("%d of %d connections failed: %v", f, f+done.Load(), firstErr.Load())
+		return 0, done.Load(), nil, fmt.Errorf("%d of %d connections failed: %v", f, f+done.Load(), firstErr.Load())
 	}
-	return float64(done.Load()) / elapsed.Seconds(), done.Load(), nil
+	var all []time.Duration
+	for _, l := range lats {
+		all = append(all, l...)
+	}
+	slices.Sort(all)
+	return float64(done.Load()) / elapsed.Seconds(), done.Load(), all, nil
 }
 
 // latency runs sessions concurrent ping-pong loops of 64-byte messages and

@@ -11,6 +11,7 @@
 package main
 
 import (
+	"cmp"
 	"flag"
 	"fmt"
 	"os"
@@ -53,7 +54,7 @@ func main() {
 	load := fs.String("load", "", "only generate load against --addr for profiling: connrate, bulk, idle (--sessions held for --for) or wake (500 sessions idle --for, then one round trip each)")
 	addr := fs.String("addr", "", "target HOST:PORT for --load")
 	loadFor := fs.Duration("for", 20*time.Second, "how long --load runs")
-	loadStreams := fs.Int("streams", 8, "concurrent streams of --load bulk")
+	loadStreams := fs.Int("streams", 0, "concurrent streams of --load bulk (default 8) or workers of --load connrate (default 32)")
 	loadSessions := fs.Int("sessions", 3000, "idle sessions --load idle opens (from 32 goroutines) and holds")
 	only := fs.String("only", "", "run one section only and print it: handoff, tls or lookup")
 	_ = fs.Parse(os.Args[1:])
@@ -108,8 +109,8 @@ func main() {
 func loadOnly(kind, addr string, d time.Duration, sessions, streams int) error {
 	switch kind {
 	case "connrate":
-		v, _, err := connRate(addr, 32, d, 1<<40)
-		fmt.Printf("%.0f connections/s\n", v)
+		v, _, lat, err := connRateLat(addr, cmp.Or(streams, 32), d, 1<<40)
+		fmt.Printf("%.0f connections/s, p50 %v p99 %v p99.9 %v\n", v, percentile(lat, 0.5), percentile(lat, 0.99), percentile(lat, 0.999))
 		return err
 	case "wake":
 		lat, err := wakeLatency(addr, 500, d)
@@ -131,7 +132,7 @@ func loadOnly(kind, addr string, d time.Duration, sessions, streams int) error {
 	case "bulk":
 		deadline := time.Now().Add(d)
 		for time.Now().Before(deadline) {
-			v, err := bulk(addr, streams, 256<<20, 0)
+			v, err := bulk(addr, cmp.Or(streams, 8), 256<<20, 0)
 			if err != nil {
 				return err
 			}

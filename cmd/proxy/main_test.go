@@ -44,6 +44,7 @@ func TestFlagErrors(t *testing.T) {
 		{"missing config", append(gw, "--config", "/nonexistent.yaml"), "config"},
 		{"bad key-from", append(gw, "--key-from", "cookie:"), "--key-from"},
 		{"bad no-key", append(gw, "--no-key", "guess"), "--no-key"},
+		{"negative event loops", append(gw, "--event-loops", "-1"), "--event-loops"},
 		{"duplicate id", []string{"--gateway", "a=h:1", "--gateway", "a=h:2", "--listen", "127.0.0.1:0"}, "duplicate"},
 	}
 	for _, tt := range tests {
@@ -65,7 +66,7 @@ func TestHelpListsEveryFlag(t *testing.T) {
 	for _, f := range []string{"--listen", "--admin", "--gateway", "--proxy-protocol-out", "--handshake-timeout",
 		"--max-hello", "--max-tries", "--dial-timeout", "--gateway-cooldown", "--max-conns", "--drain-timeout",
 		"--log-level", "--log-format", "--proxy-protocol-in", "--trusted-proxies", "--redis", "--binding-ttl",
-		"--redis-timeout", "--config", "--check-config", "--admin-token", "--no-park", "--park-after", "--key-from", "--no-key", "--pprof", "--client-keepalive", "--gossip-bind", "--join", "--node-name", "--gossip-key", "--gossip-profile",
+		"--redis-timeout", "--config", "--check-config", "--admin-token", "--no-park", "--park-after", "--event-loops", "--key-from", "--no-key", "--pprof", "--client-keepalive", "--gossip-bind", "--join", "--node-name", "--gossip-key", "--gossip-profile",
 		"--admin-token-file", "--lookup-token", "--lookup-token-file"} {
 		if out := stderr.String(); !strings.Contains(out, "  "+f+" ") && !strings.Contains(out, "  "+f+"\n") {
 			t.Errorf("--help does not document %s", f)

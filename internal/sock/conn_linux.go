@@ -119,7 +119,7 @@ func (c *Conn) WriteNow(b []byte) (int, error) {
 	n := 0
 	err := c.control("write", func(fd int) error {
 		for n < len(b) {
-			m, err := unix.Write(fd, b[n:])
+			m, err := write(fd, b[n:])
 			if err == unix.EINTR {
 				continue
 			}
@@ -145,7 +145,7 @@ func (c *Conn) Close() error {
 	r := c.reg.Load()
 	var err error
 	if r == nil {
-		err = os.NewSyscallError("close", unix.Close(c.fd))
+		err = os.NewSyscallError("close", Close(c.fd))
 	}
 	c.mu.Unlock()
 	if r != nil {
@@ -278,16 +278,12 @@ func (c *Conn) LocalAddr() net.Addr {
 
 // CloseWrite shuts down the sending side (a FIN).
 func (c *Conn) CloseWrite() error {
-	return c.control("shutdown", func(fd int) error { return unix.Shutdown(fd, unix.SHUT_WR) })
+	return c.control("shutdown", shutdownWrite)
 }
 
 // SetLinger is net.TCPConn.SetLinger: 0 makes Close send a reset.
 func (c *Conn) SetLinger(sec int) error {
-	l := unix.Linger{}
-	if sec >= 0 {
-		l.Onoff, l.Linger = 1, int32(sec)
-	}
-	return c.control("setsockopt", func(fd int) error { return unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &l) })
+	return c.control("setsockopt", func(fd int) error { return SetLinger(fd, sec) })
 }
 
 // control runs the system call op (f) on the socket.

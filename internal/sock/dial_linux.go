@@ -145,9 +145,11 @@ func Start(ap netip.AddrPort) (fd int, connected bool, err error) {
 	}
 	one := int32(1)
 	if _, _, e := unix.RawSyscall6(unix.SYS_SETSOCKOPT, sfd, unix.IPPROTO_TCP, unix.TCP_NODELAY, uintptr(unsafe.Pointer(&one)), 4, 0); e != 0 {
-		unix.Close(int(sfd))
+		_ = Close(int(sfd))
 		return -1, false, opError("setsockopt", addr, e)
 	}
+	zero := int32(0)
+	_, _, _ = unix.RawSyscall6(unix.SYS_SETSOCKOPT, sfd, unix.IPPROTO_TCP, unix.TCP_QUICKACK, uintptr(unsafe.Pointer(&zero)), 4, 0)
 	var sa sockaddr
 	salen := sa.set(ip, ap.Port())
 	switch e := connect(sfd, &sa, salen); e {
@@ -155,7 +157,7 @@ func Start(ap netip.AddrPort) (fd int, connected bool, err error) {
 		return int(sfd), true, nil
 	case unix.EINPROGRESS, unix.EALREADY, unix.EINTR:
 	default:
-		unix.Close(int(sfd))
+		_ = Close(int(sfd))
 		return -1, false, opError("connect", addr, e)
 	}
 	// A loopback connect has completed by now; a second one says so.
@@ -165,7 +167,7 @@ func Start(ap netip.AddrPort) (fd int, connected bool, err error) {
 	case unix.EINPROGRESS, unix.EALREADY, unix.EINTR:
 		return int(sfd), false, nil
 	default:
-		unix.Close(int(sfd))
+		_ = Close(int(sfd))
 		return -1, false, opError("connect", addr, e)
 	}
 }
@@ -196,7 +198,7 @@ func Accept(lfd int) (int, netip.AddrPort, error) {
 	fd := int(r)
 	one := int32(1)
 	if _, _, e := unix.RawSyscall6(unix.SYS_SETSOCKOPT, r, unix.IPPROTO_TCP, unix.TCP_NODELAY, uintptr(unsafe.Pointer(&one)), 4, 0); e != 0 {
-		unix.Close(fd)
+		_ = Close(fd)
 		return -1, netip.AddrPort{}, os.NewSyscallError("setsockopt", e)
 	}
 	return fd, addrPort(&rsa), nil

@@ -88,10 +88,11 @@ type frontListener struct {
 	backoff time.Duration   // after an accept error (loop only)
 }
 
-// front is the event-loop handshake of one Server.
+// front is the event-loop handshake of one Server in one of its loops.
 type front struct {
 	s           *Server
 	p           *parker
+	l           *evloop // the loop it runs in
 	dialer      *route.Dialer
 	immediate   bool // the resolver never waits: resolve in the loop
 	dialTimeout time.Duration
@@ -108,20 +109,41 @@ type front struct {
 	timerAt time.Time    // when it is set to fire; zero when not set
 }
 
-// newFront sets up the front of s on p, or returns nil if s's
+// fronts are a Server's fronts, one per event loop of its parker; every
+// one accepts on every listener Serve is given.
+type fronts []*front
+
+// newFronts sets up the fronts of s on p's loops, or returns nil if s's
 // configuration needs what only the goroutine path does (TLS, a gateway
 // rate, a dialer other than *route.Dialer).
-func newFront(s *Server, p *parker) (*front, error) {
+func newFronts(s *Server, p *parker) (fronts, error) {
 	cfg := s.cfg
 	d, ok := cfg.Dialer.(*route.Dialer)
 	if !cfg.EventLoop || p == nil || !ok || d.Admit != nil || cfg.TLS != nil || cfg.GatewayTLS != nil || cfg.GatewayRate != nil {
 		return nil, nil
 	}
+	var fs fronts
+	for _, l := range p.loops {
+		f, err := newFront(s, l, d)
+		if err != nil {
+			for _, f := range fs {
+				f.close()
+			}
+			return nil, err
+		}
+		fs = append(fs, f)
+	}
+	return fs, nil
+}
+
+// newFront sets up the front of s in loop l.
+func newFront(s *Server, l *evloop, d *route.Dialer) (*front, error) {
+	cfg := s.cfg
 	wfd, err := unix.Eventfd(0, unix.EFD_NONBLOCK|unix.EFD_CLOEXEC)
 	if err != nil {
 		return nil, os.NewSyscallError("eventfd", err)
 	}
-	f := &front{s: s, p: p, dialer: d, wfd: wfd, dialTimeout: d.DialTimeout}
+	f := &front{s: s, p: l.p, l: l, dialer: d, wfd: wfd, dialTimeout: d.DialTimeout}
 	if f.dialTimeout <= 0 {
 		f.dialTimeout = route.DefaultDialTimeout
 	}
@@ -155,7 +177,7 @@ func (f *front) poke() {
 func (f *front) ctl(op, fd int, fc *frontConn, events uint32) error {
 	ev := unix.EpollEvent{Events: events, Fd: int32(frontBit | fc.slot), Pad: int32(fc.gen)}
 	var err error
-	if cerr := f.p.epRC.Control(func(epfd uintptr) { err = unix.EpollCtl(int(epfd), op, fd, &ev) }); cerr != nil {
+	if cerr := f.l.epRC.Control(func(epfd uintptr) { err = sock.EpollCtl(int(epfd), op, fd, &ev) }); cerr != nil {
 		return cerr
 	}
 	if err != nil {
@@ -216,20 +238,33 @@ func (f *front) event(slot, gen, events uint32) {
 	}
 }
 
-// serve accepts on ln in the loop until stop is closed (nil) or the loop
-// stops (ErrEventLoopStopped); rc is ln's.
-func (f *front) serve(rc syscall.RawConn, stop <-chan struct{}) error {
-	fc := &frontConn{state: fsListener, gfd: -1, ln: &frontListener{rc: rc}}
-	f.addSlot(fc)
-	defer f.freeSlot(fc)
-	if err := f.armListener(fc, unix.EPOLL_CTL_ADD); err != nil {
-		return fmt.Errorf("proxy: watch listener: %w", err)
+// serve accepts on ln in every loop until stop is closed (nil) or a loop
+// stops (ErrEventLoopStopped); rc is ln's. Each loop holds the listener
+// one-shot in its own epoll set: a new connection wakes the loops that
+// are armed, the first to call accept takes it (and what else is queued,
+// up to acceptBatch), the others find nothing and re-arm.
+func (fs fronts) serve(rc syscall.RawConn, stop <-chan struct{}) error {
+	for _, f := range fs {
+		fc := &frontConn{state: fsListener, gfd: -1, ln: &frontListener{rc: rc}}
+		f.addSlot(fc)
+		defer f.freeSlot(fc)
+		if err := f.armListener(fc, unix.EPOLL_CTL_ADD); err != nil {
+			return fmt.Errorf("proxy: watch listener: %w", err)
+		}
 	}
 	select {
 	case <-stop:
 		return nil
-	case <-f.p.done:
+	case <-fs[0].p.stopped:
 		return ErrEventLoopStopped
+	}
+}
+
+// unwatchListener takes a listener out of every loop's epoll set before
+// it is closed (Serve's stop).
+func (fs fronts) unwatchListener(rc syscall.RawConn) {
+	for _, f := range fs {
+		f.unwatchListener(rc)
 	}
 }
 
@@ -250,7 +285,7 @@ func (f *front) armListener(fc *frontConn, op int) error {
 // closed (Serve's stop).
 func (f *front) unwatchListener(rc syscall.RawConn) {
 	_ = rc.Control(func(lfd uintptr) {
-		_ = f.p.epRC.Control(func(epfd uintptr) { _ = unix.EpollCtl(int(epfd), unix.EPOLL_CTL_DEL, int(lfd), nil) })
+		_ = f.l.epRC.Control(func(epfd uintptr) { _ = sock.EpollCtl(int(epfd), unix.EPOLL_CTL_DEL, int(lfd), nil) })
 	})
 }
 
@@ -327,8 +362,8 @@ func (f *front) started(fd int, peer netip.AddrPort) {
 
 // resetFD closes a raw socket with a reset.
 func resetFD(fd int) {
-	_ = unix.SetsockoptLinger(fd, unix.SOL_SOCKET, unix.SO_LINGER, &unix.Linger{Onoff: 1})
-	unix.Close(fd)
+	_ = sock.SetLinger(fd, 0)
+	_ = sock.Close(fd)
 }
 
 // hello reads what the client sent so far; once the extractor has the key
@@ -447,8 +482,12 @@ func (f *front) handOff(fc *frontConn, rest func(hs *handshake) *parkedSession) 
 
 // handshake is what fc's handshake learned, for the session.
 func (f *front) handshake(fc *frontConn) *handshake {
-	return &handshake{client: sock.NewConn(fc.fd, fc.peer), id: fc.id, start: fc.start, buf: *fc.bufp, n: fc.n,
-		key: fc.key, keyHash: fc.keyHash, source: fc.rt.Source, inEpoll: fc.armed}
+	hs := &handshake{client: sock.NewConn(fc.fd, fc.peer), id: fc.id, start: fc.start, buf: *fc.bufp, n: fc.n,
+		key: fc.key, keyHash: fc.keyHash, source: fc.rt.Source}
+	if fc.armed {
+		hs.loop = f.l
+	}
+	return hs
 }
 
 // helloDone routes a connection whose key was read: on the ring in the
@@ -513,7 +552,7 @@ func (f *front) helloDone(fc *frontConn) {
 // candidates (route.Dialer.DialAfter).
 func (f *front) failover(fc *frontConn, err error) {
 	if fc.gfd >= 0 {
-		unix.Close(fc.gfd)
+		_ = sock.Close(fc.gfd)
 		fc.gfd, fc.gArmed = -1, false
 	}
 	s, rt, try, deadline := f.s, fc.rt, fc.try, fc.deadline
@@ -558,7 +597,7 @@ func (f *front) connected(fc *frontConn) {
 	case err == nil:
 		s.pool.Put(bufp)
 		ses.moved[dirUp].Add(ses.hello)
-		s.parker.adoptParked(ses, gwInEpoll)
+		s.parker.adoptParked(ses, gwInEpoll, f.l)
 	case errors.Is(err, unix.EAGAIN):
 		// The socket did not take it all (never seen on a new
 		// connection): the rest waits in a handler goroutine.
@@ -595,7 +634,7 @@ func (f *front) abandon() {
 	f.mu.Unlock()
 	for _, fc := range held {
 		if fc.gfd >= 0 {
-			unix.Close(fc.gfd)
+			_ = sock.Close(fc.gfd)
 			fc.gfd = -1
 		}
 		f.fail(fc, ErrEventLoopStopped)

@@ -5,6 +5,7 @@ package proxy
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"sync/atomic"
@@ -13,14 +14,25 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"golang.org/x/sys/unix"
 
+	"github.com/tether-proxy/tether/internal/sock"
 	"github.com/tether-proxy/tether/internal/stub"
 	"github.com/tether-proxy/tether/pkg/ring"
 	"github.com/tether-proxy/tether/pkg/route"
 )
 
-// pending is how many connections the front holds now (in their hello
-// or their gateway connect), besides its wakeup and its listeners.
+// pending is how many connections the fronts hold now (in their hello
+// or their gateway connect), besides their wakeups and listeners.
+func (fs fronts) pending() int {
+	n := 0
+	for _, f := range fs {
+		n += f.pending()
+	}
+	return n
+}
+
+// pending is fronts.pending of one front.
 func (f *front) pending() int {
 	f.mu.Lock()
 	defer f.mu.Unlock()
@@ -37,7 +49,7 @@ func (f *front) pending() int {
 func startLoop(t *testing.T, cfg Config, gws ...ring.Member) *harness {
 	t.Helper()
 	h := start(t, cfg, gws...)
-	if h.srv.front == nil {
+	if h.srv.fronts == nil {
 		t.Fatal("the event loop is off on Linux with Park and a *route.Dialer")
 	}
 	return h
@@ -56,7 +68,7 @@ func TestFrontHelloInPieces(t *testing.T) {
 		t.Fatal(err)
 	}
 	// The first byte was read: the connection waits in the front.
-	waitFor(t, func() bool { return h.srv.front.pending() == 1 })
+	waitFor(t, func() bool { return h.srv.fronts.pending() == 1 })
 	for i := 1; i < len(b); i++ {
 		if _, err := c.Write(b[i : i+1]); err != nil {
 			t.Fatal(err)
@@ -69,7 +81,7 @@ func TestFrontHelloInPieces(t *testing.T) {
 	if rep.Key != "pieces" || rep.Client != c.LocalAddr().String() {
 		t.Fatalf("reply %+v", rep)
 	}
-	if n := h.srv.front.pending(); n != 0 {
+	if n := h.srv.fronts.pending(); n != 0 {
 		t.Fatalf("front holds %d connections after the session started", n)
 	}
 }
@@ -164,7 +176,7 @@ func TestFrontHandsOffWaitingResolver(t *testing.T) {
 	cfg.Resolver = w
 	h := startLoop(t, cfg, ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
 	w.r.Store(&route.RingResolver{Ring: h.ring})
-	if h.srv.front.immediate {
+	if h.srv.fronts[0].immediate {
 		t.Fatal("a resolver without ResolvesImmediately is resolved in the loop")
 	}
 	for i := range 3 {
@@ -180,11 +192,11 @@ func TestFrontHandsOffWaitingResolver(t *testing.T) {
 	if n := w.calls.Load(); n != 3 {
 		t.Fatalf("resolver called %d times, want 3", n)
 	}
-	waitFor(t, func() bool { return h.srv.front.pending() == 0 })
+	waitFor(t, func() bool { return h.srv.fronts.pending() == 0 })
 }
 
-// TestFrontLoopStopped: when the event loop dies (its epoll set fails),
-// Serve returns ErrEventLoopStopped instead of silently accepting nothing,
+// TestFrontLoopStopped: when an event loop dies (its epoll set fails),
+// Serve returns ErrEventLoopStopped instead of silently accepting less,
 // and the handshakes the loop held end at once (Close does not hang).
 func TestFrontLoopStopped(t *testing.T) {
 	cfg := DefaultConfig()
@@ -194,6 +206,7 @@ func TestFrontLoopStopped(t *testing.T) {
 	cfg.Resolver = &route.RingResolver{Ring: rh}
 	cfg.Dialer = &route.Dialer{}
 	cfg.EventLoop = true
+	cfg.EventLoops = 2
 	cfg.Metrics = NewMetrics(nil)
 	srv, err := New(cfg)
 	if err != nil {
@@ -209,8 +222,12 @@ func TestFrontLoopStopped(t *testing.T) {
 	// Once a client waits in the front for its hello, break the loop's
 	// epoll set: the loop returns.
 	c := dial(t, ln.Addr().String())
-	waitFor(t, func() bool { return srv.front.pending() == 1 })
-	srv.parker.ep.Close()
+	waitFor(t, func() bool { return srv.fronts.pending() == 1 })
+	for _, f := range srv.fronts {
+		if f.pending() == 1 {
+			f.l.ep.Close()
+		}
+	}
 	select {
 	case err := <-done:
 		if !errors.Is(err, ErrEventLoopStopped) {
@@ -255,11 +272,65 @@ func TestFrontDrainsEverything(t *testing.T) {
 		}
 		c.Close()
 	}
-	waitFor(t, func() bool { return h.srv.Active() == 0 && h.srv.front.pending() == 0 })
+	waitFor(t, func() bool { return h.srv.Active() == 0 && h.srv.fronts.pending() == 0 })
 	if n := testutil.ToFloat64(h.m.HandshakeFailures.WithLabelValues("too_large")); n != 20 {
 		t.Fatalf("too_large = %v, want 20", n)
 	}
 	if n := testutil.ToFloat64(h.m.HandshakeFailures.WithLabelValues("eof")); n != 20 {
 		t.Fatalf("eof = %v, want 20", n)
+	}
+}
+
+// TestLoopsKeepTheirSessions: with two event loops, every session parks in
+// the loop whose epoll set already holds its sockets — the front's that
+// read its hello, or for the goroutine path the loop it was given — and
+// the sessions of both loops still move data when they wake.
+func TestLoopsKeepTheirSessions(t *testing.T) {
+	gw := gateway(t, "gw-1", stub.ProxyRequire)
+	member := ring.Member{ID: "gw-1", Addr: gw, Weight: 1}
+	for _, path := range handshakePaths {
+		t.Run(path.name, func(t *testing.T) {
+			cfg := parkFast()
+			cfg.EventLoops = 2
+			h := path.start(t, cfg, member)
+			if n := len(h.srv.parker.loops); n != 2 {
+				t.Fatalf("%d loops, want 2", n)
+			}
+			conns := openSessions(t, h, 30, "loops")
+			waitFor(t, func() bool { return h.srv.parker.parkedCount() == 60 })
+			used := map[*evloop]int{}
+			h.srv.parker.mu.Lock()
+			for _, d := range h.srv.parker.slots[1:] {
+				if d == nil {
+					continue
+				}
+				used[d.ps.l]++
+				// Adding the socket again to the loop's own set must
+				// fail: it is there already.
+				var err error
+				_ = d.ps.l.epRC.Control(func(epfd uintptr) {
+					_ = d.srcRC.Control(func(fd uintptr) {
+						err = sock.EpollCtl(int(epfd), unix.EPOLL_CTL_ADD, int(fd), &unix.EpollEvent{})
+					})
+				})
+				if !errors.Is(err, unix.EEXIST) {
+					t.Errorf("a parked socket is not in its session's loop: EPOLL_CTL_ADD = %v", err)
+				}
+			}
+			h.srv.parker.mu.Unlock()
+			if path.name == "goroutines" && len(used) != 2 {
+				t.Errorf("sessions given to %d loops, want both (round robin)", len(used))
+			}
+			for i, c := range conns {
+				msg := []byte(fmt.Sprintf("ping %d", i))
+				if _, err := c.Write(msg); err != nil {
+					t.Fatal(err)
+				}
+				got := make([]byte, len(msg))
+				if _, err := io.ReadFull(c, got); err != nil || string(got) != string(msg) {
+					t.Fatalf("session %d echoed %q, %v", i, got, err)
+				}
+			}
+		})
 	}
 }

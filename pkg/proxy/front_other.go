@@ -11,7 +11,10 @@ import (
 // connection's handshake runs in a goroutine.
 type front struct{}
 
-func newFront(*Server, *parker) (*front, error)             { return nil, nil }
-func (*front) serve(syscall.RawConn, <-chan struct{}) error { return nil }
-func (*front) unwatchListener(syscall.RawConn)              {}
+// fronts are a Server's fronts; always nil here.
+type fronts []*front
+
+func newFronts(*Server, *parker) (fronts, error)            { return nil, nil }
+func (fronts) serve(syscall.RawConn, <-chan struct{}) error { return nil }
+func (fronts) unwatchListener(syscall.RawConn)              {}
 func listenerConn(net.Listener) syscall.RawConn             { return nil }

@@ -109,7 +109,7 @@ func (p *parker) commit(ps *parkedSession) {
 		if d.armed {
 			// The socket lives on in the other process: without this
 			// the entry would outlive this descriptor.
-			_ = p.epRC.Control(func(epfd uintptr) {
+			_ = ps.l.epRC.Control(func(epfd uintptr) {
 				_ = d.srcRC.Control(func(fd uintptr) { _ = unix.EpollCtl(int(epfd), unix.EPOLL_CTL_DEL, int(fd), nil) })
 			})
 			d.armed = false
@@ -166,7 +166,7 @@ func (p *parker) adoptHanded(ses *session, dirs [2]DirState, pipes [2]*pipePair)
 	if !ok1 || !ok2 {
 		return errors.New("handed session is not plain TCP")
 	}
-	ps := &parkedSession{p: p, ses: ses}
+	ps := &parkedSession{p: p, l: p.pick(), ses: ses}
 	ps.dirs[0] = parkedDir{ps: ps, src: ses.client, dst: ses.gw, srcRC: cRC, dstRC: gRC, meter: &ses.moved[dirUp]}
 	ps.dirs[1] = parkedDir{ps: ps, src: ses.gw, dst: ses.client, srcRC: gRC, dstRC: cRC, meter: &ses.moved[dirDown]}
 	var live []*parkedDir

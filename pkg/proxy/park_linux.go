@@ -37,8 +37,12 @@ type parker struct {
 	parkAfter time.Duration
 	now       func() time.Time                   // when a direction parked and woke (not socket deadlines)
 	onEnd     func(ses *session, up, down int64) // a session ended; both connections are closed
-	ep        *os.File                           // the epoll set, in Go's poller: parked wakeups need no thread of their own
-	epRC      syscall.RawConn                    // every syscall on the epoll descriptor goes through it
+
+	// The event loops, each with its own epoll set; a session's sockets
+	// live in one of them (parkedSession.l). next picks the loop of a
+	// session no loop has seen yet, round robin.
+	loops []*evloop
+	next  atomic.Uint32
 
 	parkedNow atomic.Int64 // directions waiting in the epoll set
 	pipesMade atomic.Int64 // pipes created; the pool should keep it flat
@@ -62,18 +66,27 @@ type parker struct {
 	trimArmed atomic.Bool
 	movers    sync.Pool // *mover
 	closeMu   sync.Once
-	done      chan struct{} // closed when the loop has returned
-	closing   atomic.Bool   // close began: the loop's wakeup error is expected
-	started   bool          // start ran (set before the loop, read by close)
+	stopOnce  sync.Once
+	stopped   chan struct{} // closed when the first loop has returned
+	closing   atomic.Bool   // close began: the loops' wakeup errors are expected
+	started   bool          // start ran (set before the loops, read by close)
 
 	// spawn runs a direction's worker in another goroutine, a reused one
 	// (the server's handlers, workers.go): run, which claims d, or, when
 	// the caller claimed it, work. It never blocks.
 	spawn func(d *parkedDir, claimed bool)
+}
 
-	// front, when set (before start), handles the loop's events of new
-	// connections (front_linux.go).
-	front *front
+// evloop is one event loop: an epoll set, waited on in Go's poller, and the
+// goroutine that serves its events. With several loops (Config.EventLoops)
+// every loop accepts on every listener, so handshakes and the small moves
+// of parked sessions run on as many cores as there are loops.
+type evloop struct {
+	p     *parker
+	ep    *os.File        // the epoll set, in Go's poller: parked wakeups need no thread of their own
+	epRC  syscall.RawConn // every syscall on the epoll descriptor goes through it
+	done  chan struct{}   // closed when the loop has returned
+	front *front          // when set (before start), handles the events of new connections (front_linux.go)
 }
 
 // maxSplice is the most one splice call moves; pipes are sized to it.
@@ -84,6 +97,7 @@ const maxSplice = 1 << 20
 // idle but what it takes to wake it.
 type parkedSession struct {
 	p   *parker
+	l   *evloop // the loop whose epoll set holds the session's sockets
 	ses *session
 
 	mu       sync.Mutex
@@ -121,7 +135,25 @@ type parkedDir struct {
 	parked       bool          // waiting in the epoll set; guarded by ps.mu
 }
 
-func newParker(log *zap.Logger, m *Metrics, parkAfter time.Duration, now func() time.Time, onEnd func(*session, int64, int64), spawn func(*parkedDir, bool)) (*parker, error) {
+func newParker(log *zap.Logger, m *Metrics, parkAfter time.Duration, now func() time.Time, onEnd func(*session, int64, int64), spawn func(*parkedDir, bool), loops int) (*parker, error) {
+	p := &parker{log: log, m: m, parkAfter: parkAfter, now: now, onEnd: onEnd, spawn: spawn,
+		wakesInline: m.Wakeups.WithLabelValues("inline"), wakesWorker: m.Wakeups.WithLabelValues("worker"),
+		slots: make([]*parkedDir, 1), // slot 0 means "never armed"
+		pipes: make(chan *pipePair, pipePool), stopped: make(chan struct{})}
+	for range max(loops, 1) {
+		l, err := newEvloop(p)
+		if err != nil {
+			for _, l := range p.loops {
+				l.ep.Close()
+			}
+			return nil, err
+		}
+		p.loops = append(p.loops, l)
+	}
+	return p, nil
+}
+
+func newEvloop(p *parker) (*evloop, error) {
 	epfd, err := unix.EpollCreate1(unix.EPOLL_CLOEXEC)
 	if err != nil {
 		return nil, err
@@ -140,35 +172,47 @@ func newParker(log *zap.Logger, m *Metrics, parkAfter time.Duration, now func() 
 		ep.Close()
 		return nil, err
 	}
-	p := &parker{log: log, m: m, parkAfter: parkAfter, now: now, onEnd: onEnd, spawn: spawn, ep: ep, epRC: rc,
-		wakesInline: m.Wakeups.WithLabelValues("inline"), wakesWorker: m.Wakeups.WithLabelValues("worker"),
-		slots: make([]*parkedDir, 1), // slot 0 means "never armed"
-		pipes: make(chan *pipePair, pipePool), done: make(chan struct{})}
-	return p, nil
+	return &evloop{p: p, ep: ep, epRC: rc, done: make(chan struct{})}, nil
 }
 
-// start runs the event loop, with fr (nil for none) taking new
-// connections' events.
-func (p *parker) start(fr *front) {
-	p.front = fr
+// start runs the event loops, with fs (nil for none; else one per loop)
+// taking new connections' events.
+func (p *parker) start(fs fronts) {
 	p.started = true
-	go p.loop(p.epRC)
+	for i, l := range p.loops {
+		if fs != nil {
+			l.front = fs[i]
+		}
+		go l.run()
+	}
 }
 
-// close stops the event loop; sessions still parked must have been
+// close stops the event loops; sessions still parked must have been
 // aborted first (Server.Shutdown does).
 func (p *parker) close() {
 	p.closeMu.Do(func() {
 		p.closing.Store(true)
-		p.ep.Close() // wakes the loop with an error; the descriptor closes once it is out
-		if p.started {
-			<-p.done
+		for _, l := range p.loops {
+			l.ep.Close() // wakes the loop with an error; the descriptor closes once it is out
 		}
-		if p.front != nil {
-			p.front.close()
+		for _, l := range p.loops {
+			if p.started {
+				<-l.done
+			}
+			if l.front != nil {
+				l.front.close()
+			}
 		}
 		p.drainPipes()
 	})
+}
+
+// pick is the loop for a session that is in no epoll set yet.
+func (p *parker) pick() *evloop {
+	if len(p.loops) == 1 {
+		return p.loops[0]
+	}
+	return p.loops[p.next.Add(1)%uint32(len(p.loops))]
 }
 
 // adopt takes over a session whose hello was forwarded. It returns nil
@@ -181,7 +225,11 @@ func (p *parker) adopt(ses *session) *parkedSession {
 	if !ok1 || !ok2 {
 		return nil
 	}
-	ps := p.newSession(ses, cRC, gRC, false)
+	l := ses.clientLoop
+	if l == nil {
+		l = p.pick()
+	}
+	ps := p.newSession(ses, cRC, gRC, false, l)
 	ses.parked.Store(ps)
 	// Both directions wait in Go's poller before parking, so a short
 	// session or the hello/reply exchange of a long one never touches the
@@ -193,21 +241,22 @@ func (p *parker) adopt(ses *session) *parkedSession {
 	return ps
 }
 
-func (p *parker) newSession(ses *session, cRC, gRC syscall.RawConn, gwInEpoll bool) *parkedSession {
-	ps := &parkedSession{p: p, ses: ses, open: 2}
-	ps.dirs[0] = parkedDir{ps: ps, src: ses.client, dst: ses.gw, srcRC: cRC, dstRC: gRC, meter: &ses.moved[dirUp], armed: ses.clientInEpoll}
+func (p *parker) newSession(ses *session, cRC, gRC syscall.RawConn, gwInEpoll bool, l *evloop) *parkedSession {
+	ps := &parkedSession{p: p, l: l, ses: ses, open: 2}
+	ps.dirs[0] = parkedDir{ps: ps, src: ses.client, dst: ses.gw, srcRC: cRC, dstRC: gRC, meter: &ses.moved[dirUp], armed: ses.clientLoop != nil}
 	ps.dirs[1] = parkedDir{ps: ps, src: ses.gw, dst: ses.client, srcRC: gRC, dstRC: cRC, meter: &ses.moved[dirDown], armed: gwInEpoll}
 	return ps
 }
 
 // adoptParked takes over a session the front started (both sockets are
 // *sock.Conn, outside Go's poller) and parks both directions at once, in
-// the loop goroutine: the gateway's reply and the client's next message
-// wake them there and move inline (parkedSession.inline).
-func (p *parker) adoptParked(ses *session, gwInEpoll bool) {
+// the goroutine of l, whose epoll set holds the client socket (and the
+// gateway's if gwInEpoll): the gateway's reply and the client's next
+// message wake them there and move inline (parkedSession.inline).
+func (p *parker) adoptParked(ses *session, gwInEpoll bool, l *evloop) {
 	cRC, _ := rawConn(ses.client)
 	gRC, _ := rawConn(ses.gw)
-	ps := p.newSession(ses, cRC, gRC, gwInEpoll)
+	ps := p.newSession(ses, cRC, gRC, gwInEpoll, l)
 	ps.inline = true
 	ps.running = 2 // both directions are this caller's until parked
 	ses.parked.Store(ps)

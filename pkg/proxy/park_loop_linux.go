@@ -6,22 +6,25 @@ import (
 	"errors"
 	"net"
 	"os"
-	"syscall"
 	"time"
 
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
+
+	"github.com/tether-proxy/tether/internal/sock"
 )
 
-// loop waits in Go's poller until the epoll set has events, then takes
-// them all without blocking and wakes each direction.
-func (p *parker) loop(rc syscall.RawConn) {
-	defer close(p.done)
+// run is the loop: it waits in Go's poller until the epoll set has
+// events, then takes them all without blocking and wakes each direction.
+func (l *evloop) run() {
+	p := l.p
+	defer close(l.done)
+	defer p.stopOnce.Do(func() { close(p.stopped) })
 	events := make([]unix.EpollEvent, 256)
 	var werr error
 	drain := func(fd uintptr) bool {
 		for {
-			n, err := unix.EpollWait(int(fd), events, 0)
+			n, err := sock.EpollWaitNow(int(fd), events)
 			if err != nil {
 				if errors.Is(err, unix.EINTR) {
 					continue
@@ -32,13 +35,13 @@ func (p *parker) loop(rc syscall.RawConn) {
 			now := p.now().UnixNano()
 			for _, ev := range events[:n] {
 				if slot := uint32(ev.Fd); slot&frontBit != 0 {
-					p.front.event(slot&^frontBit, uint32(ev.Pad), ev.Events)
+					l.front.event(slot&^frontBit, uint32(ev.Pad), ev.Events)
 				} else if d := p.lookup(slot, uint32(ev.Pad)); d != nil {
 					p.wake(d, ev.Events, now)
 				}
 			}
-			if p.front != nil {
-				p.front.tick()
+			if l.front != nil {
+				l.front.tick()
 			}
 			if n < len(events) {
 				// Drained: the poller is edge-triggered on the set,
@@ -47,15 +50,15 @@ func (p *parker) loop(rc syscall.RawConn) {
 			}
 		}
 	}
-	err := rc.Read(drain)
+	err := l.epRC.Read(drain)
 	switch {
 	case werr != nil:
 		p.log.Error("park: epoll_wait failed; parked sessions stall", zap.Error(werr))
 	case err != nil && !errors.Is(err, os.ErrClosed) && !p.closing.Load():
 		p.log.Error("park: waiting for parked sessions failed; they stall", zap.Error(err))
 	}
-	if p.front != nil {
-		p.front.abandon() // nothing would finish the handshakes it holds
+	if l.front != nil {
+		l.front.abandon() // nothing would finish the handshakes it holds
 	}
 }
 
@@ -80,8 +83,8 @@ func (p *parker) arm(d *parkedDir, op int) error {
 		Pad:    int32(d.gen),
 	}
 	var err, serr error
-	eerr := p.epRC.Control(func(epfd uintptr) {
-		serr = d.srcRC.Control(func(fd uintptr) { err = unix.EpollCtl(int(epfd), op, int(fd), &ev) })
+	eerr := d.ps.l.epRC.Control(func(epfd uintptr) {
+		serr = d.srcRC.Control(func(fd uintptr) { err = sock.EpollCtl(int(epfd), op, int(fd), &ev) })
 	})
 	return errors.Join(eerr, serr, err)
 }

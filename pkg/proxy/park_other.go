@@ -19,7 +19,10 @@ type parkedSession struct{}
 
 func (*parkedSession) aborted() {}
 
-func newParker(*zap.Logger, *Metrics, time.Duration, func() time.Time, func(*session, int64, int64), func(*parkedDir, bool)) (*parker, error) {
+// evloop is an event loop of the parker; never created here.
+type evloop struct{}
+
+func newParker(*zap.Logger, *Metrics, time.Duration, func() time.Time, func(*session, int64, int64), func(*parkedDir, bool), int) (*parker, error) {
 	return nil, nil
 }
 func (p *parker) adopt(*session) *parkedSession { return nil }
@@ -28,4 +31,4 @@ func (p *parker) run(*parkedDir)                {}
 func (p *parker) work(*parkedDir)               {}
 func (p *parker) close()                        {}
 func (p *parker) parkedCount() int              { return 0 }
-func (p *parker) start(*front)                  {}
+func (p *parker) start(fronts)                  {}

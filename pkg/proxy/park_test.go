@@ -256,8 +256,10 @@ func TestParkErrorClosesSession(t *testing.T) {
 	gw := gateway(t, "gw-1", stub.ProxyRequire)
 	h := startGoroutines(t, parkFast(), ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
 	// A broken epoll set: every arm fails from now on.
-	h.srv.parker.ep.Close()
-	<-h.srv.parker.done
+	for _, l := range h.srv.parker.loops {
+		l.ep.Close()
+		<-l.done
+	}
 	c := openSession(t, h, "pe")
 	c.SetReadDeadline(time.Now().Add(10 * time.Second))
 	if _, err := c.Read(make([]byte, 1)); err == nil {

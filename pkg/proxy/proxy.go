@@ -23,6 +23,7 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"runtime"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -132,6 +133,12 @@ type Config struct {
 	// not noticed). Set it for the proxy binary; tests of the goroutine
 	// path leave it off.
 	EventLoop bool
+	// EventLoops is how many event loops the parker runs (Linux, with
+	// Park): each has its own epoll set and goroutine, accepts on every
+	// listener when EventLoop is on, and serves the wakeups of the
+	// sessions it parked. One loop is one core's worth of handshakes; 0
+	// means one per CPU Go schedules on (runtime.GOMAXPROCS).
+	EventLoops int
 	// ClientKeepAlive is the TCP keepalive the event loop sets on the
 	// connections it accepts (--client-keepalive); the goroutine path
 	// leaves keepalive to the listener, as net.ListenConfig does.
@@ -170,7 +177,7 @@ type Server struct {
 	cancel context.CancelFunc
 
 	parker *parker // nil: one goroutine and io.Copy per direction
-	front  *front  // nil: accept and handshake in goroutines (Config.EventLoop)
+	fronts fronts  // nil: accept and handshake in goroutines (Config.EventLoop)
 
 	// next hands an accepted connection to a handler goroutine waiting
 	// for one (workers.go); idleHandlers counts those waiting.
@@ -247,16 +254,20 @@ func New(cfg Config) (*Server, error) {
 			cfg.ParkAfter = DefaultParkAfter
 			s.cfg.ParkAfter = DefaultParkAfter
 		}
-		p, err := newParker(s.log, s.m, cfg.ParkAfter, cfg.Now, s.parkedEnd, s.dispatchDir)
+		loops := cfg.EventLoops
+		if loops <= 0 {
+			loops = runtime.GOMAXPROCS(0)
+		}
+		p, err := newParker(s.log, s.m, cfg.ParkAfter, cfg.Now, s.parkedEnd, s.dispatchDir, loops)
 		if err != nil {
 			return nil, fmt.Errorf("proxy: park: %w", err)
 		}
 		s.parker = p // nil where parking is not supported
-		if s.front, err = newFront(s, p); err != nil {
+		if s.fronts, err = newFronts(s, p); err != nil {
 			p.close()
 			return nil, fmt.Errorf("proxy: event loop: %w", err)
 		}
-		p.start(s.front)
+		p.start(s.fronts)
 	}
 	return s, nil
 }
@@ -274,7 +285,7 @@ func (s *Server) Closing() bool { return s.closing.Load() }
 // Serve accepts connections on ln until Shutdown or a permanent accept
 // error. It always closes ln and returns ErrServerClosed after Shutdown.
 func (s *Server) Serve(ln net.Listener) error {
-	if s.front != nil {
+	if s.fronts != nil {
 		if rc := listenerConn(ln); rc != nil {
 			return s.serveLoop(ln, rc)
 		}
@@ -354,7 +365,7 @@ func (s *Server) admit() bool {
 func (s *Server) serveLoop(ln net.Listener, rc syscall.RawConn) error {
 	stop := make(chan struct{})
 	if !s.track(ln, sync.OnceFunc(func() {
-		s.front.unwatchListener(rc) // before the close: another process may hold the socket too
+		s.fronts.unwatchListener(rc) // before the close: another process may hold the socket too
 		ln.Close()
 		close(stop)
 	})) {
@@ -362,7 +373,7 @@ func (s *Server) serveLoop(ln net.Listener, rc syscall.RawConn) error {
 		return ErrServerClosed
 	}
 	defer s.untrack(ln)
-	err := s.front.serve(rc, stop)
+	err := s.fronts.serve(rc, stop)
 	switch {
 	case s.closing.Load():
 		return ErrServerClosed
@@ -580,9 +591,10 @@ type session struct {
 	once    sync.Once
 	reason  endReason   // why the session was aborted; set once
 	aborted atomic.Bool // abort ran (its end may not be recorded yet)
-	// clientInEpoll: the front registered the client socket in the
-	// parker's epoll set (its one-shot spent), so parking it re-arms it.
-	clientInEpoll bool
+	// clientLoop, when set: the front registered the client socket in
+	// this loop's epoll set (its one-shot spent), so the session parks in
+	// that loop and parking it re-arms it.
+	clientLoop *evloop
 }
 
 // abort closes both sides with RST so both peers learn the session ended
@@ -880,7 +892,7 @@ type handshake struct {
 	key     []byte    // the session key; aliases buf
 	keyHash uint64
 	source  route.Source // where the owner came from (binding, ring, fallback)
-	inEpoll bool         // the client socket is in the parker's epoll set already (the front read its hello)
+	loop    *evloop      // the loop whose epoll set has the client socket already (the front read its hello), or nil
 }
 
 // serveSession writes the PROXY header and the first bytes to the gateway,
@@ -925,7 +937,7 @@ func (s *Server) startSession(hs *handshake, res route.Result) (*session, []byte
 		gw = tgw
 	}
 	ses := &session{client: c, gw: gw, gwID: res.Gateway.ID, id: id, start: hs.start, keyHash: hs.keyHash, hello: int64(n), peer: c.RemoteAddr(), idle: s.idle(),
-		clientInEpoll: hs.inEpoll}
+		clientLoop: hs.loop}
 	if !s.register(ses) {
 		s.m.Rejected.WithLabelValues("shutdown").Inc()
 		ses.abort(endShutdown)

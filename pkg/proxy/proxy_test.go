@@ -71,10 +71,10 @@ func startGoroutines(t *testing.T, cfg Config, gws ...ring.Member) *harness {
 // plainListener hides the TCP listener's SyscallConn.
 type plainListener struct{ net.Listener }
 
-// fronts are the two ways a connection's handshake runs: as events of the
+// handshakePaths are the two ways a connection's handshake runs: as events of the
 // event loop (Linux; elsewhere the same as the second) and in a goroutine.
 // The tests of the handshake's outcomes run with both.
-var fronts = []struct {
+var handshakePaths = []struct {
 	name  string
 	start func(*testing.T, Config, ...ring.Member) *harness
 }{
@@ -82,9 +82,9 @@ var fronts = []struct {
 	{"goroutines", startGoroutines},
 }
 
-// eachFront runs test once for each of fronts.
+// eachFront runs test once for each of handshakePaths.
 func eachFront(t *testing.T, test func(t *testing.T, start func(*testing.T, Config, ...ring.Member) *harness)) {
-	for _, f := range fronts {
+	for _, f := range handshakePaths {
 		t.Run(f.name, func(t *testing.T) { test(t, f.start) })
 	}
 }
@@ -115,6 +115,9 @@ func startWrapped(t *testing.T, cfg Config, wrap func(net.Listener, *Metrics) ne
 		// As the proxy binary is wired: parking goes with the event
 		// loop's accept and handshake.
 		cfg.EventLoop = true
+		if cfg.EventLoops == 0 {
+			cfg.EventLoops = 2 // several loops, whatever the machine's CPUs
+		}
 	}
 	h.srv, err = New(cfg)
 	if err != nil {
