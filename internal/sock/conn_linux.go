@@ -119,7 +119,7 @@ func (c *Conn) WriteNow(b []byte) (int, error) {
 	n := 0
 	err := c.control("write", func(fd int) error {
 		for n < len(b) {
-			m, err := write(fd, b[n:])
+			m, err := Write(fd, b[n:])
 			if err == unix.EINTR {
 				continue
 			}

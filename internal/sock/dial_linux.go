@@ -127,11 +127,16 @@ func connect(fd uintptr, sa *sockaddr, n uintptr) syscall.Errno {
 	return e
 }
 
-// Start begins a non-blocking connect to ap (TCP_NODELAY on, no keepalive)
-// and returns the socket without waiting: connected reports whether the
-// connection is already up (on loopback it nearly always is). Otherwise the
-// caller waits for the socket to become writable and asks Connected. The
-// caller owns fd: NewConn wraps it, unix.Close drops it.
+// Start begins a non-blocking connect to ap (TCP_NODELAY on, TCP_QUICKACK
+// off, no keepalive) and returns the socket without waiting: connected
+// reports whether connect said it was up at once. Usually it says "in
+// progress" even on loopback, where the handshake has in fact completed by
+// the time it returns: the caller then writes its first bytes, and the
+// write tells (EAGAIN while still connecting, the connect's error if it
+// failed); on EAGAIN it waits for the socket to become writable and asks
+// Connected. With TCP_QUICKACK off the handshake's last ACK waits for
+// those first bytes and leaves with them, as HAProxy's tcp-smart-connect
+// does. The caller owns fd: NewConn wraps it, Close drops it.
 func Start(ap netip.AddrPort) (fd int, connected bool, err error) {
 	ip := ap.Addr().Unmap()
 	family := unix.AF_INET
@@ -152,15 +157,6 @@ func Start(ap netip.AddrPort) (fd int, connected bool, err error) {
 	_, _, _ = unix.RawSyscall6(unix.SYS_SETSOCKOPT, sfd, unix.IPPROTO_TCP, unix.TCP_QUICKACK, uintptr(unsafe.Pointer(&zero)), 4, 0)
 	var sa sockaddr
 	salen := sa.set(ip, ap.Port())
-	switch e := connect(sfd, &sa, salen); e {
-	case 0, unix.EISCONN:
-		return int(sfd), true, nil
-	case unix.EINPROGRESS, unix.EALREADY, unix.EINTR:
-	default:
-		_ = Close(int(sfd))
-		return -1, false, opError("connect", addr, e)
-	}
-	// A loopback connect has completed by now; a second one says so.
 	switch e := connect(sfd, &sa, salen); e {
 	case 0, unix.EISCONN:
 		return int(sfd), true, nil

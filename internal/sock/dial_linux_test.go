@@ -7,10 +7,13 @@ import (
 	"errors"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // listen listens on 127.0.0.1 for the test's duration.
@@ -109,34 +112,7 @@ func TestDialRefused(t *testing.T) {
 // kernel drops the SYN and the connect never completes: the dial must end
 // at the context's deadline, and a cancelled context must end it too.
 func TestDialTimesOut(t *testing.T) {
-	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer syscall.Close(fd)
-	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
-		t.Fatal(err)
-	}
-	if err := syscall.Listen(fd, 0); err != nil {
-		t.Fatal(err)
-	}
-	sa, _ := syscall.Getsockname(fd)
-	addr := (&net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: sa.(*syscall.SockaddrInet4).Port}).String()
-	// Fill the queue (backlog 0 holds one) until a connect stalls.
-	var fill []net.Conn
-	defer func() {
-		for _, c := range fill {
-			c.Close()
-		}
-	}()
-	for range 8 {
-		c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
-		if err != nil {
-			break
-		}
-		fill = append(fill, c)
-	}
-
+	addr := fullQueue(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
 	c, err := Dial(ctx, "tcp", addr)
@@ -226,4 +202,100 @@ func TestDialHostNameFallsBack(t *testing.T) {
 	if _, ok := c.(*net.TCPConn); !ok {
 		t.Fatalf("Dial of a host name gave a %T, want net.Dialer's *net.TCPConn", c)
 	}
+}
+
+// fullQueue returns the address of a listener whose accept queue is full:
+// the kernel drops new SYNs, so a connect to it stays in progress.
+func fullQueue(t *testing.T) string {
+	t.Helper()
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Close(fd) })
+	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	sa, _ := syscall.Getsockname(fd)
+	addr := (&net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: sa.(*syscall.SockaddrInet4).Port}).String()
+	// Fill the queue (backlog 0 holds one) until a connect stalls.
+	var fill []net.Conn
+	t.Cleanup(func() {
+		for _, c := range fill {
+			c.Close()
+		}
+	})
+	for range 8 {
+		c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
+		if err != nil {
+			break
+		}
+		fill = append(fill, c)
+	}
+
+	return addr
+}
+
+// TestWriteAsksAConnect: a write is how the event loop learns how a
+// connect that Start left in progress is doing — EAGAIN while it still
+// is, the connect's own error once it failed, the bytes taken once it is
+// up.
+func TestWriteAsksAConnect(t *testing.T) {
+	t.Run("in progress", func(t *testing.T) {
+		ap := netip.MustParseAddrPort(fullQueue(t))
+		fd, connected, err := Start(ap)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer unix.Close(fd)
+		if connected {
+			t.Fatal("a connect to a full accept queue completed")
+		}
+		if n, err := Write(fd, []byte("hello")); n != 0 || !errors.Is(err, unix.EAGAIN) {
+			t.Fatalf("write while connecting = %d, %v; want EAGAIN", n, err)
+		}
+	})
+	t.Run("refused", func(t *testing.T) {
+		ln := listen(t)
+		ap := ln.Addr().(*net.TCPAddr).AddrPort()
+		ln.Close()
+		fd, _, err := Start(ap)
+		if errors.Is(err, unix.ECONNREFUSED) {
+			return // refused by connect itself
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer unix.Close(fd)
+		// Loopback answers the SYN within connect: the refusal is
+		// there by the time it returns.
+		if _, err := Write(fd, []byte("hello")); !errors.Is(err, unix.ECONNREFUSED) {
+			t.Fatalf("write after a refused connect = %v, want ECONNREFUSED", err)
+		}
+	})
+	t.Run("up", func(t *testing.T) {
+		ln := listen(t)
+		done := echoOnce(t, ln)
+		ap := ln.Addr().(*net.TCPAddr).AddrPort()
+		fd, _, err := Start(ap)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c := NewConn(fd, ap)
+		defer c.Close()
+		if n, err := Write(fd, []byte("hello")); n != 5 || err != nil {
+			t.Fatalf("write on a loopback connect = %d, %v", n, err)
+		}
+		got := make([]byte, 5)
+		if _, err := io.ReadFull(c, got); err != nil || string(got) != "hello" {
+			t.Fatalf("echo %q, %v", got, err)
+		}
+		_ = c.CloseWrite()
+		if err := <-done; err != nil {
+			t.Fatal(err)
+		}
+	})
 }

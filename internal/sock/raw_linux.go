@@ -44,8 +44,8 @@ func EpollWaitNow(epfd int, events []unix.EpollEvent) (int, error) {
 	return int(r), nil
 }
 
-// write is write(2) on a non-blocking descriptor.
-func write(fd int, b []byte) (int, error) {
+// Write is write(2) on a non-blocking descriptor.
+func Write(fd int, b []byte) (int, error) {
 	if len(b) == 0 {
 		return 0, nil
 	}

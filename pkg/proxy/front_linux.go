@@ -77,7 +77,9 @@ type frontConn struct {
 	try       route.Attempt // the candidate being connected to
 	gfd       int           // its socket, or -1
 	gap       netip.AddrPort
-	cdeadline time.Time // end of the connect
+	cdeadline time.Time  // end of the connect
+	hs        *handshake // set once the first bytes went out (sendFirst)
+	sent      int        // how many of them
 
 	ln *frontListener // state fsListener
 }
@@ -534,6 +536,9 @@ func (f *front) helloDone(fc *frontConn) {
 		f.connected(fc)
 		return
 	}
+	if f.sendFirst(fc) {
+		return
+	}
 	fc.state = fsConnect
 	if fc.slot == 0 {
 		f.addSlot(fc)
@@ -545,6 +550,33 @@ func (f *front) helloDone(fc *frontConn) {
 		return
 	}
 	fc.gArmed = true
+}
+
+// sendFirst writes the first bytes to a gateway whose connect may still
+// be in flight, as HAProxy does: a socket still connecting refuses the
+// write (EAGAIN), and the loop waits for it to become writable; one whose
+// connect failed returns the connect's error, for the failover; one that
+// is up takes the bytes, and the session starts. On loopback the connect
+// has nearly always completed, so the write replaces the second connect()
+// that would have asked. It reports whether fc went on (started or failed
+// over).
+func (f *front) sendFirst(fc *frontConn) bool {
+	hs := f.handshake(fc)
+	out, err := f.s.helloBytes(hs)
+	if err != nil {
+		return false // startSession fails it, once connected
+	}
+	n, err := sock.Write(fc.gfd, out)
+	switch {
+	case errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR):
+		return false
+	case err != nil:
+		f.failover(fc, fmt.Errorf("connect: %w", err))
+		return true
+	}
+	hs.out, fc.hs, fc.sent = out, hs, n
+	f.connected(fc)
+	return true
 }
 
 // failover hands a connection whose first connect failed (err) to a
@@ -580,7 +612,10 @@ func (f *front) connected(fc *frontConn) {
 	s := f.s
 	f.dialer.Connected(fc.try)
 	s.localOK()
-	hs := f.handshake(fc)
+	hs, sent := fc.hs, fc.sent
+	if hs == nil {
+		hs = f.handshake(fc)
+	}
 	gw := sock.NewConn(fc.gfd, fc.gap)
 	bufp := fc.bufp
 	fc.bufp = nil
@@ -592,6 +627,7 @@ func (f *front) connected(fc *frontConn) {
 		s.connDone()
 		return
 	}
+	out = out[sent:]
 	n, err := gw.WriteNow(out)
 	switch {
 	case err == nil:

@@ -893,6 +893,7 @@ type handshake struct {
 	keyHash uint64
 	source  route.Source // where the owner came from (binding, ring, fallback)
 	loop    *evloop      // the loop whose epoll set has the client socket already (the front read its hello), or nil
+	out     []byte       // the first bytes for the gateway when built already (helloBytes), or nil
 }
 
 // serveSession writes the PROXY header and the first bytes to the gateway,
@@ -919,7 +920,7 @@ func (s *Server) serveSession(hs *handshake, res route.Result) *parkedSession {
 // it returns nil.
 func (s *Server) startSession(hs *handshake, res route.Result) (*session, []byte) {
 	s.handshakeOver()
-	c, id, buf, n := hs.client, hs.id, hs.buf, hs.n
+	c, id, n := hs.client, hs.id, hs.n
 	gw := res.Conn
 	if res.Attempts > 1 {
 		s.m.Failovers.WithLabelValues(res.Gateway.ID).Inc()
@@ -944,19 +945,15 @@ func (s *Server) startSession(hs *handshake, res route.Result) (*session, []byte
 		return nil, nil
 	}
 
-	// Header and hello leave in one write: the header is built in the
-	// headroom right in front of the bytes read.
-	out := buf[headroom : headroom+n]
-	if s.cfg.ProxyProtocolOut {
-		hdr, err := AppendProxyV2(buf[:0:headroom], c.RemoteAddr(), c.LocalAddr(), hs.key)
-		if err != nil || len(hdr) > headroom {
+	out := hs.out
+	if out == nil {
+		var err error
+		if out, err = s.helloBytes(hs); err != nil {
 			s.log.Error("cannot build PROXY v2 header", zap.Uint64("conn", id), zap.Error(err))
 			ses.abort(endInternalError)
 			s.unregister(ses)
 			return nil, nil
 		}
-		copy(buf[headroom-len(hdr):], hdr)
-		out = buf[headroom-len(hdr) : headroom+n]
 	}
 	took := time.Since(hs.start)
 	s.m.HandshakeSeconds.Observe(took.Seconds())
@@ -965,6 +962,27 @@ func (s *Server) startSession(hs *handshake, res route.Result) (*session, []byte
 			zap.String("source", string(hs.source)), zap.String("client", c.RemoteAddr().String()), zap.Duration("connect", took))
 	}
 	return ses, out
+}
+
+// helloBytes returns what opens the session at the gateway: the PROXY v2
+// header (when ProxyProtocolOut is on) and the bytes read, contiguous in
+// hs.buf so that they leave in one write — the header is built in the
+// headroom right in front of the bytes read.
+func (s *Server) helloBytes(hs *handshake) ([]byte, error) {
+	buf := hs.buf
+	out := buf[headroom : headroom+hs.n]
+	if !s.cfg.ProxyProtocolOut {
+		return out, nil
+	}
+	hdr, err := AppendProxyV2(buf[:0:headroom], hs.client.RemoteAddr(), hs.client.LocalAddr(), hs.key)
+	if err != nil {
+		return nil, err
+	}
+	if len(hdr) > headroom {
+		return nil, fmt.Errorf("PROXY v2 header of %d bytes exceeds the headroom of %d", len(hdr), headroom)
+	}
+	copy(buf[headroom-len(hdr):], hdr)
+	return buf[headroom-len(hdr) : headroom+hs.n], nil
 }
 
 // gatewayWriteFailed closes a session whose first write to the gateway

@@ -28,12 +28,13 @@ type edge struct {
 	lb      *testenv.HAProxy
 }
 
-//
-// These tests are about what bindings keep, so Redis gets 500ms instead of
-// the default 50ms: on a loaded machine a lookup can pass 50ms, and the
-// proxy then routes that connection by the ring without binding its key
-// (as designed: TestRedisPausedFallbackLatency), which a later ring change
-// moves. A refused connection (Redis killed) still fails at once.
+// proxyArgs are the flags of an edge's proxies: Redis bindings, PROXY
+// protocol from HAProxy. These tests are about what bindings keep, so
+// Redis gets 500ms instead of the default 50ms: on a loaded machine a
+// lookup can pass 50ms, and the proxy then routes that connection by the
+// ring without binding its key (as designed:
+// TestRedisPausedFallbackLatency), which a later ring change moves. A
+// refused connection (Redis killed) still fails at once.
 func proxyArgs(redisAddr string) []string {
 	return []string{"--redis", "redis://" + redisAddr, "--redis-timeout", "500ms", "--proxy-protocol-in", "require", "--trusted-proxies", "127.0.0.1/32"}
 }
