@@ -51,11 +51,11 @@ func main() {
 	fs.BoolVar(&o.skipIdle, "skip-idle", false, "skip the idle-session cost runs")
 	fs.DurationVar(&o.idleHold, "idle-hold", 60*time.Second, "how long tether holds the largest idle size before every session must echo")
 	fs.BoolVar(&o.save, "save", true, "write bench/results/<date>.md")
-	load := fs.String("load", "", "only generate load against --addr for profiling: connrate, bulk, idle (--sessions held for --for) or wake (500 sessions idle --for, then one round trip each)")
+	load := fs.String("load", "", "only generate load against --addr for profiling: connrate, bulk, latency (16 sessions, --sessions round trips each), idle (--sessions held for --for) or wake (500 sessions idle --for, then one round trip each)")
 	addr := fs.String("addr", "", "target HOST:PORT for --load")
 	loadFor := fs.Duration("for", 20*time.Second, "how long --load runs")
 	loadStreams := fs.Int("streams", 0, "concurrent streams of --load bulk (default 8) or workers of --load connrate (default 32)")
-	loadSessions := fs.Int("sessions", 3000, "idle sessions --load idle opens (from 32 goroutines) and holds")
+	loadSessions := fs.Int("sessions", 3000, "idle sessions --load idle opens (from 32 goroutines) and holds; round trips per session of --load latency")
 	only := fs.String("only", "", "run one section only and print it: handoff, tls or lookup")
 	_ = fs.Parse(os.Args[1:])
 	sections := map[string]func(*strings.Builder, options) error{"handoff": handoffSection, "tls": tlsSection, "lookup": lookupSection}
@@ -112,6 +112,10 @@ func loadOnly(kind, addr string, d time.Duration, sessions, streams int) error {
 		v, _, lat, err := connRateLat(addr, cmp.Or(streams, 32), d, 1<<40)
 		fmt.Printf("%.0f connections/s, p50 %v p99 %v p99.9 %v\n", v, percentile(lat, 0.5), percentile(lat, 0.99), percentile(lat, 0.999))
 		return err
+	case "latency":
+		lat, err := latency(addr, 16, cmp.Or(sessions, 5000))
+		fmt.Printf("p50 %v p99 %v p99.9 %v\n", percentile(lat, 0.5), percentile(lat, 0.99), percentile(lat, 0.999))
+		return err
 	case "wake":
 		lat, err := wakeLatency(addr, 500, d)
 		fmt.Printf("p50 %v p99 %v\n", percentile(lat, 0.5), percentile(lat, 0.99))
@@ -140,7 +144,7 @@ func loadOnly(kind, addr string, d time.Duration, sessions, streams int) error {
 		}
 		return nil
 	}
-	return fmt.Errorf("--load %q: want connrate, bulk or idle", kind)
+	return fmt.Errorf("--load %q: want connrate, bulk, latency, idle or wake", kind)
 }
 
 func fatal(err error) {
