@@ -117,7 +117,7 @@ func (p *parker) moveOnce(d *parkedDir) error {
 		mv.n = 0
 		return nil
 	case mv.rerr != nil:
-		return mv.rerr
+		return srcError{mv.rerr}
 	case mv.n == 0:
 		mv.eof = true
 		return nil
@@ -188,7 +188,7 @@ func (p *parker) serve(d *parkedDir) (eof bool, err error) {
 		case mv.perr != nil:
 			return false, mv.perr
 		case mv.rerr != nil:
-			return false, mv.rerr
+			return false, srcError{mv.rerr}
 		case mv.n == 0:
 			return true, nil
 		}

@@ -1163,19 +1163,35 @@ func (ses *session) endDirection(dst, src net.Conn, err error, reason endReason)
 // read (reset, timeout, unreachable) and the destination for a broken pipe;
 // nil when it cannot tell.
 func brokenSide(dst, src net.Conn, err error) net.Conn {
+	var se srcError
+	srcFailed := errors.As(err, &se)
 	switch {
+	case srcFailed && peerError(err):
+		return src // the read from src failed: no need to ask the kernel
 	case peerGone(src):
 		return src
 	case peerGone(dst):
 		return dst
 	case errors.Is(err, syscall.EPIPE):
 		return dst
-	case errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.ETIMEDOUT) ||
-		errors.Is(err, syscall.EHOSTUNREACH) || errors.Is(err, os.ErrDeadlineExceeded):
+	case peerError(err) || errors.Is(err, os.ErrDeadlineExceeded):
 		return src
 	}
 	return nil
 }
+
+// peerError reports whether err is one the peer's side causes: a reset, a
+// timeout of the connection, an unreachable host.
+func peerError(err error) bool {
+	return errors.Is(err, syscall.ECONNRESET) || errors.Is(err, syscall.ETIMEDOUT) || errors.Is(err, syscall.EHOSTUNREACH)
+}
+
+// srcError marks the failure of a read from a direction's source (the
+// parker's splice into its pipe), which only the source can cause; a
+// failed write, whose ECONNRESET may be either side's, is not marked.
+type srcError struct{ error }
+
+func (e srcError) Unwrap() error { return e.error }
 
 // abort closes c with RST (SO_LINGER 0) when it is TCP, so nothing lingers
 // in TIME_WAIT and the peer learns the close was abnormal.

@@ -4,8 +4,10 @@ import (
 	"context"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"net"
+	"os"
 	"runtime"
 	"strings"
 	"sync"
@@ -606,5 +608,32 @@ func TestMetricsStartAtZero(t *testing.T) {
 	}
 	if _, ok := got["tether_gateway_sessions_active{gateway=gw-1}"]; !ok {
 		t.Error("a ring member without sessions has no tether_gateway_sessions_active series")
+	}
+}
+
+// TestBrokenSide: which connection a failed direction blames, for
+// connections the kernel cannot be asked about (net.Pipe).
+func TestBrokenSide(t *testing.T) {
+	src, dst := net.Pipe()
+	defer src.Close()
+	defer dst.Close()
+	tests := []struct {
+		name string
+		err  error
+		want net.Conn
+	}{
+		{"read from the source reset", srcError{syscall.ECONNRESET}, src},
+		{"read from the source timed out", fmt.Errorf("splice: %w", srcError{syscall.ETIMEDOUT}), src},
+		{"reset, side unknown", syscall.ECONNRESET, src},
+		{"broken pipe", syscall.EPIPE, dst},
+		{"deadline", os.ErrDeadlineExceeded, src},
+		{"something else", errors.New("odd"), nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			if got := brokenSide(dst, src, tt.err); got != tt.want {
+				t.Fatalf("brokenSide(%v) = %v, want %v", tt.err, got, tt.want)
+			}
+		})
 	}
 }
