@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/tether-proxy/tether/internal/testenv"
 )
 
 // listen listens on 127.0.0.1 for the test's duration.
@@ -112,7 +114,7 @@ func TestDialRefused(t *testing.T) {
 // kernel drops the SYN and the connect never completes: the dial must end
 // at the context's deadline, and a cancelled context must end it too.
 func TestDialTimesOut(t *testing.T) {
-	addr := fullQueue(t)
+	addr := testenv.StalledAddr(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 100*time.Millisecond)
 	defer cancel()
 	c, err := Dial(ctx, "tcp", addr)
@@ -204,48 +206,13 @@ func TestDialHostNameFallsBack(t *testing.T) {
 	}
 }
 
-// fullQueue returns the address of a listener whose accept queue is full:
-// the kernel drops new SYNs, so a connect to it stays in progress.
-func fullQueue(t *testing.T) string {
-	t.Helper()
-	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { syscall.Close(fd) })
-	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
-		t.Fatal(err)
-	}
-	if err := syscall.Listen(fd, 0); err != nil {
-		t.Fatal(err)
-	}
-	sa, _ := syscall.Getsockname(fd)
-	addr := (&net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: sa.(*syscall.SockaddrInet4).Port}).String()
-	// Fill the queue (backlog 0 holds one) until a connect stalls.
-	var fill []net.Conn
-	t.Cleanup(func() {
-		for _, c := range fill {
-			c.Close()
-		}
-	})
-	for range 8 {
-		c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
-		if err != nil {
-			break
-		}
-		fill = append(fill, c)
-	}
-
-	return addr
-}
-
 // TestWriteAsksAConnect: a write is how the event loop learns how a
 // connect that Start left in progress is doing — EAGAIN while it still
 // is, the connect's own error once it failed, the bytes taken once it is
 // up.
 func TestWriteAsksAConnect(t *testing.T) {
 	t.Run("in progress", func(t *testing.T) {
-		ap := netip.MustParseAddrPort(fullQueue(t))
+		ap := netip.MustParseAddrPort(testenv.StalledAddr(t))
 		fd, connected, err := Start(ap)
 		if err != nil {
 			t.Fatal(err)

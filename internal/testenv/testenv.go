@@ -60,6 +60,40 @@ func FreePort(t testing.TB, ip string) int {
 	return ln.Addr().(*net.TCPAddr).Port
 }
 
+// StalledAddr returns the address of a loopback listener whose accept
+// queue is full, so the kernel drops new SYNs and a connect to it stays in
+// progress until it times out: a gateway that hangs. Everything is closed
+// when the test ends.
+func StalledAddr(t testing.TB) string {
+	t.Helper()
+	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Close(fd) })
+	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := syscall.Listen(fd, 0); err != nil {
+		t.Fatal(err)
+	}
+	sa, err := syscall.Getsockname(fd)
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := (&net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: sa.(*syscall.SockaddrInet4).Port}).String()
+	// Fill the queue (backlog 0 holds one) until a connect stalls.
+	for range 8 {
+		c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
+		if err != nil {
+			return addr // this one stalled: the queue is full
+		}
+		t.Cleanup(func() { c.Close() })
+	}
+	t.Fatal("connects to a full accept queue did not stall")
+	return ""
+}
+
 // Redis is a redis-server run by a test.
 type Redis struct {
 	// Addr is HOST:PORT.

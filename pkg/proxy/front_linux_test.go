@@ -18,6 +18,7 @@ import (
 
 	"github.com/tether-proxy/tether/internal/sock"
 	"github.com/tether-proxy/tether/internal/stub"
+	"github.com/tether-proxy/tether/internal/testenv"
 	"github.com/tether-proxy/tether/pkg/ring"
 	"github.com/tether-proxy/tether/pkg/route"
 )
@@ -86,40 +87,12 @@ func TestFrontHelloInPieces(t *testing.T) {
 	}
 }
 
-// stalledGateway returns an address whose connects hang: a listener whose
-// accept queue is full, so the kernel drops new SYNs.
-func stalledGateway(t *testing.T) string {
-	t.Helper()
-	fd, err := syscall.Socket(syscall.AF_INET, syscall.SOCK_STREAM, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { syscall.Close(fd) })
-	if err := syscall.Bind(fd, &syscall.SockaddrInet4{Addr: [4]byte{127, 0, 0, 1}}); err != nil {
-		t.Fatal(err)
-	}
-	if err := syscall.Listen(fd, 0); err != nil {
-		t.Fatal(err)
-	}
-	sa, _ := syscall.Getsockname(fd)
-	addr := (&net.TCPAddr{IP: net.IPv4(127, 0, 0, 1), Port: sa.(*syscall.SockaddrInet4).Port}).String()
-	for range 8 {
-		c, err := net.DialTimeout("tcp", addr, 200*time.Millisecond)
-		if err != nil {
-			return addr // this one stalled: the queue is full
-		}
-		t.Cleanup(func() { c.Close() })
-	}
-	t.Fatal("connects to a full accept queue did not stall")
-	return ""
-}
-
 // TestFrontConnectTimeoutFailsOver: a gateway whose connect hangs is given
 // up after the dial timeout in the loop, counted against it, and the
 // client reaches the next candidate.
 func TestFrontConnectTimeoutFailsOver(t *testing.T) {
 	live := gateway(t, "live", stub.ProxyRequire)
-	stalled := stalledGateway(t)
+	stalled := testenv.StalledAddr(t)
 	cfg := DefaultConfig()
 	cfg.Dialer = &route.Dialer{DialTimeout: 150 * time.Millisecond, Cooldown: -1}
 	h := startLoop(t, cfg, ring.Member{ID: "live", Addr: live, Weight: 1}, ring.Member{ID: "stalled", Addr: stalled, Weight: 1})
