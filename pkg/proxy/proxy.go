@@ -137,7 +137,7 @@ type Config struct {
 	// Park): each has its own epoll set and goroutine, accepts on every
 	// listener when EventLoop is on, and serves the wakeups of the
 	// sessions it parked. One loop is one core's worth of handshakes; 0
-	// means one per CPU Go schedules on (runtime.GOMAXPROCS).
+	// means DefaultEventLoops.
 	EventLoops int
 	// ClientKeepAlive is the TCP keepalive the event loop sets on the
 	// connections it accepts (--client-keepalive); the goroutine path
@@ -256,7 +256,7 @@ func New(cfg Config) (*Server, error) {
 		}
 		loops := cfg.EventLoops
 		if loops <= 0 {
-			loops = runtime.GOMAXPROCS(0)
+			loops = DefaultEventLoops()
 		}
 		p, err := newParker(s.log, s.m, cfg.ParkAfter, cfg.Now, s.parkedEnd, s.dispatchDir, loops)
 		if err != nil {
@@ -271,6 +271,14 @@ func New(cfg Config) (*Server, error) {
 	}
 	return s, nil
 }
+
+// DefaultEventLoops is the number of event loops when Config.EventLoops
+// is 0: one per CPU Go schedules on (runtime.GOMAXPROCS) but one, and at
+// least one. The loops' system calls are raw, so a loop thread that the
+// OS deschedules mid-call keeps its P; the P left over keeps the
+// goroutines that wait on others — Redis lookups, TLS, failovers, busy
+// sessions — running on a host whose CPUs are contended.
+func DefaultEventLoops() int { return max(1, runtime.GOMAXPROCS(0)-1) }
 
 // Resolver is the resolver the server routes with (for lookups that must
 // answer exactly like a connect).
