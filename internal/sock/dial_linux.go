@@ -35,8 +35,7 @@ func Dial(ctx context.Context, network, addr string) (net.Conn, error) {
 	if e != 0 {
 		return nil, opError("socket", addr, e)
 	}
-	one := int32(1)
-	if _, _, e := unix.RawSyscall6(unix.SYS_SETSOCKOPT, fd, unix.IPPROTO_TCP, unix.TCP_NODELAY, uintptr(unsafe.Pointer(&one)), 4, 0); e != 0 {
+	if e := setTCPOpt(fd, unix.TCP_NODELAY, 1); e != 0 {
 		unix.Close(int(fd))
 		return nil, opError("setsockopt", addr, e)
 	}
@@ -148,13 +147,11 @@ func Start(ap netip.AddrPort) (fd int, connected bool, err error) {
 	if e != 0 {
 		return -1, false, opError("socket", addr, e)
 	}
-	one := int32(1)
-	if _, _, e := unix.RawSyscall6(unix.SYS_SETSOCKOPT, sfd, unix.IPPROTO_TCP, unix.TCP_NODELAY, uintptr(unsafe.Pointer(&one)), 4, 0); e != 0 {
+	if e := setTCPOpt(sfd, unix.TCP_NODELAY, 1); e != 0 {
 		_ = Close(int(sfd))
 		return -1, false, opError("setsockopt", addr, e)
 	}
-	zero := int32(0)
-	_, _, _ = unix.RawSyscall6(unix.SYS_SETSOCKOPT, sfd, unix.IPPROTO_TCP, unix.TCP_QUICKACK, uintptr(unsafe.Pointer(&zero)), 4, 0)
+	_ = setTCPOpt(sfd, unix.TCP_QUICKACK, 0)
 	var sa sockaddr
 	salen := sa.set(ip, ap.Port())
 	switch e := connect(sfd, &sa, salen); e {
@@ -192,8 +189,7 @@ func Accept(lfd int) (int, netip.AddrPort, error) {
 		return -1, netip.AddrPort{}, e
 	}
 	fd := int(r)
-	one := int32(1)
-	if _, _, e := unix.RawSyscall6(unix.SYS_SETSOCKOPT, r, unix.IPPROTO_TCP, unix.TCP_NODELAY, uintptr(unsafe.Pointer(&one)), 4, 0); e != 0 {
+	if e := setTCPOpt(r, unix.TCP_NODELAY, 1); e != 0 {
 		_ = Close(fd)
 		return -1, netip.AddrPort{}, os.NewSyscallError("setsockopt", e)
 	}

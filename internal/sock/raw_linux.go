@@ -3,6 +3,7 @@
 package sock
 
 import (
+	"syscall"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -54,6 +55,12 @@ func Write(fd int, b []byte) (int, error) {
 		return 0, e
 	}
 	return int(r), nil
+}
+
+// setTCPOpt sets the IPPROTO_TCP option opt of fd to v.
+func setTCPOpt(fd uintptr, opt int, v int32) syscall.Errno {
+	_, _, e := unix.RawSyscall6(unix.SYS_SETSOCKOPT, fd, unix.IPPROTO_TCP, uintptr(opt), uintptr(unsafe.Pointer(&v)), 4, 0)
+	return e
 }
 
 // SetLinger sets SO_LINGER on fd: sec < 0 turns it off, 0 makes a close

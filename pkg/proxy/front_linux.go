@@ -78,8 +78,7 @@ type frontConn struct {
 	gfd       int           // its socket, or -1
 	gap       netip.AddrPort
 	cdeadline time.Time  // end of the connect
-	hs        *handshake // set once the first bytes went out (sendFirst)
-	sent      int        // how many of them
+	hs        *handshake // built by sendFirst; its out is what is still to write
 
 	ln *frontListener // state fsListener
 }
@@ -566,6 +565,7 @@ func (f *front) sendFirst(fc *frontConn) bool {
 	if err != nil {
 		return false // startSession fails it, once connected
 	}
+	hs.out, fc.hs = out, hs // connected writes what is left of out
 	n, err := sock.Write(fc.gfd, out)
 	switch {
 	case errors.Is(err, unix.EAGAIN) || errors.Is(err, unix.EINTR):
@@ -574,7 +574,7 @@ func (f *front) sendFirst(fc *frontConn) bool {
 		f.failover(fc, fmt.Errorf("connect: %w", err))
 		return true
 	}
-	hs.out, fc.hs, fc.sent = out, hs, n
+	hs.out = out[n:]
 	f.connected(fc)
 	return true
 }
@@ -612,7 +612,7 @@ func (f *front) connected(fc *frontConn) {
 	s := f.s
 	f.dialer.Connected(fc.try)
 	s.localOK()
-	hs, sent := fc.hs, fc.sent
+	hs := fc.hs
 	if hs == nil {
 		hs = f.handshake(fc)
 	}
@@ -627,7 +627,6 @@ func (f *front) connected(fc *frontConn) {
 		s.connDone()
 		return
 	}
-	out = out[sent:]
 	n, err := gw.WriteNow(out)
 	switch {
 	case err == nil:

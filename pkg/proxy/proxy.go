@@ -901,7 +901,7 @@ type handshake struct {
 	keyHash uint64
 	source  route.Source // where the owner came from (binding, ring, fallback)
 	loop    *evloop      // the loop whose epoll set has the client socket already (the front read its hello), or nil
-	out     []byte       // the first bytes for the gateway when built already (helloBytes), or nil
+	out     []byte       // the first bytes still to write to the gateway, once built (helloBytes), or nil
 }
 
 // serveSession writes the PROXY header and the first bytes to the gateway,
@@ -1171,10 +1171,8 @@ func (ses *session) endDirection(dst, src net.Conn, err error, reason endReason)
 // read (reset, timeout, unreachable) and the destination for a broken pipe;
 // nil when it cannot tell.
 func brokenSide(dst, src net.Conn, err error) net.Conn {
-	var se srcError
-	srcFailed := errors.As(err, &se)
 	switch {
-	case srcFailed && peerError(err):
+	case errors.As(err, new(srcError)) && peerError(err):
 		return src // the read from src failed: no need to ask the kernel
 	case peerGone(src):
 		return src
