@@ -116,22 +116,39 @@ func (c *Conn) Write(b []byte) (int, error) {
 // WriteNow writes what the socket takes now without waiting: it returns
 // how much that was, and an error wrapping unix.EAGAIN if not all of b fit.
 func (c *Conn) WriteNow(b []byte) (int, error) {
-	n := 0
-	err := c.control("write", func(fd int) error {
-		for n < len(b) {
-			m, err := Write(fd, b[n:])
-			if err == unix.EINTR {
-				continue
-			}
-			if err != nil {
-				return err
-			}
-			n += m
+	if fd, ok := c.Hold(); ok {
+		n, err := writeAll(fd, b)
+		c.Unhold()
+		if err != nil {
+			return n, c.opError("write", os.NewSyscallError("write", err))
 		}
-		return nil
+		return n, nil
+	}
+	var n int
+	err := c.control("write", func(fd int) error {
+		var err error
+		n, err = writeAll(fd, b)
+		return err
 	})
 	if err != nil {
 		return n, c.opError("write", err)
+	}
+	return n, nil
+}
+
+// writeAll writes b to the non-blocking fd until it is all written or
+// the socket refuses more (unix.EAGAIN) or fails.
+func writeAll(fd int, b []byte) (int, error) {
+	n := 0
+	for n < len(b) {
+		m, err := Write(fd, b[n:])
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil {
+			return n, err
+		}
+		n += m
 	}
 	return n, nil
 }
@@ -169,7 +186,17 @@ func (c *Conn) opError(op string, err error) error {
 	case errors.As(err, &pe):
 		err = os.NewSyscallError(op, pe.Err)
 	}
-	return &net.OpError{Op: op, Net: "tcp", Source: c.LocalAddr(), Addr: c.RemoteAddr(), Err: err}
+	e := &net.OpError{Op: op, Net: "tcp", Addr: c.RemoteAddr(), Err: err}
+	if err == net.ErrClosed {
+		// No getsockname on a closed socket: the address is known only
+		// if it was asked for before.
+		if a := c.laddr.Load(); a != nil {
+			e.Source = a
+		}
+	} else {
+		e.Source = c.LocalAddr()
+	}
+	return e
 }
 
 // rawConn is the socket's syscall.RawConn with net's error once closed;
@@ -278,13 +305,42 @@ func (c *Conn) LocalAddr() net.Addr {
 
 // CloseWrite shuts down the sending side (a FIN).
 func (c *Conn) CloseWrite() error {
+	if fd, ok := c.Hold(); ok {
+		err := shutdownWrite(fd)
+		c.Unhold()
+		return syscallError("shutdown", err)
+	}
 	return c.control("shutdown", shutdownWrite)
 }
 
 // SetLinger is net.TCPConn.SetLinger: 0 makes Close send a reset.
 func (c *Conn) SetLinger(sec int) error {
+	if fd, ok := c.Hold(); ok {
+		err := SetLinger(fd, sec)
+		c.Unhold()
+		return syscallError("setsockopt", err)
+	}
 	return c.control("setsockopt", func(fd int) error { return SetLinger(fd, sec) })
 }
+
+// Hold pins the descriptor of a Conn that is not in Go's poller, so a
+// caller can make a system call on it without a closure (RawConn.Control
+// takes one, and it escapes to the heap: several allocations per call on a
+// path that runs per connection). ok is false, and nothing is held, once
+// the Conn is closed or registered; the caller then goes through
+// SyscallConn. Otherwise fd stays open until Unhold, which must follow
+// soon: Close waits for it.
+func (c *Conn) Hold() (fd int, ok bool) {
+	c.mu.RLock()
+	if c.reg.Load() != nil || c.closed.Load() {
+		c.mu.RUnlock()
+		return -1, false
+	}
+	return c.fd, true
+}
+
+// Unhold releases a Hold that succeeded.
+func (c *Conn) Unhold() { c.mu.RUnlock() }
 
 // control runs the system call op (f) on the socket.
 func (c *Conn) control(op string, f func(fd int) error) error {
@@ -292,8 +348,14 @@ func (c *Conn) control(op string, f func(fd int) error) error {
 	if cerr := c.rc.Control(func(fd uintptr) { err = f(int(fd)) }); cerr != nil {
 		return cerr
 	}
-	if err != nil {
-		return os.NewSyscallError(op, err)
+	return syscallError(op, err)
+}
+
+// syscallError is os.NewSyscallError without the interface conversion of
+// a nil errno.
+func syscallError(op string, err error) error {
+	if err == nil {
+		return nil
 	}
-	return nil
+	return os.NewSyscallError(op, err)
 }

@@ -231,3 +231,69 @@ func TestSetKeepAlive(t *testing.T) {
 		}
 	}
 }
+
+// TestHold: a held descriptor stays open until Unhold (Close waits for
+// it); a closed or registered Conn cannot be held.
+func TestHold(t *testing.T) {
+	c, _ := rawPair(t)
+	fd, ok := c.Hold()
+	if !ok || fd < 0 {
+		t.Fatalf("Hold of an open, unregistered Conn: %d, %v", fd, ok)
+	}
+	closed := make(chan error, 1)
+	go func() { closed <- c.Close() }()
+	for !c.closed.Load() { // Close has begun
+		time.Sleep(time.Millisecond)
+	}
+	// It cannot finish while fd is held: the socket still answers.
+	if _, err := unix.GetsockoptInt(fd, unix.SOL_SOCKET, unix.SO_TYPE); err != nil {
+		t.Fatalf("held descriptor: %v", err)
+	}
+	select {
+	case err := <-closed:
+		t.Fatalf("Close returned (%v) under a Hold", err)
+	default:
+	}
+	c.Unhold()
+	if err := <-closed; err != nil {
+		t.Fatal(err)
+	}
+	if _, ok := c.Hold(); ok {
+		t.Fatal("a closed Conn was held")
+	}
+
+	r, _ := rawPair(t)
+	if err := r.SetReadDeadline(time.Now().Add(time.Hour)); err != nil { // registers it
+		t.Fatal(err)
+	}
+	if _, ok := r.Hold(); ok {
+		t.Fatal("a registered Conn was held")
+	}
+}
+
+// TestNoAllocs: the calls an event loop makes per connection on an
+// unregistered Conn allocate nothing (no closure escapes through
+// RawConn.Control).
+func TestNoAllocs(t *testing.T) {
+	c, s := rawPair(t)
+	b := []byte("x")
+	for name, f := range map[string]func(){
+		"WriteNow":  func() { _, _ = c.WriteNow(b) },
+		"SetLinger": func() { _ = c.SetLinger(-1) },
+		"Hold":      func() { _, _ = c.Hold(); c.Unhold() },
+	} {
+		if n := testing.AllocsPerRun(100, f); n != 0 {
+			t.Errorf("%s: %v allocations per call, want 0", name, n)
+		}
+	}
+	if n := testing.AllocsPerRun(1, func() { _ = s.CloseWrite() }); n != 0 {
+		t.Errorf("CloseWrite: %v allocations, want 0", n)
+	}
+	// A second Close is net's error, with no local address asked of a
+	// closed socket.
+	s.Close()
+	var oe *net.OpError
+	if err := s.Close(); !errors.Is(err, net.ErrClosed) || !errors.As(err, &oe) || oe.Source != nil {
+		t.Fatalf("second Close: %#v, want a *net.OpError around net.ErrClosed without a source", err)
+	}
+}

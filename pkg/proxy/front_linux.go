@@ -177,14 +177,7 @@ func (f *front) poke() {
 // ctl registers (op) fd in the epoll set for events, as fc's.
 func (f *front) ctl(op, fd int, fc *frontConn, events uint32) error {
 	ev := unix.EpollEvent{Events: events, Fd: int32(frontBit | fc.slot), Pad: int32(fc.gen)}
-	var err error
-	if cerr := f.l.epRC.Control(func(epfd uintptr) { err = sock.EpollCtl(int(epfd), op, fd, &ev) }); cerr != nil {
-		return cerr
-	}
-	if err != nil {
-		return os.NewSyscallError("epoll_ctl", err)
-	}
-	return nil
+	return f.l.ctl(op, fd, &ev)
 }
 
 func (f *front) addSlot(fc *frontConn) {
@@ -285,9 +278,7 @@ func (f *front) armListener(fc *frontConn, op int) error {
 // unwatchListener takes a listener out of the epoll set before it is
 // closed (Serve's stop).
 func (f *front) unwatchListener(rc syscall.RawConn) {
-	_ = rc.Control(func(lfd uintptr) {
-		_ = f.l.epRC.Control(func(epfd uintptr) { _ = sock.EpollCtl(int(epfd), unix.EPOLL_CTL_DEL, int(lfd), nil) })
-	})
+	_ = rc.Control(func(lfd uintptr) { _ = f.l.ctl(unix.EPOLL_CTL_DEL, int(lfd), nil) })
 }
 
 // acceptBatch is the most connections one listener event accepts, so a

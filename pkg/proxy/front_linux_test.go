@@ -198,7 +198,7 @@ func TestFrontLoopStopped(t *testing.T) {
 	waitFor(t, func() bool { return srv.fronts.pending() == 1 })
 	for _, f := range srv.fronts {
 		if f.pending() == 1 {
-			f.l.ep.Close()
+			f.l.closeEpoll()
 		}
 	}
 	select {

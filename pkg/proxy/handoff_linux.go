@@ -128,7 +128,7 @@ func (s *Server) export(ps *parkedSession) (HandedSession, bool, error) {
 	}
 	h := HandedSession{
 		State: SessionState{ID: ses.id, Start: ses.start, KeyHash: ses.keyHash, Gateway: ses.gwID,
-			Client: ses.peer.String(), Hello: ses.hello, Dirs: dirs},
+			Client: ses.peerString(), Hello: ses.hello, Dirs: dirs},
 		FDs: []int{cfd, gfd},
 	}
 	for _, pp := range pipes {

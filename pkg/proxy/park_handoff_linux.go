@@ -109,9 +109,7 @@ func (p *parker) commit(ps *parkedSession) {
 		if d.armed {
 			// The socket lives on in the other process: without this
 			// the entry would outlive this descriptor.
-			_ = ps.l.epRC.Control(func(epfd uintptr) {
-				_ = d.srcRC.Control(func(fd uintptr) { _ = unix.EpollCtl(int(epfd), unix.EPOLL_CTL_DEL, int(fd), nil) })
-			})
+			_ = d.srcRC.Control(func(fd uintptr) { _ = ps.l.ctl(unix.EPOLL_CTL_DEL, int(fd), nil) })
 			d.armed = false
 		}
 		if mv := d.mv; mv != nil {

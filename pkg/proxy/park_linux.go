@@ -13,6 +13,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 	"go.uber.org/zap"
 	"golang.org/x/sys/unix"
+
+	"github.com/tether-proxy/tether/internal/sock"
 )
 
 // The parker, by concern: this file holds its types and lifecycle;
@@ -84,9 +86,40 @@ type parker struct {
 type evloop struct {
 	p     *parker
 	ep    *os.File        // the epoll set, in Go's poller: parked wakeups need no thread of their own
-	epRC  syscall.RawConn // every syscall on the epoll descriptor goes through it
+	epRC  syscall.RawConn // the loop waits on the set through it
 	done  chan struct{}   // closed when the loop has returned
 	front *front          // when set (before start), handles the events of new connections (front_linux.go)
+
+	// epoll_ctl uses the descriptor itself, not epRC.Control: a closure
+	// per call escapes to the heap, and there are three calls per
+	// connection. epMu keeps the number from being closed (and reused)
+	// under a call: closeEpoll takes it alone before it closes ep.
+	epMu     sync.RWMutex
+	epfd     int
+	epClosed bool
+}
+
+// ctl is epoll_ctl(2) on the loop's set for fd, which the caller keeps
+// open. Once the set is closed it fails with os.ErrClosed.
+func (l *evloop) ctl(op, fd int, ev *unix.EpollEvent) error {
+	l.epMu.RLock()
+	defer l.epMu.RUnlock()
+	if l.epClosed {
+		return os.ErrClosed
+	}
+	if err := sock.EpollCtl(l.epfd, op, fd, ev); err != nil {
+		return os.NewSyscallError("epoll_ctl", err)
+	}
+	return nil
+}
+
+// closeEpoll closes the loop's set, which wakes the loop with an error;
+// the descriptor itself closes once the loop is out of the poller.
+func (l *evloop) closeEpoll() {
+	l.epMu.Lock()
+	l.epClosed = true
+	l.epMu.Unlock()
+	l.ep.Close()
 }
 
 // maxSplice is the most one splice call moves; pipes are sized to it.
@@ -144,7 +177,7 @@ func newParker(log *zap.Logger, m *Metrics, parkAfter time.Duration, now func() 
 		l, err := newEvloop(p)
 		if err != nil {
 			for _, l := range p.loops {
-				l.ep.Close()
+				l.closeEpoll()
 			}
 			return nil, err
 		}
@@ -172,7 +205,7 @@ func newEvloop(p *parker) (*evloop, error) {
 		ep.Close()
 		return nil, err
 	}
-	return &evloop{p: p, ep: ep, epRC: rc, done: make(chan struct{})}, nil
+	return &evloop{p: p, ep: ep, epRC: rc, epfd: epfd, done: make(chan struct{})}, nil
 }
 
 // start runs the event loops, with fs (nil for none; else one per loop)
@@ -193,7 +226,7 @@ func (p *parker) close() {
 	p.closeMu.Do(func() {
 		p.closing.Store(true)
 		for _, l := range p.loops {
-			l.ep.Close() // wakes the loop with an error; the descriptor closes once it is out
+			l.closeEpoll()
 		}
 		for _, l := range p.loops {
 			if p.started {

@@ -73,20 +73,33 @@ func (p *parker) lookup(slot, gen uint32) *parkedDir {
 	return nil
 }
 
-// arm (re)registers a direction's source for one readiness event. Both
-// descriptors are used inside their RawConn's Control, so neither can be
-// closed (and its number reused) during the epoll_ctl.
+// arm (re)registers a direction's source for one readiness event. The
+// source is held open during the epoll_ctl (Hold, or inside its RawConn's
+// Control), so its number cannot be reused under the call.
 func (p *parker) arm(d *parkedDir, op int) error {
 	ev := unix.EpollEvent{
 		Events: unix.EPOLLIN | unix.EPOLLRDHUP | unix.EPOLLONESHOT,
 		Fd:     int32(d.slot),
 		Pad:    int32(d.gen),
 	}
-	var err, serr error
-	eerr := d.ps.l.epRC.Control(func(epfd uintptr) {
-		serr = d.srcRC.Control(func(fd uintptr) { err = sock.EpollCtl(int(epfd), op, int(fd), &ev) })
-	})
-	return errors.Join(eerr, serr, err)
+	if c, ok := d.src.(*sock.Conn); ok {
+		if fd, ok := c.Hold(); ok {
+			err := d.ps.l.ctl(op, fd, &ev)
+			c.Unhold()
+			return err
+		}
+	}
+	return armRaw(d, op, ev)
+}
+
+// armRaw is arm for a source that cannot be held: inside its RawConn's
+// Control (a separate function so only this path pays for the closure).
+func armRaw(d *parkedDir, op int, ev unix.EpollEvent) error {
+	var err error
+	if cerr := d.srcRC.Control(func(fd uintptr) { err = d.ps.l.ctl(op, int(fd), &ev) }); cerr != nil {
+		return cerr
+	}
+	return err
 }
 
 // inlineMax is the most a wakeup moves in the loop itself; a direction

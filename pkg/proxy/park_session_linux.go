@@ -165,7 +165,9 @@ func (ps *parkedSession) aborted() {
 
 func (p *parker) release(ps *parkedSession) {
 	p.freeSlots(ps)
-	ps.ses.client.Close()
-	ps.ses.gw.Close()
+	if !ps.ses.aborted.Load() { // an abort closed both already
+		ps.ses.client.Close()
+		ps.ses.gw.Close()
+	}
 	p.onEnd(ps.ses, ps.dirs[0].bytes, ps.dirs[1].bytes)
 }

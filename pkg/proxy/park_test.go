@@ -257,7 +257,7 @@ func TestParkErrorClosesSession(t *testing.T) {
 	h := startGoroutines(t, parkFast(), ring.Member{ID: "gw-1", Addr: gw, Weight: 1})
 	// A broken epoll set: every arm fails from now on.
 	for _, l := range h.srv.parker.loops {
-		l.ep.Close()
+		l.closeEpoll()
 		<-l.done
 	}
 	c := openSession(t, h, "pe")

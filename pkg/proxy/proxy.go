@@ -587,7 +587,7 @@ type session struct {
 	start      time.Time     // accepted
 	keyHash    uint64        // for logs: raw keys are never logged
 	hello      int64         // bytes forwarded before splicing
-	peer       net.Addr      // the client's address (from a PROXY header if one came)
+	peer       net.Addr      // set if client.RemoteAddr is not the client's address (a handed-over session); see peerString
 	idle       time.Duration // a TLS direction quiet this long gives back its buffer
 	// moved counts the bytes this process moved, client → gateway (the
 	// hello included) and gateway → client, as they move; only the mover
@@ -633,6 +633,16 @@ func (ses *session) abortFrom(failed net.Conn, reason endReason) {
 	if ps := ses.parked.Load(); aborted && ps != nil {
 		ps.aborted()
 	}
+}
+
+// peerString is the client's address (from a PROXY header if one came),
+// asked for only when a log or a handoff needs it: building a net.Addr per
+// session costs two allocations.
+func (ses *session) peerString() string {
+	if ses.peer != nil {
+		return ses.peer.String()
+	}
+	return ses.client.RemoteAddr().String()
 }
 
 // closeReason ends the session's abort window (a later abort is a no-op)
@@ -945,7 +955,7 @@ func (s *Server) startSession(hs *handshake, res route.Result) (*session, []byte
 		}
 		gw = tgw
 	}
-	ses := &session{client: c, gw: gw, gwID: res.Gateway.ID, id: id, start: hs.start, keyHash: hs.keyHash, hello: int64(n), peer: c.RemoteAddr(), idle: s.idle(),
+	ses := &session{client: c, gw: gw, gwID: res.Gateway.ID, id: id, start: hs.start, keyHash: hs.keyHash, hello: int64(n), idle: s.idle(),
 		clientLoop: hs.loop}
 	if !s.register(ses) {
 		s.m.Rejected.WithLabelValues("shutdown").Inc()
@@ -1048,15 +1058,19 @@ func (s *Server) endSession(ses *session, up, down int64) {
 	id, keyHash, hello := ses.id, ses.keyHash, ses.hello
 	s.m.SessionSeconds.Observe(d.Seconds())
 	s.m.SessionEnds.WithLabelValues(string(reason)).Inc()
-	s.log.Info("session end",
-		zap.Uint64("conn", id),
-		zap.String("key_hash", hashString(keyHash)),
-		zap.String("gateway", ses.gwID),
-		zap.String("client", ses.peer.String()),
-		zap.Int64("bytes_in", up+hello),
-		zap.Int64("bytes_out", down),
-		zap.Duration("duration", d),
-		zap.String("reason", string(reason)))
+	// Check first: the fields cost a hash and an address string per
+	// session, which a proxy logging at warn should not pay.
+	if ce := s.log.Check(zap.InfoLevel, "session end"); ce != nil {
+		ce.Write(
+			zap.Uint64("conn", id),
+			zap.String("key_hash", hashString(keyHash)),
+			zap.String("gateway", ses.gwID),
+			zap.String("client", ses.peerString()),
+			zap.Int64("bytes_in", up+hello),
+			zap.Int64("bytes_out", down),
+			zap.Duration("duration", d),
+			zap.String("reason", string(reason)))
+	}
 }
 
 func (s *Server) register(ses *session) bool {
@@ -1172,7 +1186,7 @@ func (ses *session) endDirection(dst, src net.Conn, err error, reason endReason)
 // nil when it cannot tell.
 func brokenSide(dst, src net.Conn, err error) net.Conn {
 	switch {
-	case errors.As(err, new(srcError)) && peerError(err):
+	case isSrcError(err) && peerError(err):
 		return src // the read from src failed: no need to ask the kernel
 	case peerGone(src):
 		return src
@@ -1198,6 +1212,24 @@ func peerError(err error) bool {
 type srcError struct{ error }
 
 func (e srcError) Unwrap() error { return e.error }
+
+// isSrcError is errors.As(err, new(srcError)) without the allocation (it
+// runs for every session a peer resets).
+func isSrcError(err error) bool {
+	switch e := err.(type) {
+	case srcError:
+		return true
+	case interface{ Unwrap() error }:
+		return isSrcError(e.Unwrap())
+	case interface{ Unwrap() []error }:
+		for _, e := range e.Unwrap() {
+			if isSrcError(e) {
+				return true
+			}
+		}
+	}
+	return false
+}
 
 // abort closes c with RST (SO_LINGER 0) when it is TCP, so nothing lingers
 // in TIME_WAIT and the peer learns the close was abnormal.
