@@ -141,7 +141,7 @@ func newFlagSet(o *options, stderr io.Writer) *flag.FlagSet {
 	fs.StringVar(&o.lookupToken, "lookup-token", "", "a read-only bearer `TOKEN` for dispatch services: accepted on /lookup and /route (which then need it or the admin token), refused (403) on /gateways and drain/undrain. Prefer --lookup-token-file")
 	fs.StringVar(&o.lookupFile, "lookup-token-file", "", "read --lookup-token from this `FILE` (one line)")
 	fs.BoolVar(&o.noPark, "no-park", false, "keep a goroutine and, while blocked, a splice pipe per direction for every session instead of parking idle sessions in tether's own epoll set (a fallback; parking is what makes idle sessions cost 2 descriptors)")
-	fs.IntVar(&o.eventLoops, "event-loops", 0, "`N` event loops (epoll sets, each served by one goroutine) accept connections, run their handshakes and serve parked sessions; 0 means one per CPU Go uses (GOMAXPROCS) but one, at least one, which leaves a CPU to Redis lookups, TLS and busy sessions. Not used with --no-park")
+	fs.IntVar(&o.eventLoops, "event-loops", 0, "`N` event loops (epoll sets, each served by one goroutine) accept connections, run their handshakes and serve parked sessions; 0 means one per CPU Go uses (GOMAXPROCS). Not used with --no-park")
 	fs.DurationVar(&o.parkAfter, "park-after", proxy.DefaultParkAfter, "a session direction idle this `DURATION` gives back its goroutine and waits in tether's epoll set instead (no pipe, no goroutine); busy sessions never park")
 	fs.BoolVar(&o.pprof, "pprof", false, "serve Go's profiler under /debug/pprof/ on the admin server (behind --admin-token if set)")
 	fs.Var(&o.gateways, "gateway", "a gateway as `ID=HOST:PORT[,weight=W]`; repeat for each gateway.\nThe ID is what keys hash to: keep it stable when the address changes. weight=0 drains the gateway (no new keys)")
@@ -215,7 +215,7 @@ func (o *options) validate() error {
 	case o.maxConns < 0:
 		return fmt.Errorf("--max-conns %d: want >= 0", o.maxConns)
 	case o.eventLoops < 0 || o.eventLoops > 256:
-		return fmt.Errorf("--event-loops %d: want 0 (one per CPU but one) to 256", o.eventLoops)
+		return fmt.Errorf("--event-loops %d: want 0 (one per CPU) to 256", o.eventLoops)
 	case o.maxHandshakes < 0:
 		return fmt.Errorf("--max-handshakes %d: want >= 0", o.maxHandshakes)
 	case o.gatewayRate < 0:

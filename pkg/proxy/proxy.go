@@ -273,12 +273,11 @@ func New(cfg Config) (*Server, error) {
 }
 
 // DefaultEventLoops is the number of event loops when Config.EventLoops
-// is 0: one per CPU Go schedules on (runtime.GOMAXPROCS) but one, and at
-// least one. The loops' system calls are raw, so a loop thread that the
-// OS deschedules mid-call keeps its P; the P left over keeps the
+// is 0: one per CPU Go schedules on (runtime.GOMAXPROCS), as HAProxy runs
+// a thread and nginx a worker per core. A loop never blocks, so the
 // goroutines that wait on others — Redis lookups, TLS, failovers, busy
-// sessions — running on a host whose CPUs are contended.
-func DefaultEventLoops() int { return max(1, runtime.GOMAXPROCS(0)-1) }
+// sessions — share the Ps with the loops through Go's scheduler.
+func DefaultEventLoops() int { return max(1, runtime.GOMAXPROCS(0)) }
 
 // Resolver is the resolver the server routes with (for lookups that must
 // answer exactly like a connect).
