@@ -280,14 +280,20 @@ func TestLoopsKeepTheirSessions(t *testing.T) {
 				used[d.ps.l]++
 				// Adding the socket again to the loop's own set must
 				// fail: it is there already.
-				var err error
+				var err, nerr error
+				nodelay := 0
 				_ = d.ps.l.epRC.Control(func(epfd uintptr) {
 					_ = d.srcRC.Control(func(fd uintptr) {
 						err = sock.EpollCtl(int(epfd), unix.EPOLL_CTL_ADD, int(fd), &unix.EpollEvent{})
+						nodelay, nerr = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NODELAY)
 					})
 				})
 				if !errors.Is(err, unix.EEXIST) {
 					t.Errorf("a parked socket is not in its session's loop: EPOLL_CTL_ADD = %v", err)
+				}
+				// Both sides of a proxied session send small writes at once.
+				if nodelay != 1 || nerr != nil {
+					t.Errorf("a parked socket has TCP_NODELAY %d (%v), want 1", nodelay, nerr)
 				}
 			}
 			h.srv.parker.mu.Unlock()
