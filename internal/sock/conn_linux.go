@@ -125,7 +125,7 @@ func (c *Conn) WriteNow(b []byte) (int, error) {
 		return n, nil
 	}
 	var n int
-	err := c.control("write", func(fd int) error {
+	err := c.controlRaw("write", func(fd int) error {
 		var err error
 		n, err = writeAll(fd, b)
 		return err
@@ -305,22 +305,19 @@ func (c *Conn) LocalAddr() net.Addr {
 
 // CloseWrite shuts down the sending side (a FIN).
 func (c *Conn) CloseWrite() error {
-	if fd, ok := c.Hold(); ok {
-		err := shutdownWrite(fd)
-		c.Unhold()
-		return syscallError("shutdown", err)
-	}
 	return c.control("shutdown", shutdownWrite)
 }
 
 // SetLinger is net.TCPConn.SetLinger: 0 makes Close send a reset.
 func (c *Conn) SetLinger(sec int) error {
+	// Held here, not by control: the closure over sec would escape
+	// through control's RawConn path and cost an allocation per call.
 	if fd, ok := c.Hold(); ok {
 		err := SetLinger(fd, sec)
 		c.Unhold()
 		return syscallError("setsockopt", err)
 	}
-	return c.control("setsockopt", func(fd int) error { return SetLinger(fd, sec) })
+	return c.controlRaw("setsockopt", func(fd int) error { return SetLinger(fd, sec) })
 }
 
 // Hold pins the descriptor of a Conn that is not in Go's poller, so a
@@ -342,8 +339,21 @@ func (c *Conn) Hold() (fd int, ok bool) {
 // Unhold releases a Hold that succeeded.
 func (c *Conn) Unhold() { c.mu.RUnlock() }
 
-// control runs the system call op (f) on the socket.
+// control runs the system call op (f) on the socket: on the held
+// descriptor when it can be held, else through its RawConn. f should be a
+// plain function, not a closure: it escapes through the RawConn path.
 func (c *Conn) control(op string, f func(fd int) error) error {
+	if fd, ok := c.Hold(); ok {
+		err := f(fd)
+		c.Unhold()
+		return syscallError(op, err)
+	}
+	return c.controlRaw(op, f)
+}
+
+// controlRaw is control through the RawConn (a separate function so the
+// held path does not pay for the closure's captured error).
+func (c *Conn) controlRaw(op string, f func(fd int) error) error {
 	var err error
 	if cerr := c.rc.Control(func(fd uintptr) { err = f(int(fd)) }); cerr != nil {
 		return cerr
