@@ -145,7 +145,8 @@ func connRate(addr string, workers int, d time.Duration, max int64) (float64, in
 func connRateLat(addr string, workers int, d time.Duration, max int64) (float64, int64, []time.Duration, error) {
 	var done, failed atomic.Int64
 	lats := make([][]time.Duration, workers)
-	var firstErr atomic.Value
+	var firstOnce sync.Once // the first failure's error; read after wg.Wait
+	var firstErr error
 	stop := time.Now().Add(d)
 	start := time.Now()
 	var wg sync.WaitGroup
@@ -158,7 +159,7 @@ func connRateLat(addr string, workers int, d time.Duration, max int64) (float64,
 				c, err := open(addr, sources[(w+i)%len(sources)], fmt.Sprintf("cr-%d-%d", w, i%64))
 				if err != nil {
 					failed.Add(1)
-					firstErr.CompareAndSwap(nil, err)
+					firstOnce.Do(func() { firstErr = err })
 					continue
 				}
 				reset(c)
@@ -170,7 +171,7 @@ func connRateLat(addr string, workers int, d time.Duration, max int64) (float64,
 	wg.Wait()
 	elapsed := time.Since(start)
 	if f := failed.Load(); f > done.Load()/1000 {
-		return 0, done.Load(), nil, fmt.Errorf("%d of %d connections failed: %v", f, f+done.Load(), firstErr.Load())
+		return 0, done.Load(), nil, fmt.Errorf("%d of %d connections failed: %v", f, f+done.Load(), firstErr)
 	}
 	var all []time.Duration
 	for _, l := range lats {
@@ -279,7 +280,7 @@ func openMany(addr string, n int) ([]conn, error) {
 	conns := make([]conn, 0, n)
 	var mu sync.Mutex
 	var wg sync.WaitGroup
-	var openErr atomic.Value
+	var openErr error // the first failure's; guarded by mu
 	next := make(chan int)
 	for range 32 {
 		wg.Add(1)
@@ -288,7 +289,11 @@ func openMany(addr string, n int) ([]conn, error) {
 			for i := range next {
 				c, err := open(addr, sources[i%len(sources)], fmt.Sprintf("idle-%d", i))
 				if err != nil {
-					openErr.CompareAndSwap(nil, err)
+					mu.Lock()
+					if openErr == nil {
+						openErr = err
+					}
+					mu.Unlock()
 					continue
 				}
 				mu.Lock()
@@ -302,8 +307,8 @@ func openMany(addr string, n int) ([]conn, error) {
 	}
 	close(next)
 	wg.Wait()
-	if e := openErr.Load(); e != nil {
-		return conns, fmt.Errorf("opened %d of %d idle sessions: %v", len(conns), n, e)
+	if openErr != nil {
+		return conns, fmt.Errorf("opened %d of %d idle sessions: %v", len(conns), n, openErr)
 	}
 	return conns, nil
 }
