@@ -63,6 +63,17 @@ func setTCPOpt(fd uintptr, opt int, v int32) syscall.Errno {
 	return e
 }
 
+// SetNotSentLowat sets TCP_NOTSENT_LOWAT on fd to n: the socket takes more
+// bytes, and reports itself writable, only while fewer than n of the bytes
+// it holds are still unsent. A sender that keeps refilling it then holds a
+// short queue instead of a send buffer's worth of data nobody has sent yet.
+func SetNotSentLowat(fd, n int) error {
+	if e := setTCPOpt(uintptr(fd), unix.TCP_NOTSENT_LOWAT, int32(n)); e != 0 {
+		return e
+	}
+	return nil
+}
+
 // SetLinger sets SO_LINGER on fd: sec < 0 turns it off, 0 makes a close
 // send a reset.
 func SetLinger(fd, sec int) error {

@@ -8,6 +8,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/tether-proxy/tether/internal/sock"
 )
 
 // moverFns are a mover's callbacks for RawConn, bound once when the mover
@@ -79,6 +81,10 @@ func (mv *mover) readOnce(fd uintptr) bool {
 // writeOnce is the RawConn.Write callback: move pipe bytes to the socket;
 // on would-block let Go's poller wait for the peer to drain.
 func (mv *mover) writeOnce(fd uintptr) bool {
+	if !mv.d.lowat && mv.left >= streamAt {
+		_ = sock.SetNotSentLowat(int(fd), notSentLowat) // a hint: a failure changes nothing else
+		mv.d.lowat = true
+	}
 	var m int64
 	for {
 		m, mv.rerr = spliceNow(mv.pipe.r, int(fd), int(mv.left))

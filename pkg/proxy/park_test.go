@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"golang.org/x/sys/unix"
 
 	"github.com/tether-proxy/tether/internal/sock"
 	"github.com/tether-proxy/tether/internal/stub"
@@ -149,6 +150,63 @@ func TestParkedBulkResumes(t *testing.T) {
 		t.Fatal("echo corrupted")
 	}
 	waitFor(t, func() bool { return h.srv.Active() == 0 })
+}
+
+// TestStreamingBoundsSendQueue: a session that streams (a move of at least
+// streamAt bytes) gets TCP_NOTSENT_LOWAT on the destination of each
+// direction that streamed; a chatty one keeps the system's default and pays
+// no system call. With both handshake paths.
+func TestStreamingBoundsSendQueue(t *testing.T) {
+	gw := gateway(t, "gw-1", stub.ProxyRequire)
+	member := ring.Member{ID: "gw-1", Addr: gw, Weight: 1}
+	for _, path := range handshakePaths {
+		t.Run(path.name, func(t *testing.T) {
+			h := path.start(t, parkFast(), member)
+			chatty := openSession(t, h, "chatty")
+			bulk := openSession(t, h, "bulk")
+			for _, m := range []struct {
+				c    *net.TCPConn
+				size int
+			}{{chatty, 100}, {bulk, 4 << 20}} {
+				_ = m.c.SetDeadline(time.Now().Add(30 * time.Second))
+				data := bytes.Repeat([]byte{'s'}, m.size)
+				errc := make(chan error, 1)
+				go func() { _, err := m.c.Write(data); errc <- err }()
+				if _, err := io.ReadFull(m.c, make([]byte, m.size)); err != nil {
+					t.Fatal(err)
+				}
+				if err := <-errc; err != nil {
+					t.Fatal(err)
+				}
+			}
+			waitFor(t, func() bool { return h.srv.parker.parkedCount() == 4 })
+			h.srv.parker.mu.Lock()
+			defer h.srv.parker.mu.Unlock()
+			seen := 0
+			for _, d := range h.srv.parker.slots[1:] {
+				if d == nil || !d.parked {
+					continue
+				}
+				seen++
+				// d.src is the destination of the session's other direction.
+				other := &d.ps.dirs[0]
+				if other == d {
+					other = &d.ps.dirs[1]
+				}
+				var got int
+				var err error
+				_ = d.srcRC.Control(func(fd uintptr) {
+					got, err = unix.GetsockoptInt(int(fd), unix.IPPROTO_TCP, unix.TCP_NOTSENT_LOWAT)
+				})
+				if streamed := other.bytes >= 4<<20; err != nil || (got == notSentLowat) != streamed {
+					t.Errorf("a socket that received %d bytes from the proxy has TCP_NOTSENT_LOWAT %d (%v); set by the proxy: want %v", other.bytes, got, err, streamed)
+				}
+			}
+			if seen != 4 {
+				t.Fatalf("%d parked directions, want 4", seen)
+			}
+		})
+	}
 }
 
 // TestParkedClosedByDrain: Shutdown's paced drain closes parked sessions
