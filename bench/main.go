@@ -505,8 +505,14 @@ func machine(b *strings.Builder) {
 		}
 	}
 	kernel, _ := exec.Command("uname", "-r").Output()
-	fmt.Fprintf(b, "Machine: %d CPUs (%s), Linux %s, %s, open-file limit %s.\n\n", runtime.NumCPU(), cpu,
-		strings.TrimSpace(string(kernel)), runtime.Version(), fileLimit())
+	// The congestion control moves bulk figures by a third on loopback
+	// (BBR paces every flow; docs/BENCHMARKS.md), so the report names it.
+	cc := "unknown"
+	if raw, err := os.ReadFile("/proc/sys/net/ipv4/tcp_congestion_control"); err == nil {
+		cc = strings.TrimSpace(string(raw))
+	}
+	fmt.Fprintf(b, "Machine: %d CPUs (%s), Linux %s, TCP congestion control %s, %s, open-file limit %s.\n\n", runtime.NumCPU(), cpu,
+		strings.TrimSpace(string(kernel)), cc, runtime.Version(), fileLimit())
 }
 
 func fileLimit() string {
