@@ -3,7 +3,9 @@
 package sock
 
 import (
+	"context"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -213,8 +215,17 @@ func TestSetKeepAlive(t *testing.T) {
 		t.Fatalf("zero config turned keepalive on (%v)", err)
 	}
 	ka := net.KeepAliveConfig{Enable: true, Idle: 30 * time.Second, Interval: 10 * time.Second, Count: 4}
+	if HasKeepAlive(client.fd, ka) {
+		t.Fatal("HasKeepAlive before SetKeepAlive")
+	}
 	if err := SetKeepAlive(client.fd, ka); err != nil {
 		t.Fatal(err)
+	}
+	if !HasKeepAlive(client.fd, ka) {
+		t.Fatal("HasKeepAlive false after SetKeepAlive")
+	}
+	if other := (net.KeepAliveConfig{Enable: true, Idle: 31 * time.Second, Interval: 10 * time.Second, Count: 4}); HasKeepAlive(client.fd, other) {
+		t.Fatal("HasKeepAlive true for another idle time")
 	}
 	for _, c := range []struct {
 		name       string
@@ -229,6 +240,69 @@ func TestSetKeepAlive(t *testing.T) {
 		if got := get(c.level, c.opt); got != c.want {
 			t.Errorf("%s = %d, want %d", c.name, got, c.want)
 		}
+	}
+}
+
+// TestKeepAliveFromListener: the kernel behaviour the event loop relies on
+// to accept without a setsockopt — a connection the listener creates after
+// it got keepalive has it too (Linux copies the options), one created
+// before does not. Go's listeners are Multipath TCP sockets by default;
+// both kinds are checked.
+func TestKeepAliveFromListener(t *testing.T) {
+	ka := net.KeepAliveConfig{Enable: true, Idle: 42 * time.Second, Interval: 7 * time.Second, Count: 3}
+	for _, mptcp := range []struct{ listener, client bool }{{false, false}, {true, false}, {true, true}} {
+		t.Run(fmt.Sprintf("mptcp listener=%v client=%v", mptcp.listener, mptcp.client), func(t *testing.T) {
+			var lc net.ListenConfig
+			lc.SetMultipathTCP(mptcp.listener)
+			ln, err := lc.Listen(context.Background(), "tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer ln.Close()
+			rc, err := ln.(*net.TCPListener).SyscallConn()
+			if err != nil {
+				t.Fatal(err)
+			}
+			var lfd int
+			_ = rc.Control(func(fd uintptr) { lfd = int(fd) })
+			accept := func() int {
+				t.Helper()
+				var d net.Dialer
+				d.SetMultipathTCP(mptcp.client)
+				c, err := d.Dial("tcp", ln.Addr().String())
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { c.Close() })
+				if mp, _ := c.(*net.TCPConn).MultipathTCP(); mp != mptcp.client {
+					t.Fatalf("client connection is MPTCP %v, want %v (a kernel without Multipath TCP? sysctl net.mptcp.enabled)", mp, mptcp.client)
+				}
+				for range 1000 {
+					fd, _, err := Accept(lfd)
+					if err == nil {
+						t.Cleanup(func() { Close(fd) })
+						return fd
+					}
+					if !errors.Is(err, unix.EAGAIN) {
+						t.Fatal(err)
+					}
+					time.Sleep(time.Millisecond)
+				}
+				t.Fatal("nothing to accept")
+				return -1
+			}
+			before := accept()
+			if err := SetKeepAlive(lfd, ka); err != nil {
+				t.Fatalf("keepalive on the listener: %v", err)
+			}
+			after := accept()
+			if HasKeepAlive(before, ka) {
+				t.Error("a connection created before the listener had keepalive has it")
+			}
+			if !HasKeepAlive(after, ka) {
+				t.Error("a connection created after the listener had keepalive lacks it")
+			}
+		})
 	}
 }
 

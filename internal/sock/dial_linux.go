@@ -217,6 +217,29 @@ func ntohs(p uint16) uint16 {
 // SetKeepAlive applies ka to a socket as net.ListenConfig's KeepAliveConfig
 // does for accepted connections; a zero ka leaves keepalive off.
 func SetKeepAlive(fd int, ka net.KeepAliveConfig) error {
+	for _, o := range keepAliveOpts(ka) {
+		if err := unix.SetsockoptInt(fd, o[0], o[1], o[2]); err != nil {
+			return os.NewSyscallError("setsockopt", err)
+		}
+	}
+	return nil
+}
+
+// HasKeepAlive reports whether fd already has keepalive as SetKeepAlive(fd, ka)
+// would set it — on a connection accepted from a listener that had the
+// options, Linux copies them — so the caller can skip the four calls.
+func HasKeepAlive(fd int, ka net.KeepAliveConfig) bool {
+	for _, o := range keepAliveOpts(ka) {
+		if v, err := unix.GetsockoptInt(fd, o[0], o[1]); err != nil || v != o[2] {
+			return false
+		}
+	}
+	return true
+}
+
+// keepAliveOpts are the socket options (level, name, value) that give a
+// socket ka; none when it is off.
+func keepAliveOpts(ka net.KeepAliveConfig) [][3]int {
 	if !ka.Enable {
 		return nil
 	}
@@ -230,10 +253,5 @@ func SetKeepAlive(fd int, ka net.KeepAliveConfig) error {
 	if ka.Count > 0 {
 		opts = append(opts, [3]int{unix.IPPROTO_TCP, unix.TCP_KEEPCNT, ka.Count})
 	}
-	for _, o := range opts {
-		if err := unix.SetsockoptInt(fd, o[0], o[1], o[2]); err != nil {
-			return os.NewSyscallError("setsockopt", err)
-		}
-	}
-	return nil
+	return opts
 }

@@ -11,6 +11,7 @@ import (
 	"net/netip"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 	"unsafe"
@@ -85,8 +86,58 @@ type frontConn struct {
 
 // frontListener is a listening socket the loop accepts on.
 type frontListener struct {
-	rc      syscall.RawConn // the listener's: accept runs inside its Control
-	backoff time.Duration   // after an accept error (loop only)
+	rc      syscall.RawConn    // the listener's: accept runs inside its Control
+	backoff time.Duration      // after an accept error (loop only)
+	ka      *listenerKeepAlive // nil when Config.ClientKeepAlive is off
+}
+
+// listenerKeepAlive is Config.ClientKeepAlive on one listener, shared by
+// every loop that accepts on it. The options are set on the listening
+// socket, and Linux copies them into each connection the listener creates
+// from then on: accepting needs no setsockopt of its own, where four of
+// them (each re-arming the keepalive timer) cost 13% of the proxy's CPU
+// per connection (docs/BENCHMARKS.md). Connections already queued when
+// Serve set the options were created without them. The queue is FIFO, so
+// they are the first ones accepted: while unsure, each accepted connection
+// is checked (getsockopt) and given the options if it lacks them, and the
+// first that has them ends the check, since everything behind it in the
+// queue came later. A listener that refuses the options gets them set on
+// every connection, as before.
+type listenerKeepAlive struct {
+	cfg     net.KeepAliveConfig
+	perConn bool        // the listener refused the options
+	unsure  atomic.Bool // connections from before the options may still be queued
+}
+
+// newListenerKeepAlive sets ka on the listening socket rc; nil if ka is off.
+func newListenerKeepAlive(rc syscall.RawConn, ka net.KeepAliveConfig) *listenerKeepAlive {
+	if !ka.Enable {
+		return nil
+	}
+	lk := &listenerKeepAlive{cfg: ka}
+	var err error
+	if cerr := rc.Control(func(fd uintptr) { err = sock.SetKeepAlive(int(fd), ka) }); cerr != nil || err != nil {
+		lk.perConn = true
+	}
+	lk.unsure.Store(true)
+	return lk
+}
+
+// accepted gives a connection just accepted the keepalive it lacks.
+// unsure is lk.unsure as it was before the accept4 that returned fd: a
+// connection dequeued after the check ended is one that inherited.
+func (lk *listenerKeepAlive) accepted(fd int, unsure bool) {
+	switch {
+	case lk == nil:
+	case lk.perConn:
+		_ = sock.SetKeepAlive(fd, lk.cfg) // as Go's accept, which ignores a failure here
+	case unsure:
+		if sock.HasKeepAlive(fd, lk.cfg) {
+			lk.unsure.Store(false)
+			return
+		}
+		_ = sock.SetKeepAlive(fd, lk.cfg)
+	}
 }
 
 // front is the event-loop handshake of one Server in one of its loops.
@@ -238,8 +289,9 @@ func (f *front) event(slot, gen, events uint32) {
 // are armed, the first to call accept takes it (and what else is queued,
 // up to acceptBatch), the others find nothing and re-arm.
 func (fs fronts) serve(rc syscall.RawConn, stop <-chan struct{}) error {
+	ka := newListenerKeepAlive(rc, fs[0].s.cfg.ClientKeepAlive)
 	for _, f := range fs {
-		fc := &frontConn{state: fsListener, gfd: -1, ln: &frontListener{rc: rc}}
+		fc := &frontConn{state: fsListener, gfd: -1, ln: &frontListener{rc: rc, ka: ka}}
 		f.addSlot(fc)
 		defer f.freeSlot(fc)
 		if err := f.armListener(fc, unix.EPOLL_CTL_ADD); err != nil {
@@ -286,8 +338,9 @@ func (f *front) unwatchListener(rc syscall.RawConn) {
 const acceptBatch = 64
 
 type accepted struct {
-	fd   int
-	peer netip.AddrPort
+	fd     int
+	peer   netip.AddrPort
+	unsure bool // its keepalive must be checked (listenerKeepAlive)
 }
 
 // accept takes what the listener has (up to acceptBatch) and starts each
@@ -299,10 +352,11 @@ func (f *front) accept(fc *frontConn) {
 	var aerr error
 	if cerr := l.rc.Control(func(lfd uintptr) {
 		for n < acceptBatch {
+			unsure := l.ka != nil && l.ka.unsure.Load() // before the accept: see listenerKeepAlive
 			fd, peer, err := sock.Accept(int(lfd))
 			switch {
 			case err == nil:
-				batch[n] = accepted{fd, peer}
+				batch[n] = accepted{fd, peer, unsure}
 				n++
 				continue
 			case errors.Is(err, unix.EINTR) || errors.Is(err, unix.ECONNABORTED):
@@ -316,6 +370,7 @@ func (f *front) accept(fc *frontConn) {
 		return // closed: Serve is returning
 	}
 	for _, a := range batch[:n] {
+		l.ka.accepted(a.fd, a.unsure)
 		f.started(a.fd, a.peer)
 	}
 	if aerr == nil {
@@ -342,9 +397,6 @@ func (f *front) started(fd int, peer netip.AddrPort) {
 	if !s.admit() {
 		resetFD(fd)
 		return
-	}
-	if ka := s.cfg.ClientKeepAlive; ka.Enable {
-		_ = sock.SetKeepAlive(fd, ka) // as Go's accept, which ignores a failure here
 	}
 	now := time.Now()
 	fc := &frontConn{state: fsHello, fd: fd, gfd: -1, peer: peer, id: s.nextID.Add(1), start: now,

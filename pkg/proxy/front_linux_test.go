@@ -313,3 +313,86 @@ func TestLoopsKeepTheirSessions(t *testing.T) {
 		})
 	}
 }
+
+// TestClientKeepAlive: every client connection the event loop accepts has
+// Config.ClientKeepAlive, both those created after Serve gave the
+// listener the options (they inherit them) and those already queued before
+// (set one by one); with keepalive off, Serve leaves the listener as it is.
+func TestClientKeepAlive(t *testing.T) {
+	gw := gateway(t, "gw-1", stub.ProxyRequire)
+	member := ring.Member{ID: "gw-1", Addr: gw, Weight: 1}
+	on := net.KeepAliveConfig{Enable: true, Idle: 41 * time.Second, Interval: 9 * time.Second, Count: 3}
+	for _, tc := range []struct {
+		name string
+		ka   net.KeepAliveConfig
+		want bool // the client sockets have on
+	}{
+		{"on", on, true},
+		{"off", net.KeepAliveConfig{}, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			cfg := parkFast()
+			cfg.ClientKeepAlive = tc.ka
+			var early []*net.TCPConn
+			h := startWrapped(t, cfg, func(ln net.Listener, _ *Metrics) net.Listener {
+				// Connections that wait in the listener's queue before
+				// Serve runs.
+				for range 5 {
+					c := dial(t, ln.Addr().String())
+					if _, err := c.Write(hello(t, "early", "")); err != nil {
+						t.Fatal(err)
+					}
+					early = append(early, c)
+				}
+				return ln
+			}, member)
+			if h.srv.fronts == nil {
+				t.Fatal("the event loop does not accept")
+			}
+			for _, c := range early {
+				if _, _, err := stub.ReadReply(c); err != nil {
+					t.Fatal(err)
+				}
+			}
+			openSessions(t, h, 5, "late")
+			waitFor(t, func() bool { return h.srv.parker.parkedCount() == 20 })
+			clients := 0
+			h.srv.parker.mu.Lock()
+			for _, d := range h.srv.parker.slots[1:] {
+				if d == nil || d != &d.ps.dirs[dirUp] {
+					continue // the gateway's side
+				}
+				clients++
+				var has bool
+				keepalive := -1
+				_ = d.srcRC.Control(func(fd uintptr) {
+					has = sock.HasKeepAlive(int(fd), on)
+					keepalive, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_KEEPALIVE)
+				})
+				if has != tc.want {
+					t.Errorf("a client socket has keepalive %v (SO_KEEPALIVE %d), want %v", has, keepalive, tc.want)
+				}
+				if !tc.want && keepalive != 0 {
+					t.Errorf("keepalive off, but a client socket has SO_KEEPALIVE %d", keepalive)
+				}
+			}
+			h.srv.parker.mu.Unlock()
+			if clients != 10 {
+				t.Fatalf("%d client sockets parked, want 10", clients)
+			}
+			// The late connections inherited the options: the check of
+			// queued ones ended, and accepting costs no system call.
+			f := h.srv.fronts[0]
+			f.mu.Lock()
+			for _, fc := range f.conns {
+				if fc == nil || fc.state != fsListener {
+					continue
+				}
+				if lk := fc.ln.ka; (lk != nil) != tc.want || lk != nil && (lk.perConn || lk.unsure.Load()) {
+					t.Errorf("listener keepalive %+v, want inherited (%v)", lk, tc.want)
+				}
+			}
+			f.mu.Unlock()
+		})
+	}
+}

@@ -139,9 +139,13 @@ type Config struct {
 	// sessions it parked. One loop is one core's worth of handshakes; 0
 	// means DefaultEventLoops.
 	EventLoops int
-	// ClientKeepAlive is the TCP keepalive the event loop sets on the
-	// connections it accepts (--client-keepalive); the goroutine path
-	// leaves keepalive to the listener, as net.ListenConfig does.
+	// ClientKeepAlive is the TCP keepalive of the connections the event
+	// loop accepts (--client-keepalive). Serve sets it on the listening
+	// socket itself, which Linux copies into every connection created
+	// from then on (no system call per connection), and on the
+	// connections already queued; a zero value leaves the listener as it
+	// is. The goroutine path leaves keepalive to the listener, as
+	// net.ListenConfig does.
 	ClientKeepAlive net.KeepAliveConfig
 	// ParkAfter is how long a direction must be idle before it is parked;
 	// until then a goroutine waits for it in Go's poller, so busy sessions
