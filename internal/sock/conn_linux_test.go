@@ -21,6 +21,16 @@ func rawPair(t *testing.T) (client, server *Conn) {
 	t.Helper()
 	ln := listen(t)
 	lap := ln.Addr().(*net.TCPAddr).AddrPort()
+	lrc, err := ln.(*net.TCPListener).SyscallConn()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Accept sets no option: the accepted socket has the listener's.
+	var nerr error
+	_ = lrc.Control(func(lfd uintptr) { nerr = SetNoDelay(int(lfd)) })
+	if nerr != nil {
+		t.Fatal(nerr)
+	}
 	fd, connected, err := Start(lap)
 	if err != nil {
 		t.Fatal(err)
@@ -38,10 +48,6 @@ func rawPair(t *testing.T) (client, server *Conn) {
 	client = NewConn(fd, lap)
 	t.Cleanup(func() { client.Close() })
 
-	lrc, err := ln.(*net.TCPListener).SyscallConn()
-	if err != nil {
-		t.Fatal(err)
-	}
 	var sfd int
 	var peer netip.AddrPort
 	var aerr error
@@ -60,8 +66,8 @@ func rawPair(t *testing.T) (client, server *Conn) {
 	if local := client.LocalAddr().(*net.TCPAddr).AddrPort(); peer != local {
 		t.Fatalf("Accept's peer %v, client's local address %v", peer, local)
 	}
-	if nd, err := unix.GetsockoptInt(sfd, unix.IPPROTO_TCP, unix.TCP_NODELAY); err != nil || nd == 0 {
-		t.Fatalf("accepted socket TCP_NODELAY = %d, %v", nd, err)
+	if !HasNoDelay(sfd) {
+		t.Fatal("accepted socket lacks the listener's TCP_NODELAY")
 	}
 	if nd, err := unix.GetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY); err != nil || nd == 0 {
 		t.Fatalf("started socket TCP_NODELAY = %d, %v", nd, err)
@@ -245,8 +251,8 @@ func TestSetKeepAlive(t *testing.T) {
 
 // TestKeepAliveFromListener: the kernel behaviour the event loop relies on
 // to accept without a setsockopt — a connection the listener creates after
-// it got keepalive has it too (Linux copies the options), one created
-// before does not. Go's listeners are Multipath TCP sockets by default;
+// it got keepalive and TCP_NODELAY has them too (Linux copies the
+// options), one created before does not. Go's listeners are Multipath TCP sockets by default;
 // both kinds are checked.
 func TestKeepAliveFromListener(t *testing.T) {
 	ka := net.KeepAliveConfig{Enable: true, Idle: 42 * time.Second, Interval: 7 * time.Second, Count: 3}
@@ -277,30 +283,30 @@ func TestKeepAliveFromListener(t *testing.T) {
 				if mp, _ := c.(*net.TCPConn).MultipathTCP(); mp != mptcp.client {
 					t.Fatalf("client connection is MPTCP %v, want %v (a kernel without Multipath TCP? sysctl net.mptcp.enabled)", mp, mptcp.client)
 				}
-				for range 1000 {
-					fd, _, err := Accept(lfd)
-					if err == nil {
-						t.Cleanup(func() { Close(fd) })
-						return fd
-					}
-					if !errors.Is(err, unix.EAGAIN) {
-						t.Fatal(err)
-					}
-					time.Sleep(time.Millisecond)
+				pfd := []unix.PollFd{{Fd: int32(lfd), Events: unix.POLLIN}}
+				if _, err := unix.Poll(pfd, 5000); err != nil {
+					t.Fatal(err)
 				}
-				t.Fatal("nothing to accept")
-				return -1
+				fd, _, err := Accept(lfd)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { Close(fd) })
+				return fd
 			}
 			before := accept()
 			if err := SetKeepAlive(lfd, ka); err != nil {
 				t.Fatalf("keepalive on the listener: %v", err)
 			}
-			after := accept()
-			if HasKeepAlive(before, ka) {
-				t.Error("a connection created before the listener had keepalive has it")
+			if err := SetNoDelay(lfd); err != nil {
+				t.Fatalf("TCP_NODELAY on the listener: %v", err)
 			}
-			if !HasKeepAlive(after, ka) {
-				t.Error("a connection created after the listener had keepalive lacks it")
+			after := accept()
+			if HasKeepAlive(before, ka) || HasNoDelay(before) {
+				t.Error("a connection created before the listener had the options has them")
+			}
+			if !HasKeepAlive(after, ka) || !HasNoDelay(after) {
+				t.Errorf("a connection created after the listener had the options lacks them: keepalive %v, nodelay %v", HasKeepAlive(after, ka), HasNoDelay(after))
 			}
 		})
 	}

@@ -180,7 +180,10 @@ func Connected(fd int, ap netip.AddrPort) error {
 
 // Accept takes one connection from the listening socket lfd without
 // waiting (unix.EAGAIN when there is none) and returns it non-blocking,
-// with TCP_NODELAY on, and its peer's address.
+// with its peer's address. It sets no option: a connection has the
+// listener's options as they were when the kernel created it (Linux copies
+// them), which is how the event loop gives every client TCP_NODELAY and
+// keepalive without a system call per connection.
 func Accept(lfd int) (int, netip.AddrPort, error) {
 	var rsa unix.RawSockaddrAny
 	n := uint32(unix.SizeofSockaddrAny)
@@ -188,12 +191,21 @@ func Accept(lfd int) (int, netip.AddrPort, error) {
 	if e != 0 {
 		return -1, netip.AddrPort{}, e
 	}
-	fd := int(r)
-	if e := setTCPOpt(r, unix.TCP_NODELAY, 1); e != 0 {
-		_ = Close(fd)
-		return -1, netip.AddrPort{}, os.NewSyscallError("setsockopt", e)
+	return int(r), addrPort(&rsa), nil
+}
+
+// SetNoDelay turns TCP_NODELAY on for fd.
+func SetNoDelay(fd int) error {
+	if e := setTCPOpt(uintptr(fd), unix.TCP_NODELAY, 1); e != 0 {
+		return os.NewSyscallError("setsockopt", e)
 	}
-	return fd, addrPort(&rsa), nil
+	return nil
+}
+
+// HasNoDelay reports whether fd has TCP_NODELAY on.
+func HasNoDelay(fd int) bool {
+	v, err := unix.GetsockoptInt(fd, unix.IPPROTO_TCP, unix.TCP_NODELAY)
+	return err == nil && v != 0
 }
 
 // addrPort converts a raw IPv4 or IPv6 socket address.

@@ -86,57 +86,64 @@ type frontConn struct {
 
 // frontListener is a listening socket the loop accepts on.
 type frontListener struct {
-	rc      syscall.RawConn    // the listener's: accept runs inside its Control
-	backoff time.Duration      // after an accept error (loop only)
-	ka      *listenerKeepAlive // nil when Config.ClientKeepAlive is off
+	rc      syscall.RawConn // the listener's: accept runs inside its Control
+	backoff time.Duration   // after an accept error (loop only)
+	opts    *listenerOpts   // shared by the loops that accept on it
 }
 
-// listenerKeepAlive is Config.ClientKeepAlive on one listener, shared by
-// every loop that accepts on it. The options are set on the listening
-// socket, and Linux copies them into each connection the listener creates
-// from then on: accepting needs no setsockopt of its own, where four of
-// them (each re-arming the keepalive timer) cost 13% of the proxy's CPU
-// per connection (docs/BENCHMARKS.md). Connections already queued when
-// Serve set the options were created without them. The queue is FIFO, so
-// they are the first ones accepted: while unsure, each accepted connection
-// is checked (getsockopt) and given the options if it lacks them, and the
-// first that has them ends the check, since everything behind it in the
-// queue came later. A listener that refuses the options gets them set on
-// every connection, as before.
-type listenerKeepAlive struct {
-	cfg     net.KeepAliveConfig
+// listenerOpts are the options every client connection the loop accepts
+// gets: TCP_NODELAY (both sides of a proxied session send small writes at
+// once) and Config.ClientKeepAlive. They are set on the listening socket,
+// shared by every loop that accepts on it, and Linux copies them into each
+// connection the listener creates from then on: accepting needs no
+// setsockopt of its own, where setting them on each connection (five
+// calls at the default keepalive, each keepalive one re-arming a timer)
+// cost 13% of the proxy's CPU per connection (docs/BENCHMARKS.md).
+// Connections already queued when Serve set them were created without.
+// The queue is FIFO, so they are the first ones accepted: while unsure,
+// each accepted connection is checked (getsockopt) and given the options
+// if it lacks them, and the first that has them ends the check, since
+// everything behind it in the queue came later. A listener that refuses
+// the options has them set on every connection. With keepalive off the
+// listener's keepalive is left as it is.
+type listenerOpts struct {
+	ka      net.KeepAliveConfig
 	perConn bool        // the listener refused the options
 	unsure  atomic.Bool // connections from before the options may still be queued
 }
 
-// newListenerKeepAlive sets ka on the listening socket rc; nil if ka is off.
-func newListenerKeepAlive(rc syscall.RawConn, ka net.KeepAliveConfig) *listenerKeepAlive {
-	if !ka.Enable {
-		return nil
-	}
-	lk := &listenerKeepAlive{cfg: ka}
+// newListenerOpts sets the client options on the listening socket rc.
+func newListenerOpts(rc syscall.RawConn, ka net.KeepAliveConfig) *listenerOpts {
+	lo := &listenerOpts{ka: ka}
 	var err error
-	if cerr := rc.Control(func(fd uintptr) { err = sock.SetKeepAlive(int(fd), ka) }); cerr != nil || err != nil {
-		lk.perConn = true
+	if cerr := rc.Control(func(fd uintptr) { err = lo.set(int(fd)) }); cerr != nil || err != nil {
+		lo.perConn = true
 	}
-	lk.unsure.Store(true)
-	return lk
+	lo.unsure.Store(true)
+	return lo
 }
 
-// accepted gives a connection just accepted the keepalive it lacks.
-// unsure is lk.unsure as it was before the accept4 that returned fd: a
-// connection dequeued after the check ended is one that inherited.
-func (lk *listenerKeepAlive) accepted(fd int, unsure bool) {
+// set gives fd the options.
+func (lo *listenerOpts) set(fd int) error {
+	if err := sock.SetNoDelay(fd); err != nil {
+		return err
+	}
+	return sock.SetKeepAlive(fd, lo.ka)
+}
+
+// accepted gives a connection just accepted the options it lacks. unsure
+// is lo.unsure as it was before the accept4 that returned fd: a connection
+// dequeued after the check ended is one that inherited them.
+func (lo *listenerOpts) accepted(fd int, unsure bool) {
 	switch {
-	case lk == nil:
-	case lk.perConn:
-		_ = sock.SetKeepAlive(fd, lk.cfg) // as Go's accept, which ignores a failure here
+	case lo.perConn:
+		_ = lo.set(fd) // as Go's accept, which ignores a failure here
 	case unsure:
-		if sock.HasKeepAlive(fd, lk.cfg) {
-			lk.unsure.Store(false)
+		if sock.HasNoDelay(fd) && (!lo.ka.Enable || sock.HasKeepAlive(fd, lo.ka)) {
+			lo.unsure.Store(false)
 			return
 		}
-		_ = sock.SetKeepAlive(fd, lk.cfg)
+		_ = lo.set(fd)
 	}
 }
 
@@ -289,9 +296,9 @@ func (f *front) event(slot, gen, events uint32) {
 // are armed, the first to call accept takes it (and what else is queued,
 // up to acceptBatch), the others find nothing and re-arm.
 func (fs fronts) serve(rc syscall.RawConn, stop <-chan struct{}) error {
-	ka := newListenerKeepAlive(rc, fs[0].s.cfg.ClientKeepAlive)
+	opts := newListenerOpts(rc, fs[0].s.cfg.ClientKeepAlive)
 	for _, f := range fs {
-		fc := &frontConn{state: fsListener, gfd: -1, ln: &frontListener{rc: rc, ka: ka}}
+		fc := &frontConn{state: fsListener, gfd: -1, ln: &frontListener{rc: rc, opts: opts}}
 		f.addSlot(fc)
 		defer f.freeSlot(fc)
 		if err := f.armListener(fc, unix.EPOLL_CTL_ADD); err != nil {
@@ -340,7 +347,7 @@ const acceptBatch = 64
 type accepted struct {
 	fd     int
 	peer   netip.AddrPort
-	unsure bool // its keepalive must be checked (listenerKeepAlive)
+	unsure bool // its options must be checked (listenerOpts)
 }
 
 // accept takes what the listener has (up to acceptBatch) and starts each
@@ -352,7 +359,7 @@ func (f *front) accept(fc *frontConn) {
 	var aerr error
 	if cerr := l.rc.Control(func(lfd uintptr) {
 		for n < acceptBatch {
-			unsure := l.ka != nil && l.ka.unsure.Load() // before the accept: see listenerKeepAlive
+			unsure := l.opts.unsure.Load() // before the accept: see listenerOpts
 			fd, peer, err := sock.Accept(int(lfd))
 			switch {
 			case err == nil:
@@ -370,7 +377,7 @@ func (f *front) accept(fc *frontConn) {
 		return // closed: Serve is returning
 	}
 	for _, a := range batch[:n] {
-		l.ka.accepted(a.fd, a.unsure)
+		l.opts.accepted(a.fd, a.unsure)
 		f.started(a.fd, a.peer)
 	}
 	if aerr == nil {

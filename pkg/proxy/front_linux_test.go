@@ -314,11 +314,12 @@ func TestLoopsKeepTheirSessions(t *testing.T) {
 	}
 }
 
-// TestClientKeepAlive: every client connection the event loop accepts has
-// Config.ClientKeepAlive, both those created after Serve gave the
-// listener the options (they inherit them) and those already queued before
-// (set one by one); with keepalive off, Serve leaves the listener as it is.
-func TestClientKeepAlive(t *testing.T) {
+// TestClientSocketOptions: every client connection the event loop accepts
+// has TCP_NODELAY and Config.ClientKeepAlive, both those created after
+// Serve gave the listener the options (they inherit them) and those
+// already queued before (set one by one); with keepalive off, Serve leaves
+// the listener's keepalive as it is.
+func TestClientSocketOptions(t *testing.T) {
 	gw := gateway(t, "gw-1", stub.ProxyRequire)
 	member := ring.Member{ID: "gw-1", Addr: gw, Weight: 1}
 	on := net.KeepAliveConfig{Enable: true, Idle: 41 * time.Second, Interval: 9 * time.Second, Count: 3}
@@ -363,12 +364,16 @@ func TestClientKeepAlive(t *testing.T) {
 					continue // the gateway's side
 				}
 				clients++
-				var has bool
+				var has, nodelay bool
 				keepalive := -1
 				_ = d.srcRC.Control(func(fd uintptr) {
 					has = sock.HasKeepAlive(int(fd), on)
+					nodelay = sock.HasNoDelay(int(fd))
 					keepalive, _ = unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_KEEPALIVE)
 				})
+				if !nodelay {
+					t.Error("a client socket has TCP_NODELAY off")
+				}
 				if has != tc.want {
 					t.Errorf("a client socket has keepalive %v (SO_KEEPALIVE %d), want %v", has, keepalive, tc.want)
 				}
@@ -388,8 +393,8 @@ func TestClientKeepAlive(t *testing.T) {
 				if fc == nil || fc.state != fsListener {
 					continue
 				}
-				if lk := fc.ln.ka; (lk != nil) != tc.want || lk != nil && (lk.perConn || lk.unsure.Load()) {
-					t.Errorf("listener keepalive %+v, want inherited (%v)", lk, tc.want)
+				if lo := fc.ln.opts; lo.perConn || lo.unsure.Load() {
+					t.Errorf("listener options %+v, want inherited", lo)
 				}
 			}
 			f.mu.Unlock()
