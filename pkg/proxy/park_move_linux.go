@@ -78,33 +78,38 @@ func (mv *mover) readOnce(fd uintptr) bool {
 	return true
 }
 
-// writeOnce is the RawConn.Write callback: move pipe bytes to the socket;
-// on would-block let Go's poller wait for the peer to drain.
+// writeOnce is the RawConn.Write callback: move the pipe's bytes to the
+// socket, maxWrite per splice, until the pipe is empty, the socket is full
+// or the write fails; on would-block let Go's poller wait for the peer to
+// drain.
 func (mv *mover) writeOnce(fd uintptr) bool {
 	if !mv.d.lowat && mv.left >= streamAt {
 		_ = sock.SetNotSentLowat(int(fd), notSentLowat) // a hint: a failure changes nothing else
 		mv.d.lowat = true
 	}
-	var m int64
-	for {
-		m, mv.rerr = spliceNow(mv.pipe.r, int(fd), int(mv.left))
-		if !errors.Is(mv.rerr, unix.EINTR) {
+	var moved int64
+	mv.rerr = nil
+	for mv.left > 0 {
+		m, err := spliceNow(mv.pipe.r, int(fd), int(min(mv.left, maxWrite)))
+		if errors.Is(err, unix.EINTR) {
+			continue
+		}
+		if err != nil || m == 0 {
+			mv.rerr = err
 			break
 		}
-	}
-	if mv.rerr == nil {
 		mv.left -= m
-		mv.d.bytes += m
-		mv.d.meter.Add(m)
+		moved += m
 	}
+	mv.d.bytes += moved
+	mv.d.meter.Add(moved)
 	return !errors.Is(mv.rerr, unix.EAGAIN)
 }
 
 // writeNow is the loop's RawConn.Control callback: write until the pipe is
 // empty, the socket is full (EAGAIN) or the write fails; never wait.
 func (mv *mover) writeNow(fd uintptr) {
-	for mv.left > 0 && mv.writeOnce(fd) && mv.rerr == nil {
-	}
+	mv.writeOnce(fd)
 }
 
 // moveOnce is the loop's non-blocking move: one splice from the source
