@@ -4,6 +4,7 @@ package proxy
 
 import (
 	"errors"
+	"io"
 	"os"
 	"time"
 
@@ -94,7 +95,10 @@ func (mv *mover) writeOnce(fd uintptr) bool {
 		if errors.Is(err, unix.EINTR) {
 			continue
 		}
-		if err != nil || m == 0 {
+		if m == 0 && err == nil {
+			err = io.ErrNoProgress // the pipe held less than mv.left says: never loop on it
+		}
+		if err != nil {
 			mv.rerr = err
 			break
 		}
