@@ -98,7 +98,7 @@ type frontListener struct {
 // connection the listener creates from then on: accepting needs no
 // setsockopt of its own, where setting them on each connection (five
 // calls at the default keepalive, each keepalive one re-arming a timer)
-// cost 13% of the proxy's CPU per connection (docs/BENCHMARKS.md).
+// cost 10–13% of the proxy's CPU per connection (docs/BENCHMARKS.md).
 // Connections already queued when Serve set them were created without.
 // The queue is FIFO, so they are the first ones accepted: while unsure,
 // each accepted connection is checked (getsockopt) and given the options
