@@ -295,6 +295,31 @@ func TestKeepAliveFromListener(t *testing.T) {
 				return fd
 			}
 			before := accept()
+			// Two more wait in the queue: AcceptQueueLen counts them (once
+			// the kernel has queued them), then they are taken, so that
+			// the next accept is a connection made after the options.
+			for range 2 {
+				c, err := net.Dial("tcp", ln.Addr().String())
+				if err != nil {
+					t.Fatal(err)
+				}
+				t.Cleanup(func() { c.Close() })
+			}
+			n, err := AcceptQueueLen(lfd)
+			for i := 0; err == nil && n < 2 && i < 1000; i++ {
+				time.Sleep(time.Millisecond)
+				n, err = AcceptQueueLen(lfd)
+			}
+			if err != nil || n != 2 {
+				t.Errorf("AcceptQueueLen = %d, %v; want 2", n, err)
+			}
+			for range 2 {
+				fd, _, err := Accept(lfd)
+				if err != nil {
+					t.Fatal(err)
+				}
+				Close(fd)
+			}
 			if err := SetKeepAlive(lfd, ka); err != nil {
 				t.Fatalf("keepalive on the listener: %v", err)
 			}

@@ -194,6 +194,16 @@ func Accept(lfd int) (int, netip.AddrPort, error) {
 	return int(r), addrPort(&rsa), nil
 }
 
+// AcceptQueueLen is how many connections wait in the accept queue of the
+// listening socket lfd (a listener's TCP_INFO tcpi_unacked).
+func AcceptQueueLen(lfd int) (int, error) {
+	info, err := unix.GetsockoptTCPInfo(lfd, unix.IPPROTO_TCP, unix.TCP_INFO)
+	if err != nil {
+		return 0, os.NewSyscallError("getsockopt", err)
+	}
+	return int(info.Unacked), nil
+}
+
 // SetNoDelay turns TCP_NODELAY on for fd.
 func SetNoDelay(fd int) error {
 	if e := setTCPOpt(uintptr(fd), unix.TCP_NODELAY, 1); e != 0 {

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"net"
 	"net/netip"
 	"os"
@@ -104,20 +105,30 @@ type frontListener struct {
 // each accepted connection is checked (getsockopt) and given the options
 // if it lacks them, and the first that has them ends the check, since
 // everything behind it in the queue came later. A listener that refuses
-// the options has them set on every connection. With keepalive off the
-// listener's keepalive is left as it is.
+// the options has them set on every connection, and so does one whose
+// connections keep lacking them past the number that was queued (a kernel
+// that does not copy them): the check is then not paid for ever. With
+// keepalive off the listener's keepalive is left as it is.
 type listenerOpts struct {
 	ka      net.KeepAliveConfig
-	perConn bool        // the listener refused the options
-	unsure  atomic.Bool // connections from before the options may still be queued
+	early   int64        // connections queued when the options were set (at most this many lack them)
+	lacking atomic.Int64 // connections found without them
+	perConn atomic.Bool  // set them on every connection: the listener refused them or does not pass them on
+	unsure  atomic.Bool  // connections from before the options may still be queued
 }
 
 // newListenerOpts sets the client options on the listening socket rc.
 func newListenerOpts(rc syscall.RawConn, ka net.KeepAliveConfig) *listenerOpts {
-	lo := &listenerOpts{ka: ka}
+	lo := &listenerOpts{ka: ka, early: math.MaxInt64}
 	var err error
-	if cerr := rc.Control(func(fd uintptr) { err = lo.set(int(fd)) }); cerr != nil || err != nil {
-		lo.perConn = true
+	if cerr := rc.Control(func(fd uintptr) {
+		if err = lo.set(int(fd)); err == nil {
+			if n, qerr := sock.AcceptQueueLen(int(fd)); qerr == nil {
+				lo.early = int64(n)
+			}
+		}
+	}); cerr != nil || err != nil {
+		lo.perConn.Store(true)
 	}
 	lo.unsure.Store(true)
 	return lo
@@ -136,12 +147,16 @@ func (lo *listenerOpts) set(fd int) error {
 // dequeued after the check ended is one that inherited them.
 func (lo *listenerOpts) accepted(fd int, unsure bool) {
 	switch {
-	case lo.perConn:
+	case lo.perConn.Load():
 		_ = lo.set(fd) // as Go's accept, which ignores a failure here
 	case unsure:
 		if sock.HasNoDelay(fd) && (!lo.ka.Enable || sock.HasKeepAlive(fd, lo.ka)) {
 			lo.unsure.Store(false)
 			return
+		}
+		if lo.lacking.Add(1) > lo.early {
+			lo.perConn.Store(true)
+			lo.unsure.Store(false)
 		}
 		_ = lo.set(fd)
 	}

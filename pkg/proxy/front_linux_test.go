@@ -393,11 +393,59 @@ func TestClientSocketOptions(t *testing.T) {
 				if fc == nil || fc.state != fsListener {
 					continue
 				}
-				if lo := fc.ln.opts; lo.perConn || lo.unsure.Load() {
+				if lo := fc.ln.opts; lo.perConn.Load() || lo.unsure.Load() {
 					t.Errorf("listener options %+v, want inherited", lo)
 				}
 			}
 			f.mu.Unlock()
+		})
+	}
+}
+
+// TestListenerOptsGivesUpChecking: connections that keep lacking the
+// options past the number that was queued when the listener got them (a
+// kernel that does not copy them) switch the listener to setting them on
+// every connection, without a check; each connection has them either way.
+func TestListenerOptsGivesUpChecking(t *testing.T) {
+	ka := net.KeepAliveConfig{Enable: true, Idle: 41 * time.Second, Interval: 9 * time.Second, Count: 3}
+	socket := func() int {
+		fd, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { unix.Close(fd) })
+		return fd
+	}
+	has := func(fd int) bool { return sock.HasNoDelay(fd) && sock.HasKeepAlive(fd, ka) }
+	for _, tc := range []struct {
+		name        string
+		early       int64
+		wantPerConn bool
+	}{
+		{"more lacking than were queued", 2, true},
+		{"no more than were queued", 3, false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			lo := &listenerOpts{ka: ka, early: tc.early}
+			lo.unsure.Store(true)
+			for i := range 3 {
+				fd := socket()
+				lo.accepted(fd, lo.unsure.Load())
+				if !has(fd) {
+					t.Fatalf("connection %d lacks the options", i)
+				}
+			}
+			if lo.perConn.Load() != tc.wantPerConn || lo.unsure.Load() == tc.wantPerConn {
+				t.Fatalf("perConn %v unsure %v, want perConn %v", lo.perConn.Load(), lo.unsure.Load(), tc.wantPerConn)
+			}
+			// Once the check is over, a connection still gets the options
+			// if the listener does not pass them on.
+			if fd := socket(); tc.wantPerConn {
+				lo.accepted(fd, lo.unsure.Load())
+				if !has(fd) {
+					t.Fatal("a connection after the switch lacks the options")
+				}
+			}
 		})
 	}
 }
