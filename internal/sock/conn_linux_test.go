@@ -224,6 +224,9 @@ func TestSetKeepAlive(t *testing.T) {
 	if HasKeepAlive(client.fd, ka) {
 		t.Fatal("HasKeepAlive before SetKeepAlive")
 	}
+	if !HasKeepAlive(client.fd, net.KeepAliveConfig{}) {
+		t.Fatal("HasKeepAlive false for keepalive off, which sets nothing")
+	}
 	if err := SetKeepAlive(client.fd, ka); err != nil {
 		t.Fatal(err)
 	}

@@ -249,7 +249,8 @@ func SetKeepAlive(fd int, ka net.KeepAliveConfig) error {
 
 // HasKeepAlive reports whether fd already has keepalive as SetKeepAlive(fd, ka)
 // would set it — on a connection accepted from a listener that had the
-// options, Linux copies them — so the caller can skip the four calls.
+// options, Linux copies them — so the caller can skip the four calls. With
+// ka off there is nothing to set, and the answer is true.
 func HasKeepAlive(fd int, ka net.KeepAliveConfig) bool {
 	for _, o := range keepAliveOpts(ka) {
 		if v, err := unix.GetsockoptInt(fd, o[0], o[1]); err != nil || v != o[2] {

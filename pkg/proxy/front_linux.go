@@ -150,7 +150,7 @@ func (lo *listenerOpts) accepted(fd int, unsure bool) {
 	case lo.perConn.Load():
 		_ = lo.set(fd) // as Go's accept, which ignores a failure here
 	case unsure:
-		if sock.HasNoDelay(fd) && (!lo.ka.Enable || sock.HasKeepAlive(fd, lo.ka)) {
+		if sock.HasNoDelay(fd) && sock.HasKeepAlive(fd, lo.ka) { // true for keepalive off
 			lo.unsure.Store(false)
 			return
 		}

@@ -440,7 +440,8 @@ func TestListenerOptsGivesUpChecking(t *testing.T) {
 			}
 			// Once the check is over, a connection still gets the options
 			// if the listener does not pass them on.
-			if fd := socket(); tc.wantPerConn {
+			if tc.wantPerConn {
+				fd := socket()
 				lo.accepted(fd, lo.unsure.Load())
 				if !has(fd) {
 					t.Fatal("a connection after the switch lacks the options")

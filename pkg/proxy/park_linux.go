@@ -131,7 +131,7 @@ const maxSplice = 1 << 20
 // is queued, rather than handed to the kernel at once to be sent later
 // from the pacing timer (BBR) or ksoftirqd, where the peers' ACKs and
 // sends queue behind it. Measured on loopback: bulk echo through tether
-// with 8 streams 5% faster than writing whole pipes, ksoftirqd's CPU 40%
+// with 8 streams 3–5% faster than writing whole pipes, ksoftirqd's CPU 40%
 // lower, at 64 streams the same (docs/BENCHMARKS.md). It equals
 // notSentLowat, the step a streaming destination is refilled in.
 const maxWrite = notSentLowat
